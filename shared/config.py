@@ -1,0 +1,250 @@
+"""Settings: read once from the environment into a frozen dataclass, on first use, never at import.
+
+Every bad value is collected and reported together, so an operator fixes a deployment in one
+round instead of one variable per redeploy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from shared.errors import ConfigError
+
+#: The folder that holds `shared/`: the repository root locally, the bundle root when deployed.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+TRANSPORTS = ("sendgrid", "ses", "log", "outbox")
+EMAIL_ON = ("always", "failure")
+LOG_FORMATS = ("text", "json")
+
+#: Every variable smart-resume reads, with its default as documented (None: unset).
+#: The README's configuration table is checked against this mapping by a test.
+VARIABLES: dict[str, str | None] = {
+    "SMART_RESUME_WEBHOOK_SECRET": None,
+    "SMART_RESUME_LOCK_NAME": "smart-resume",
+    "SMART_RESUME_HEARTBEAT_SECONDS": "60",
+    "SMART_RESUME_LEASE_SECONDS": "300",
+    "SMART_RESUME_MAX_RUN_SECONDS": "1800",
+    "SMART_RESUME_TIME_BUDGET_SECONDS": "1500",
+    "SMART_RESUME_PIPELINE": "pipeline.toml",
+    "SMART_RESUME_MODULE": "shared.resume",
+    "SMART_RESUME_RELOAD_MODULE": "0",
+    "SMART_RESUME_CONCURRENCY": "1",
+    "SMART_RESUME_STREAM": None,
+    "SMART_RESUME_EMAIL_TRANSPORT": None,
+    "SMART_RESUME_EMAIL_FROM": None,
+    "SMART_RESUME_EMAIL_TO": None,
+    "SMART_RESUME_EMAIL_ON": "always",
+    "SENDGRID_API_KEY": None,
+    "SMART_RESUME_SENDGRID_HOST": "https://api.sendgrid.com",
+    "SMART_RESUME_OUTBOX": "outbox",
+    "AWS_REGION": None,
+    "GOOGLE_CLOUD_PROJECT": None,
+    "FIRESTORE_EMULATOR_HOST": None,
+    "SMART_RESUME_RPC_TIMEOUT_SECONDS": "10",
+    "SMART_RESUME_EMAIL_TIMEOUT_SECONDS": "10",
+    "SMART_RESUME_LOG_FORMAT": None,
+}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable, validated. Secrets stay out of `repr()` so logs never leak them."""
+
+    webhook_secrets: tuple[str, ...] = field(repr=False)
+    lock_name: str
+    heartbeat_seconds: float
+    lease_seconds: float
+    max_run_seconds: float
+    time_budget_seconds: float
+    pipeline_path: Path
+    module: str
+    reload_module: bool
+    concurrency: int
+    stream: int | None
+    email_transport: str
+    email_from: str | None
+    email_to: tuple[str, ...]
+    email_on: str
+    sendgrid_api_key: str | None = field(repr=False)
+    sendgrid_host: str
+    outbox: Path
+    aws_region: str | None
+    project: str | None
+    emulator_host: str | None
+    rpc_timeout_seconds: float
+    email_timeout_seconds: float
+    log_format: str
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every value that must never appear in a log line, response or file."""
+        return tuple(s for s in (*self.webhook_secrets, self.sendgrid_api_key) if s)
+
+
+class _Reader:
+    """Parses variables one by one, collecting problems instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name, VARIABLES[name])
+        if value is None:
+            return None
+        value = value.strip()
+        return value or VARIABLES[name]
+
+    def parse(self, name: str, convert: Callable[[str], T], what: str, default: T) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return convert(value)
+        except ValueError:
+            self.problems.append(f"{name}={value!r} is not {what}")
+            return default
+
+    def seconds(self, name: str) -> float:
+        """A positive, finite number; NaN on error, so cross-checks on it stay quiet."""
+        before = len(self.problems)
+        value = self.parse(name, float, "a number of seconds", math.nan)
+        if len(self.problems) > before:
+            return math.nan
+        if not 0 < value < math.inf:
+            self.problems.append(f"{name} must be a positive number of seconds, got {value:g}")
+            return math.nan
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = (self.raw(name) or default).lower()
+        if value not in choices:
+            self.problems.append(f"{name}={value!r} is not one of {', '.join(choices)}")
+            return default
+        return value
+
+
+def _flag(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate settings; raise one `ConfigError` naming every bad variable."""
+    r = _Reader(os.environ if env is None else env)
+    heartbeat = r.seconds("SMART_RESUME_HEARTBEAT_SECONDS")
+    lease = r.seconds("SMART_RESUME_LEASE_SECONDS")
+    max_run = r.seconds("SMART_RESUME_MAX_RUN_SECONDS")
+    budget = r.seconds("SMART_RESUME_TIME_BUDGET_SECONDS")
+    if lease <= heartbeat:
+        r.problems.append(
+            f"SMART_RESUME_LEASE_SECONDS ({lease:g}) must be longer than "
+            f"SMART_RESUME_HEARTBEAT_SECONDS ({heartbeat:g})"
+        )
+    if budget >= max_run:
+        r.problems.append(
+            f"SMART_RESUME_TIME_BUDGET_SECONDS ({budget:g}) must be shorter than "
+            f"SMART_RESUME_MAX_RUN_SECONDS ({max_run:g}), or a running lock would look stale"
+        )
+    concurrency = r.parse("SMART_RESUME_CONCURRENCY", int, "a whole number", 1)
+    if concurrency < 1 or concurrency > 64:
+        r.problems.append(f"SMART_RESUME_CONCURRENCY must be between 1 and 64, got {concurrency}")
+    stream = r.parse("SMART_RESUME_STREAM", int, "a whole number", None)
+    if stream is not None and stream < 0:
+        r.problems.append(f"SMART_RESUME_STREAM must not be negative, got {stream}")
+
+    api_key = r.raw("SENDGRID_API_KEY")
+    transport = r.choice(
+        "SMART_RESUME_EMAIL_TRANSPORT", TRANSPORTS, "sendgrid" if api_key else "log"
+    )
+    email_from = r.raw("SMART_RESUME_EMAIL_FROM")
+    email_to = _split(r.raw("SMART_RESUME_EMAIL_TO"))
+    if transport in ("sendgrid", "ses"):
+        # Found at startup, not at the end of a two-hour run when the report cannot go out.
+        if not email_from:
+            r.problems.append(f"SMART_RESUME_EMAIL_FROM is required for the {transport} transport")
+        if not email_to:
+            r.problems.append(f"SMART_RESUME_EMAIL_TO is required for the {transport} transport")
+    if transport == "sendgrid" and not api_key:
+        r.problems.append("SENDGRID_API_KEY is required for the sendgrid transport")
+    region = r.raw("AWS_REGION") or r.env.get("AWS_DEFAULT_REGION")
+    if transport == "ses" and not region:
+        r.problems.append("AWS_REGION is required for the ses transport")
+    host = r.raw("SMART_RESUME_SENDGRID_HOST") or ""
+    if not host.startswith(("http://", "https://")):
+        r.problems.append(f"SMART_RESUME_SENDGRID_HOST={host!r} is not an http(s) URL")
+
+    lock_name = r.raw("SMART_RESUME_LOCK_NAME") or "smart-resume"
+    if "/" in lock_name or lock_name in (".", "..") or len(lock_name) > 200:
+        r.problems.append(f"SMART_RESUME_LOCK_NAME={lock_name!r} is not a valid document id")
+    module = r.raw("SMART_RESUME_MODULE") or "shared.resume"
+    if not all(part.isidentifier() for part in module.split(".")):
+        r.problems.append(f"SMART_RESUME_MODULE={module!r} is not a dotted module name")
+
+    pipeline = Path(r.raw("SMART_RESUME_PIPELINE") or "pipeline.toml")
+    outbox = Path(r.raw("SMART_RESUME_OUTBOX") or "outbox")
+    settings = Settings(
+        webhook_secrets=_split(r.env.get("SMART_RESUME_WEBHOOK_SECRET")),
+        lock_name=lock_name,
+        heartbeat_seconds=heartbeat,
+        lease_seconds=lease,
+        max_run_seconds=max_run,
+        time_budget_seconds=budget,
+        pipeline_path=pipeline if pipeline.is_absolute() else PROJECT_ROOT / pipeline,
+        module=module,
+        reload_module=r.parse("SMART_RESUME_RELOAD_MODULE", _flag, "0 or 1", False),
+        concurrency=concurrency,
+        stream=stream,
+        email_transport=transport,
+        email_from=email_from,
+        email_to=email_to,
+        email_on=r.choice("SMART_RESUME_EMAIL_ON", EMAIL_ON, "always"),
+        sendgrid_api_key=api_key,
+        sendgrid_host=host.rstrip("/"),
+        outbox=outbox,
+        aws_region=region,
+        # None lets the client find the project from the runtime's credentials.
+        project=r.raw("GOOGLE_CLOUD_PROJECT") or r.env.get("GCLOUD_PROJECT") or None,
+        emulator_host=r.raw("FIRESTORE_EMULATOR_HOST"),
+        rpc_timeout_seconds=r.seconds("SMART_RESUME_RPC_TIMEOUT_SECONDS"),
+        email_timeout_seconds=r.seconds("SMART_RESUME_EMAIL_TIMEOUT_SECONDS"),
+        log_format=r.choice(
+            "SMART_RESUME_LOG_FORMAT", LOG_FORMATS, "json" if r.env.get("K_SERVICE") else "text"
+        ),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return settings
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, built on first use. Tests call `get_settings.cache_clear()`."""
+    return load_settings()
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The non-secret limits, as the status function reports them."""
+    return {
+        "heartbeatSeconds": settings.heartbeat_seconds,
+        "leaseSeconds": settings.lease_seconds,
+        "maxRunSeconds": settings.max_run_seconds,
+        "timeBudgetSeconds": settings.time_budget_seconds,
+    }

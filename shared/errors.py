@@ -1,0 +1,52 @@
+"""The project's few named errors; entry points map them to HTTP statuses in one place."""
+
+from __future__ import annotations
+
+
+class SmartResumeError(Exception):
+    """Base of every error smart-resume raises on purpose."""
+
+
+class ConfigError(SmartResumeError):
+    """One or more settings are missing or malformed; names every offending variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class StoreUnavailable(SmartResumeError):
+    """Firestore could not be reached within the configured deadline."""
+
+
+class LockHeld(SmartResumeError):
+    """Another live run holds the lock."""
+
+    def __init__(self, run_id: str | None, age_seconds: float) -> None:
+        self.run_id = run_id
+        self.age_seconds = age_seconds
+        super().__init__(f"lock held by run {run_id} for {age_seconds:.0f}s")
+
+
+class LeaseLost(SmartResumeError):
+    """This run no longer owns the lock (taken over as stale, or force-unlocked)."""
+
+
+class PipelineError(SmartResumeError):
+    """The pipeline file is missing or invalid; the message names file, operation and field."""
+
+
+class InvalidRequest(SmartResumeError):
+    """A request body or parameter failed validation; `detail` names the field."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
+
+
+class ModuleLoadError(SmartResumeError):
+    """The resume module could not be imported or does not export `run_smart_resume`."""
+
+
+class OperationFailed(SmartResumeError):
+    """A client-operation failed; the run goes on with the next client."""

@@ -1,0 +1,176 @@
+"""Structured logging: one JSON object per line for Cloud Logging, one readable line locally.
+
+Context (`runId`, `clientId`, `operation`, `component`, trace) lives in a contextvar so every
+line logged during a run carries it without threading it through every call. A filter masks every
+configured secret wherever it would appear, because a leaked webhook secret or API key in a log
+sink is as bad as one in a response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as dt
+import json
+import logging
+import string
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+LOGGER_NAME = "smart_resume"
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "smart_resume_log_context", default=None
+)
+_secrets: tuple[str, ...] = ()
+_secrets_lock = threading.Lock()
+
+_SEVERITY = {
+    logging.DEBUG: "DEBUG",
+    logging.INFO: "INFO",
+    logging.WARNING: "WARNING",
+    logging.ERROR: "ERROR",
+    logging.CRITICAL: "CRITICAL",
+}
+_CONTEXT_KEYS = ("runId", "clientId", "operation", "component")
+TRACE_KEY = "logging.googleapis.com/trace"
+MASK = "***"
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Remember values that must be masked in every log line from now on."""
+    global _secrets
+    with _secrets_lock:
+        merged = set(_secrets) | {v for v in values if v and len(v) >= 4}
+        # Longest first, so a secret that contains another is masked whole.
+        _secrets = tuple(sorted(merged, key=len, reverse=True))
+
+
+def mask(text: str) -> str:
+    """Replace every registered secret in `text`."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+@contextlib.contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Add fields to every log line in this context (and threads started with its copy)."""
+    added = {k: v for k, v in fields.items() if v is not None}
+    token = _context.set({**current_context(), **added})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def current_context() -> dict[str, Any]:
+    return dict(_context.get() or {})
+
+
+def trace_from_header(header: str | None, project: str | None) -> str | None:
+    """Turn `X-Cloud-Trace-Context: TRACE/SPAN;o=1` into Cloud Logging's trace resource name."""
+    if not header or not project:
+        return None
+    trace_id = header.split("/", 1)[0].strip().lower()
+    if len(trace_id) != 32 or any(c not in string.hexdigits for c in trace_id):
+        return None
+    return f"projects/{project}/traces/{trace_id}"
+
+
+class JsonFormatter(logging.Formatter):
+    """Cloud Logging's structured format: `severity`, `message`, `time`, and the bound context."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
+            "message": record.getMessage(),
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+        }
+        context = getattr(record, "context", None) or {}
+        for key, value in context.items():
+            entry[TRACE_KEY if key == "trace" else key] = value
+        extra = getattr(record, "fields", None)
+        if extra:
+            entry.update(extra)
+        if record.exc_info and record.levelno >= logging.ERROR:
+            entry["exception"] = self.formatException(record.exc_info)
+        return mask(json.dumps(entry, default=str, ensure_ascii=False))
+
+
+class TextFormatter(logging.Formatter):
+    """One readable line for a terminal: time, severity, context, message, fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        context = getattr(record, "context", None) or {}
+        tags = " ".join(f"{k}={context[k]}" for k in _CONTEXT_KEYS if k in context)
+        extra = getattr(record, "fields", None) or {}
+        tail = " ".join(f"{k}={v}" for k, v in extra.items())
+        when = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        line = f"{when} {record.levelname:<7} {tags + ' ' if tags else ''}{record.getMessage()}"
+        if tail:
+            line += f" ({tail})"
+        if record.exc_info and record.levelno >= logging.ERROR:
+            line += "\n" + self.formatException(record.exc_info)
+        return mask(line)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.context = _context.get() or {}
+        return True
+
+
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stdout` is at the time (pytest and the CLI swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Install the handler once; calling again switches the format (tests do)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level)
+    logger.propagate = False
+    handler = next((h for h in logger.handlers if isinstance(h, _StdoutHandler)), None)
+    if handler is None:
+        handler = _StdoutHandler()
+        handler.addFilter(_ContextFilter())
+        logger.addHandler(handler)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+
+
+def get_logger(component: str) -> logging.LoggerAdapter[logging.Logger]:
+    """A logger whose lines say which part of smart-resume wrote them."""
+    if not logging.getLogger(LOGGER_NAME).handlers:
+        configure()
+    return _Adapter(logging.getLogger(f"{LOGGER_NAME}.{component}"), {"component": component})
+
+
+class _Adapter(logging.LoggerAdapter[logging.Logger]):
+    """Passes `fields={...}` through as structured fields and tags lines with the component."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        fields = kwargs.pop("fields", None)
+        extra = kwargs.setdefault("extra", {})
+        extra["fields"] = fields
+        extra["component_name"] = self.extra["component"] if self.extra else None
+        return msg, kwargs
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        msg, kwargs = self.process(msg, kwargs)
+        with bind(component=kwargs["extra"].pop("component_name")):
+            self.logger.log(level, msg, *args, **kwargs)

@@ -1,0 +1,208 @@
+"""Settings: every variable, every default, every bad value named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import PROJECT_ROOT, VARIABLES, describe, load_settings
+from shared.errors import ConfigError
+
+BASE = {"GOOGLE_CLOUD_PROJECT": "p"}
+
+
+class TestDefaults:
+    def test_defaults_match_the_contract(self) -> None:
+        """With nothing set, every documented default applies."""
+        s = load_settings(BASE)
+        assert s.webhook_secrets == ()
+        assert s.lock_name == "smart-resume"
+        assert (s.heartbeat_seconds, s.lease_seconds) == (60, 300)
+        assert (s.max_run_seconds, s.time_budget_seconds) == (1800, 1500)
+        assert s.pipeline_path == PROJECT_ROOT / "pipeline.toml"
+        assert s.module == "shared.resume"
+        assert s.reload_module is False
+        assert s.concurrency == 1
+        assert s.stream is None
+        assert s.email_transport == "log"
+        assert s.email_on == "always"
+        assert s.sendgrid_host == "https://api.sendgrid.com"
+        assert s.outbox == Path("outbox")
+        assert s.log_format == "text"
+
+    def test_sendgrid_is_the_default_transport_with_a_key(self) -> None:
+        """A SendGrid key alone switches the default transport to sendgrid."""
+        s = load_settings(
+            {
+                **BASE,
+                "SENDGRID_API_KEY": "SG.k",
+                "SMART_RESUME_EMAIL_FROM": "a@x.io",
+                "SMART_RESUME_EMAIL_TO": "b@x.io, c@x.io",
+            }
+        )
+        assert s.email_transport == "sendgrid"
+        assert s.email_to == ("b@x.io", "c@x.io")
+
+    def test_json_logs_on_cloud_functions(self) -> None:
+        """K_SERVICE (set by Cloud Functions) turns on JSON logs."""
+        assert load_settings({**BASE, "K_SERVICE": "smart-resume"}).log_format == "json"
+
+
+class TestParsing:
+    def test_every_variable_parsed(self, tmp_path: Path) -> None:
+        """Each variable reaches its field."""
+        s = load_settings(
+            {
+                **BASE,
+                "SMART_RESUME_WEBHOOK_SECRET": " one , two ,",
+                "SMART_RESUME_LOCK_NAME": "stream-2",
+                "SMART_RESUME_HEARTBEAT_SECONDS": "0.5",
+                "SMART_RESUME_LEASE_SECONDS": "2",
+                "SMART_RESUME_MAX_RUN_SECONDS": "100",
+                "SMART_RESUME_TIME_BUDGET_SECONDS": "90",
+                "SMART_RESUME_PIPELINE": str(tmp_path / "p.toml"),
+                "SMART_RESUME_MODULE": "examples.custom",
+                "SMART_RESUME_RELOAD_MODULE": "1",
+                "SMART_RESUME_CONCURRENCY": "8",
+                "SMART_RESUME_STREAM": "2",
+                "SMART_RESUME_EMAIL_TRANSPORT": "outbox",
+                "SMART_RESUME_EMAIL_ON": "failure",
+                "SMART_RESUME_OUTBOX": str(tmp_path),
+                "SMART_RESUME_SENDGRID_HOST": "http://127.0.0.1:9/",
+                "SMART_RESUME_RPC_TIMEOUT_SECONDS": "3",
+            }
+        )
+        assert s.webhook_secrets == ("one", "two")
+        assert s.lock_name == "stream-2"
+        assert (s.heartbeat_seconds, s.lease_seconds, s.max_run_seconds) == (0.5, 2, 100)
+        assert s.time_budget_seconds == 90
+        assert s.pipeline_path == tmp_path / "p.toml"
+        assert s.module == "examples.custom"
+        assert s.reload_module is True
+        assert s.concurrency == 8
+        assert s.stream == 2
+        assert s.email_transport == "outbox"
+        assert s.email_on == "failure"
+        assert s.outbox == tmp_path
+        assert s.sendgrid_host == "http://127.0.0.1:9"
+        assert s.rpc_timeout_seconds == 3
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("SMART_RESUME_HEARTBEAT_SECONDS", "soon"),
+            ("SMART_RESUME_HEARTBEAT_SECONDS", "-1"),
+            ("SMART_RESUME_LEASE_SECONDS", "0"),
+            ("SMART_RESUME_MAX_RUN_SECONDS", "nan"),
+            ("SMART_RESUME_TIME_BUDGET_SECONDS", "inf"),
+            ("SMART_RESUME_CONCURRENCY", "2.5"),
+            ("SMART_RESUME_CONCURRENCY", "0"),
+            ("SMART_RESUME_STREAM", "blue"),
+            ("SMART_RESUME_STREAM", "-3"),
+            ("SMART_RESUME_RELOAD_MODULE", "maybe"),
+            ("SMART_RESUME_EMAIL_TRANSPORT", "pigeon"),
+            ("SMART_RESUME_EMAIL_ON", "sometimes"),
+            ("SMART_RESUME_MODULE", "not a module"),
+            ("SMART_RESUME_LOCK_NAME", "a/b"),
+            ("SMART_RESUME_SENDGRID_HOST", "api.sendgrid.com"),
+            ("SMART_RESUME_RPC_TIMEOUT_SECONDS", "x"),
+            ("SMART_RESUME_LOG_FORMAT", "xml"),
+        ],
+    )
+    def test_bad_value_names_the_variable(self, name: str, value: str) -> None:
+        """A bad value is an error naming the variable, never a silent default."""
+        with pytest.raises(ConfigError) as err:
+            load_settings({**BASE, name: value})
+        assert name in str(err.value)
+
+    def test_every_problem_is_reported_at_once(self) -> None:
+        """Several bad variables are all named in one error."""
+        with pytest.raises(ConfigError) as err:
+            load_settings(
+                {
+                    **BASE,
+                    "SMART_RESUME_CONCURRENCY": "x",
+                    "SMART_RESUME_EMAIL_ON": "y",
+                    "SMART_RESUME_LEASE_SECONDS": "z",
+                }
+            )
+        assert len(err.value.problems) == 3
+
+    def test_lease_must_outlast_the_heartbeat(self) -> None:
+        """A lease no longer than the heartbeat would expire between beats."""
+        with pytest.raises(ConfigError, match="SMART_RESUME_LEASE_SECONDS"):
+            load_settings(
+                {**BASE, "SMART_RESUME_HEARTBEAT_SECONDS": "60", "SMART_RESUME_LEASE_SECONDS": "60"}
+            )
+
+    def test_budget_must_end_before_max_run(self) -> None:
+        """A budget past max-run would let a healthy run look stale."""
+        with pytest.raises(ConfigError, match="SMART_RESUME_TIME_BUDGET_SECONDS"):
+            load_settings({**BASE, "SMART_RESUME_TIME_BUDGET_SECONDS": "1800"})
+
+    @pytest.mark.parametrize("transport", ["sendgrid", "ses"])
+    def test_real_transport_needs_sender_and_recipients(self, transport: str) -> None:
+        """A real transport without FROM/TO fails at startup, not at the end of a run."""
+        with pytest.raises(ConfigError) as err:
+            load_settings({**BASE, "SMART_RESUME_EMAIL_TRANSPORT": transport})
+        text = str(err.value)
+        assert "SMART_RESUME_EMAIL_FROM" in text
+        assert "SMART_RESUME_EMAIL_TO" in text
+
+    def test_sendgrid_transport_needs_a_key(self) -> None:
+        with pytest.raises(ConfigError, match="SENDGRID_API_KEY"):
+            load_settings(
+                {
+                    **BASE,
+                    "SMART_RESUME_EMAIL_TRANSPORT": "sendgrid",
+                    "SMART_RESUME_EMAIL_FROM": "a@x.io",
+                    "SMART_RESUME_EMAIL_TO": "b@x.io",
+                }
+            )
+
+    def test_ses_transport_needs_a_region(self) -> None:
+        with pytest.raises(ConfigError, match="AWS_REGION"):
+            load_settings(
+                {
+                    **BASE,
+                    "SMART_RESUME_EMAIL_TRANSPORT": "ses",
+                    "SMART_RESUME_EMAIL_FROM": "a@x.io",
+                    "SMART_RESUME_EMAIL_TO": "b@x.io",
+                }
+            )
+
+
+class TestSecrets:
+    def test_secrets_are_not_in_repr(self) -> None:
+        """Neither webhook secrets nor the API key appear when settings are printed."""
+        s = load_settings(
+            {
+                **BASE,
+                "SMART_RESUME_WEBHOOK_SECRET": "hunter2-secret",
+                "SENDGRID_API_KEY": "SG.very-secret",
+                "SMART_RESUME_EMAIL_FROM": "a@x.io",
+                "SMART_RESUME_EMAIL_TO": "b@x.io",
+            }
+        )
+        assert "hunter2-secret" not in repr(s)
+        assert "SG.very-secret" not in repr(s)
+        assert set(s.secrets) == {"hunter2-secret", "SG.very-secret"}
+
+    def test_limits_description_has_no_secret(self) -> None:
+        s = load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": "abcd-secret"})
+        assert describe(s)["leaseSeconds"] == 300
+        assert "abcd-secret" not in repr(describe(s))
+
+
+def test_variables_table_lists_every_contract_variable() -> None:
+    """The mapping the README is checked against holds every CONTRACT section 6 variable."""
+    for name in (
+        "SMART_RESUME_WEBHOOK_SECRET",
+        "SMART_RESUME_CONCURRENCY",
+        "AWS_REGION",
+        "SMART_RESUME_OUTBOX",
+        "SENDGRID_API_KEY",
+        "FIRESTORE_EMULATOR_HOST",
+    ):
+        assert name in VARIABLES
