@@ -251,8 +251,9 @@ class Lock:
                     extra(batch, lease.run_id)
                 try:
                     with store.translate_errors("releasing the lock"):
-                        results = batch.commit(**store.commit_call(self.settings))
-                    lease.lock_update_time = results[0].update_time
+                        batch.commit(**store.commit_call(self.settings))
+                    # lock_update_time stays at the pre-release value, so a second release
+                    # fails its precondition and finds the lock no longer ours.
                     return True
                 except (gexc.FailedPrecondition, gexc.NotFound):
                     try:
