@@ -1,0 +1,499 @@
+"""The report email: one per run, built for a reader with ten seconds, and never failing the run.
+
+`send_smart_resume_report` claims `runs/{runId}.report` with a conditional write before sending,
+so a retried or duplicated finalisation never mails twice; then it builds the message, hands it
+to the configured transport (`shared.transports`) and records how that went on the run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import firestore
+
+from shared import store, transports
+from shared.config import Settings
+from shared.log import get_logger
+
+logger = get_logger("report")
+
+MAX_ROWS = 500
+MAX_ERROR_CHARS = 500
+MAX_CELL_ERROR_CHARS = 300
+MAX_NAME_CHARS = 120
+CLAIM_ATTEMPTS = 5
+FAILURE_KINDS = frozenset({"failed", "partial", "abandoned"})
+_ORDER = {"failed": 0, "deferred": 1, "processed": 2, None: 3, "skipped": 4}
+_COLOURS = {
+    "failed": "#b00020",
+    "deferred": "#a15c00",
+    "processed": "#1b6e20",
+    "skipped": "#666666",
+    None: "#666666",
+}
+_HEAD = {
+    "completed": "#1b6e20",
+    "partial": "#a15c00",
+    "cancelled": "#555555",
+    "failed": "#b00020",
+    "abandoned": "#b00020",
+}
+
+
+@dataclass(frozen=True)
+class ReportInput:
+    """What a finished (or failed) run hands to the report."""
+
+    run_id: str
+    status: str
+    summary: dict[str, Any]
+    results: list[dict[str, Any]]
+    client_names: dict[str, str]
+    error: str | None = None
+    error_where: str | None = None
+    takeover: dict[str, Any] | None = None
+    module_error: bool = False
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    lock_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A rendered report: subject, plain text and HTML."""
+
+    subject: str
+    text: str
+    html: str
+    run_id: str = "report"
+
+
+# --- building -------------------------------------------------------------------------------
+
+
+def truncate(text: Any, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how much was cut."""
+    value = str(text)
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}… [truncated: {len(value)} characters in all]"
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _duration(report: ReportInput) -> str:
+    seconds = report.summary.get("durationSeconds")
+    if seconds is None and report.started_at and report.finished_at:
+        seconds = (report.finished_at - report.started_at).total_seconds()
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(round(float(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _count(report: ReportInput, key: str) -> int:
+    try:
+        return int(report.summary.get(key) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _takeover_note(report: ReportInput) -> str | None:
+    if not report.takeover:
+        return None
+    age = report.takeover.get("ageSeconds")
+    age_text = f", silent for {float(age):.0f} s" if isinstance(age, int | float) else ""
+    return f"took over stale run {report.takeover.get('runId')}{age_text}"
+
+
+def build_subject(report: ReportInput) -> str:
+    """Outcome, counts and run id in one line."""
+    tag = f"[run {report.run_id}]"
+    takeover = _takeover_note(report)
+    suffix = f" ({takeover.split(',')[0]})" if takeover else ""
+    if report.status in ("failed", "abandoned"):
+        what = report.error or ("lease lost" if report.status == "abandoned" else "unknown error")
+        if report.module_error:
+            what = f"resume module did not load: {what}"
+        short = truncate(_one_line(what), 80)
+        return f"smart-resume {report.status.upper()}: {short}{suffix} {tag}"
+    counts = ", ".join(
+        f"{_count(report, k)} {k}"
+        for k in ("processed", "skipped", "failed", "deferred")
+        if k != "deferred" or _count(report, k) or report.status == "partial"
+    )
+    return f"smart-resume {report.status}: {counts}{suffix} {tag}"
+
+
+def _headline(report: ReportInput) -> str:
+    failed, deferred = _count(report, "failed"), _count(report, "deferred")
+    if report.module_error:
+        return "The resume module failed to load; no client work ran."
+    if report.status == "failed":
+        where = f" while {report.error_where}" if report.error_where else ""
+        return f"The run failed{where}; work already saved resumes next run."
+    if report.status == "abandoned":
+        return "The run lost its lock (taken over as stale, or force-unlocked) and stopped."
+    if report.status == "partial":
+        return (
+            f"The time budget ran out: {deferred} client-operation(s) deferred; "
+            "they resume where they stopped at the next run."
+        )
+    if report.status == "cancelled":
+        return f"Cancelled by an operator: {deferred} client-operation(s) not done."
+    if failed:
+        return f"Completed, but {failed} client-operation(s) failed (see the errors below)."
+    return "Completed: everything due was done."
+
+
+def _hints(report: ReportInput) -> list[str]:
+    hints = [
+        "Status: GET the smart_resume_status function (header X-Webhook-Secret), "
+        "or run `python -m shared.resume status`.",
+        f"Full record: Firestore runs/{report.run_id}.",
+    ]
+    if report.module_error:
+        hints.append("Fix the module named by SMART_RESUME_MODULE and redeploy.")
+    if report.status in ("failed", "abandoned") or report.takeover:
+        hints.append(
+            'A stuck lock: POST {"action": "unlock"} to smart_resume_status '
+            '(add "force": true only if the run is surely dead), '
+            "or `python -m shared.resume unlock`."
+        )
+    if report.status == "partial":
+        hints.append(
+            "Nothing to do unless this repeats; then raise the time budget or split streams."
+        )
+    return hints
+
+
+def _rows(report: ReportInput) -> list[dict[str, Any]]:
+    """One row per result, plus one per selected client that has none; most urgent first."""
+    names = {cid: str(name) for cid, name in report.client_names.items()}
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for result in report.results:
+        cid = str(result.get("clientId"))
+        seen.add(cid)
+        rows.append(
+            {
+                "client": names.get(cid, cid),
+                "clientId": cid,
+                "operation": result.get("operation") or "",
+                "outcome": result.get("outcome"),
+                "reason": result.get("reason") or "",
+                "error": result.get("error") or "",
+            }
+        )
+    for cid, name in names.items():
+        if cid not in seen:
+            rows.append(
+                {
+                    "client": name,
+                    "clientId": cid,
+                    "operation": "",
+                    "outcome": None,
+                    "reason": "no operation ran",
+                    "error": "",
+                }
+            )
+    order = {cid: i for i, cid in enumerate(names)}
+    rows.sort(key=lambda r: (_ORDER.get(r["outcome"], 3), order.get(r["clientId"], len(order))))
+    return rows
+
+
+def _left_out(rows: list[dict[str, Any]]) -> str | None:
+    if len(rows) <= MAX_ROWS:
+        return None
+    rest: dict[str, int] = {}
+    for row in rows[MAX_ROWS:]:
+        key = row["outcome"] or "not run"
+        rest[key] = rest.get(key, 0) + 1
+    parts = ", ".join(f"{n} {k}" for k, n in sorted(rest.items()))
+    return f"{len(rows) - MAX_ROWS} more rows not shown ({parts}); the run record has them all."
+
+
+def _impact(report: ReportInput) -> list[tuple[str, Any]]:
+    impact = report.summary.get("impact") or {}
+    return sorted(impact.items()) if isinstance(impact, dict) else []
+
+
+def _facts(report: ReportInput) -> list[tuple[str, str]]:
+    def when(value: dt.datetime | None) -> str:
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "unknown"
+
+    facts = [("Outcome", report.status), ("Run", report.run_id)]
+    facts += [("Started", when(report.started_at)), ("Finished", when(report.finished_at))]
+    facts.append(("Duration", _duration(report)))
+    if report.lock_name:
+        facts.append(("Lock", report.lock_name))
+    counts = ", ".join(
+        f"{_count(report, k)} {k}"
+        for k in ("clients", "processed", "skipped", "failed", "deferred")
+    )
+    facts.append(("Summary", counts))
+    impact = _impact(report)
+    facts.append(("Impact", ", ".join(f"{k}={v}" for k, v in impact) if impact else "none"))
+    takeover = _takeover_note(report)
+    if takeover:
+        facts.append(("Takeover", f"this run {takeover}; that run is marked abandoned"))
+    return facts
+
+
+def _errors(report: ReportInput, rows: Iterable[dict[str, Any]]) -> list[str]:
+    errors = []
+    if report.error:
+        where = f" ({report.error_where})" if report.error_where else ""
+        errors.append(f"Run{where}: {truncate(report.error, MAX_ERROR_CHARS)}")
+    failed = [r for r in rows if r["error"]]
+    for row in failed[:20]:
+        errors.append(
+            f"{truncate(row['client'], MAX_NAME_CHARS)} / {row['operation']}: "
+            f"{truncate(row['error'], MAX_ERROR_CHARS)}"
+        )
+    if len(failed) > 20:
+        errors.append(f"... and {len(failed) - 20} more failed client-operations (see the table).")
+    return errors
+
+
+def _text(report: ReportInput, rows: list[dict[str, Any]], errors: list[str]) -> str:
+    lines = [f"smart-resume run {report.run_id}: {report.status.upper()}", _headline(report), ""]
+    width = max(len(k) for k, _ in _facts(report))
+    lines += [f"{k + ':':<{width + 1}} {v}" for k, v in _facts(report)]
+    if errors:
+        lines += ["", "Errors:"] + [f"- {_one_line(e)}" for e in errors]
+    lines += ["", "Clients:"]
+    for row in rows[:MAX_ROWS]:
+        cells = [
+            truncate(row["client"], MAX_NAME_CHARS),
+            row["operation"] or "-",
+            row["outcome"] or "not run",
+            row["reason"] or "-",
+        ]
+        if row["error"]:
+            cells.append(truncate(_one_line(row["error"]), MAX_CELL_ERROR_CHARS))
+        lines.append("- " + " | ".join(_one_line(c) for c in cells))
+    note = _left_out(rows)
+    if note:
+        lines.append(note)
+    lines += ["", *_hints(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _html(report: ReportInput, rows: list[dict[str, Any]], errors: list[str]) -> str:
+    cell = "padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top"
+    head = _HEAD.get(report.status, "#333333")
+    out = [
+        '<!DOCTYPE html><html><head><meta charset="utf-8">'
+        f"<title>{_e(build_subject(report))}</title></head>",
+        '<body style="font-family:Arial,Helvetica,sans-serif;font-size:14px;color:#222;'
+        'margin:16px">',
+        f'<h2 style="margin:0 0 4px 0;color:{head}">smart-resume {_e(report.status.upper())}</h2>',
+        f'<p style="margin:0 0 12px 0;font-size:15px">{_e(_headline(report))}</p>',
+        '<table style="border-collapse:collapse;margin-bottom:12px">',
+    ]
+    for key, value in _facts(report):
+        out.append(
+            f'<tr><th style="{cell};color:#555">{_e(key)}</th>'
+            f'<td style="{cell}">{_e(value)}</td></tr>'
+        )
+    out.append("</table>")
+    if errors:
+        out.append('<h3 style="margin:12px 0 4px 0;color:#b00020">Errors</h3><ul style="margin:0">')
+        out += [f'<li style="margin-bottom:4px">{_e(e)}</li>' for e in errors]
+        out.append("</ul>")
+    out.append('<h3 style="margin:12px 0 4px 0">Clients</h3>')
+    out.append('<table style="border-collapse:collapse;width:100%">')
+    out.append(
+        "<tr>"
+        + "".join(
+            f'<th style="{cell};background:#f2f2f2">{h}</th>'
+            for h in ("Client", "Operation", "Outcome", "Reason", "Error")
+        )
+        + "</tr>"
+    )
+    for row in rows[:MAX_ROWS]:
+        colour = _COLOURS.get(row["outcome"], "#666666")
+        out.append(
+            "<tr>"
+            f'<td style="{cell}">{_e(truncate(row["client"], MAX_NAME_CHARS))}</td>'
+            f'<td style="{cell}">{_e(row["operation"] or "-")}</td>'
+            f'<td style="{cell};color:{colour};font-weight:bold">'
+            f"{_e(row['outcome'] or 'not run')}</td>"
+            f'<td style="{cell}">{_e(row["reason"] or "-")}</td>'
+            f'<td style="{cell};color:#b00020">'
+            f"{_e(truncate(row['error'], MAX_CELL_ERROR_CHARS))}</td>"
+            "</tr>"
+        )
+    out.append("</table>")
+    note = _left_out(rows)
+    if note:
+        out.append(f'<p style="color:#555;font-style:italic">{_e(note)}</p>')
+    out.append('<p style="color:#555;font-size:12px;margin-top:16px">')
+    out.append("<br>".join(_e(h) for h in _hints(report)))
+    out.append("</p></body></html>")
+    return "\n".join(out) + "\n"
+
+
+def build_message(report: ReportInput) -> Message:
+    """Render the subject, plain text and HTML of a report."""
+    rows = _rows(report)
+    errors = _errors(report, rows)
+    return Message(
+        subject=build_subject(report),
+        text=_text(report, rows, errors),
+        html=_html(report, rows, errors),
+        run_id=report.run_id,
+    )
+
+
+def wanted(settings: Settings, report: ReportInput) -> bool:
+    """Whether this report goes out under SMART_RESUME_EMAIL_ON."""
+    if settings.email_on == "always":
+        return True
+    return report.status in FAILURE_KINDS or bool(report.takeover) or report.module_error
+
+
+# --- claiming, sending, recording -----------------------------------------------------------
+
+
+def _claim(
+    settings: Settings, client: firestore.Client, run_id: str
+) -> tuple[bool, dict[str, Any] | None]:
+    """(True, None) when this caller owns the report; (False, existing) when someone else does.
+
+    A conditional commit on the document's update time rather than a transaction: read-then-
+    write transactions retry slowly under contention, and one precondition says it all here.
+    """
+    ref = client.collection(store.RUNS).document(run_id)
+    claim = {"report": {"status": "sending", "at": firestore.SERVER_TIMESTAMP}}
+    for _ in range(CLAIM_ATTEMPTS):
+        snap = ref.get(**store.call(settings))
+        try:
+            if not snap.exists:
+                ref.create({"runId": run_id, **claim}, **store.commit_call(settings))
+                return True, None
+            existing = (snap.to_dict() or {}).get("report")
+            if existing:
+                return False, existing
+            option = client.write_option(last_update_time=snap.update_time)
+            ref.update(claim, option=option, **store.commit_call(settings))
+            return True, None
+        except (gexc.FailedPrecondition, gexc.AlreadyExists, gexc.Aborted):
+            # The run changed since we read it: maybe a rival claim, maybe the engine. Look again.
+            continue
+    snap = ref.get(**store.call(settings))
+    return False, (snap.to_dict() or {}).get("report") if snap.exists else None
+
+
+def _record(
+    settings: Settings, client: firestore.Client, run_id: str, record: dict[str, Any]
+) -> None:
+    ref = client.collection(store.RUNS).document(run_id)
+    try:
+        with store.translate_errors("recording the report"):
+            ref.update(
+                {"report": {**record, "at": firestore.SERVER_TIMESTAMP}},
+                **store.commit_call(settings),
+            )
+    except Exception as exc:
+        logger.error(
+            "could not record the report on the run",
+            fields={"error": _one_line(exc)[:300], "reportStatus": record["status"]},
+        )
+
+
+def send_smart_resume_report(
+    settings: Settings,
+    client: firestore.Client,
+    report: ReportInput,
+    *,
+    claimed: bool = False,
+) -> dict[str, Any]:
+    """Claim, build, deliver and record the run's one report; never raises.
+
+    Returns the recorded `report` map (or the existing one when another caller already owns it).
+    When Firestore is unreachable the report is still sent: an email about a store outage is
+    worth the small risk of a duplicate.
+    """
+    transport = settings.email_transport
+    try:
+        if not claimed:
+            try:
+                with store.translate_errors("claiming the report"):
+                    mine, existing = _claim(settings, client, report.run_id)
+            except Exception as exc:
+                logger.error(
+                    "could not claim the report; sending anyway",
+                    fields={"runId": report.run_id, "error": _one_line(exc)[:300]},
+                )
+                mine, existing = True, None
+            if not mine:
+                logger.info(
+                    "report already claimed by another caller; not sending",
+                    fields={"runId": report.run_id},
+                )
+                return dict(existing or {"status": "sending", "transport": transport})
+
+        record: dict[str, Any]
+        if not wanted(settings, report):
+            record = {"status": "skipped", "transport": transport, "error": None}
+            logger.info(
+                "report skipped (SMART_RESUME_EMAIL_ON=failure)",
+                fields={"runId": report.run_id, "runStatus": report.status},
+            )
+        else:
+            try:
+                message = build_message(report)
+                transports.send(settings, message)
+                record = {"status": "sent", "transport": transport, "error": None}
+                logger.info(
+                    "report sent",
+                    fields={
+                        "runId": report.run_id,
+                        "transport": transport,
+                        "subject": message.subject,
+                    },
+                )
+            except transports.DeliveryError as exc:
+                record = {"status": "failed", "transport": transport, "error": str(exc)}
+                logger.error(
+                    "report delivery failed",
+                    fields={
+                        "runId": report.run_id,
+                        "transport": transport,
+                        "status": exc.status,
+                        "detail": exc.detail,
+                    },
+                )
+            except Exception as exc:
+                record = {
+                    "status": "failed",
+                    "transport": transport,
+                    "error": f"{type(exc).__name__}: {_one_line(exc)[:300]}",
+                }
+                logger.exception(
+                    "report could not be built or sent", fields={"runId": report.run_id}
+                )
+        _record(settings, client, report.run_id, record)
+        return {**record, "at": dt.datetime.now(dt.UTC)}
+    except Exception as exc:  # the last line of defence: a report never fails the run
+        logger.exception("report step failed", fields={"runId": report.run_id})
+        return {
+            "status": "failed",
+            "transport": transport,
+            "error": f"{type(exc).__name__}: {_one_line(exc)[:300]}",
+            "at": dt.datetime.now(dt.UTC),
+        }

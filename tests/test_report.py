@@ -1,0 +1,419 @@
+"""The report: message content and escaping, EMAIL_ON, and exactly one report per run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+import time
+
+import pytest
+from google.cloud import firestore
+
+from shared import report as rp
+from shared import transports
+from shared.report import ReportInput, build_message, send_smart_resume_report, wanted
+
+RUN = "20261128-060000-ab12"
+HOSTILE = "<script>alert('x')</script> & Co"
+START = dt.datetime(2026, 11, 28, 6, 0, tzinfo=dt.UTC)
+
+
+def make(status: str = "completed", **overrides) -> ReportInput:
+    """A small run: four selected clients, one of which has no result row."""
+    fields = {
+        "run_id": RUN,
+        "status": status,
+        "summary": {
+            "clients": 4,
+            "processed": 12,
+            "skipped": 30,
+            "failed": 0,
+            "deferred": 0,
+            "durationSeconds": 723.4,
+            "impact": {"leads_scored": 120, "emails_queued": 3},
+        },
+        "results": [
+            {"clientId": "c1", "operation": "lead_scoring", "outcome": "processed", "reason": ""},
+            {
+                "clientId": "c1",
+                "operation": "post_scoring",
+                "outcome": "skipped",
+                "reason": "fresh",
+            },
+            {
+                "clientId": "c2",
+                "operation": "lead_scoring",
+                "outcome": "skipped",
+                "reason": "fresh",
+            },
+            {"clientId": "c3", "operation": "lead_scoring", "outcome": "processed", "reason": ""},
+        ],
+        "client_names": {"c1": "Acme", "c2": "Globex", "c3": "Initech", "c4": "Umbrella"},
+        "started_at": START,
+        "finished_at": START + dt.timedelta(seconds=723),
+        "lock_name": "smart-resume",
+    }
+    fields.update(overrides)
+    return ReportInput(**fields)
+
+
+KINDS = {
+    "completed": make(),
+    "partial": make(
+        "partial",
+        summary={"clients": 4, "processed": 1, "skipped": 0, "failed": 0, "deferred": 3},
+        results=[
+            {"clientId": "c1", "operation": "lead_scoring", "outcome": "processed", "reason": ""},
+            {
+                "clientId": "c2",
+                "operation": "lead_scoring",
+                "outcome": "deferred",
+                "reason": "time budget",
+            },
+        ],
+    ),
+    "cancelled": make(
+        "cancelled",
+        results=[
+            {
+                "clientId": "c1",
+                "operation": "lead_scoring",
+                "outcome": "deferred",
+                "reason": "cancel",
+            }
+        ],
+    ),
+    "failed": make("failed", error="Firestore unavailable while saving", error_where="engine"),
+    "takeover": make("completed", takeover={"runId": "20261128-050000-zz99", "ageSeconds": 412.7}),
+    "module error": make(
+        "failed",
+        error="ModuleNotFoundError: No module named 'acme_resume'",
+        error_where="loading module acme_resume",
+        module_error=True,
+        results=[],
+    ),
+    "abandoned": make("abandoned", error="lease lost"),
+}
+
+
+def deliveries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count what the log transport delivers (it stays the real transport underneath)."""
+    sent: list[str] = []
+    real = transports.TRANSPORTS["log"]
+
+    def counting(settings, message) -> None:
+        sent.append(message.subject)
+        real(settings, message)
+
+    monkeypatch.setitem(transports.TRANSPORTS, "log", counting)
+    return sent
+
+
+def run_doc(db, run_id: str = RUN) -> dict:
+    return db.collection("runs").document(run_id).get().to_dict() or {}
+
+
+class TestSubject:
+    def test_completed_subject_has_outcome_counts_and_run(self) -> None:
+        """The subject reads outcome, counts and run id."""
+        assert build_message(make()).subject == (
+            f"smart-resume completed: 12 processed, 30 skipped, 0 failed [run {RUN}]"
+        )
+
+    def test_partial_subject_counts_deferred(self) -> None:
+        """A partial run's subject says how much was deferred."""
+        assert "3 deferred" in build_message(KINDS["partial"]).subject
+
+    def test_failed_subject_carries_the_short_error(self) -> None:
+        """A failed run's subject is FAILED plus the one-line error."""
+        subject = build_message(KINDS["failed"]).subject
+        assert subject == f"smart-resume FAILED: Firestore unavailable while saving [run {RUN}]"
+
+    def test_takeover_is_named_in_the_subject(self) -> None:
+        """A stale takeover names the abandoned run in the subject."""
+        assert (
+            "(took over stale run 20261128-050000-zz99)" in build_message(KINDS["takeover"]).subject
+        )
+
+    def test_subject_is_one_short_line(self) -> None:
+        """A multi-line, very long error still gives a one-line subject."""
+        subject = build_message(make("failed", error="line one\nline two " + "x" * 1000)).subject
+        assert "\n" not in subject
+        assert len(subject) < 200
+
+
+class TestBody:
+    @pytest.mark.parametrize("kind", list(KINDS))
+    def test_every_kind_renders(self, kind: str) -> None:
+        """Each kind of report has a subject, a text part and an HTML part naming the run."""
+        message = build_message(KINDS[kind])
+        assert RUN in message.subject
+        assert RUN in message.text
+        assert message.html.startswith("<!DOCTYPE html>")
+        assert "<style" not in message.html  # inline CSS only
+        assert "Umbrella" in message.text
+        assert "Umbrella" in message.html
+
+    def test_every_selected_client_is_listed_by_name(self) -> None:
+        """Clients with results and clients with none all appear, by name."""
+        message = build_message(make())
+        for name in ("Acme", "Globex", "Initech", "Umbrella"):
+            assert name in message.text
+            assert name in message.html
+        assert re.search(r"Umbrella \| - \| not run \| no operation ran", message.text)
+
+    def test_summary_duration_and_impact(self) -> None:
+        """Duration, summary counts and impact counts are in both parts."""
+        message = build_message(make())
+        for part in (message.text, message.html):
+            assert "12m 03s" in part
+            assert "leads_scored=120" in part
+            assert "4 clients" in part
+            assert "2026-11-28 06:00:00 UTC" in part
+
+    def test_failed_run_names_error_and_where(self) -> None:
+        """A failed run shows its error and where it happened, plus an unlock hint."""
+        message = build_message(KINDS["failed"])
+        assert "Run (engine): Firestore unavailable while saving" in message.text
+        assert "The run failed while engine" in message.text
+        assert "unlock" in message.text
+
+    def test_module_error_and_takeover_explain_themselves(self) -> None:
+        """Module errors say no work ran; takeovers name the abandoned run and its age."""
+        assert "resume module failed to load" in build_message(KINDS["module error"]).text
+        text = build_message(KINDS["takeover"]).text
+        assert "took over stale run 20261128-050000-zz99, silent for 413 s" in text
+
+    def test_client_errors_are_listed(self) -> None:
+        """A failed client-operation's error is in the errors list and the table."""
+        report = make(
+            results=[
+                {
+                    "clientId": "c1",
+                    "operation": "lead_scoring",
+                    "outcome": "failed",
+                    "reason": "error",
+                    "error": "HTTP 500 from scorer",
+                }
+            ]
+        )
+        message = build_message(report)
+        assert "Acme / lead_scoring: HTTP 500 from scorer" in message.text
+        assert "HTTP 500 from scorer" in message.html
+
+
+class TestEscaping:
+    def test_hostile_names_and_errors_are_escaped(self) -> None:
+        """Client names, operations, reasons and errors never reach the HTML unescaped."""
+        report = make(
+            "failed",
+            error="<img src=x onerror=alert(1)>",
+            error_where="<b>engine</b>",
+            results=[
+                {
+                    "clientId": "c1",
+                    "operation": "<i>op</i>",
+                    "outcome": "failed",
+                    "reason": "<u>why</u>",
+                    "error": "</td><script>evil()</script>",
+                }
+            ],
+            client_names={"c1": HOSTILE, "c2": '"><svg onload=x>'},
+        )
+        page = build_message(report).html
+        for raw in ("<script", "<img", "<svg", "<i>", "<u>", "<b>"):
+            assert raw not in page
+        assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; Co" in page
+        assert "&lt;img src=x onerror=alert(1)&gt;" in page
+        assert "&quot;&gt;&lt;svg onload=x&gt;" in page
+
+    def test_long_errors_are_truncated_with_a_note(self) -> None:
+        """A 20,000-character error is cut to the limit, saying how long it was."""
+        message = build_message(make("failed", error="E" * 20_000))
+        assert "E" * rp.MAX_ERROR_CHARS in message.text
+        assert "E" * (rp.MAX_ERROR_CHARS + 1) not in message.text
+        assert "E" * (rp.MAX_ERROR_CHARS + 1) not in message.html
+        assert "[truncated: 20000 characters in all]" in message.text
+
+
+class TestHugeRuns:
+    def test_ten_thousand_clients_make_a_sane_email(self) -> None:
+        """The table is capped, the urgent rows come first, and the rest is counted."""
+        names = {f"c{i}": f"Client {i}" for i in range(10_000)}
+        results = [
+            {"clientId": f"c{i}", "operation": "score", "outcome": "skipped", "reason": "fresh"}
+            for i in range(9_999)
+        ]
+        results.append(
+            {
+                "clientId": "c9999",
+                "operation": "score",
+                "outcome": "failed",
+                "reason": "error",
+                "error": "boom",
+            }
+        )
+        started = time.monotonic()
+        message = build_message(make(results=results, client_names=names))
+        assert time.monotonic() - started < 5
+        assert message.html.count("<tr>") <= rp.MAX_ROWS + 1 + len(rp._facts(make()))
+        assert "Client 9999" in message.text.split("Clients:")[1].splitlines()[1]
+        assert "9500 more rows not shown (9500 skipped)" in message.text
+        assert "9500 more rows not shown" in message.html
+        assert len(message.html) < 500_000
+
+
+class TestWanted:
+    @pytest.mark.parametrize("kind", list(KINDS))
+    def test_always_sends_everything(self, settings, kind: str) -> None:
+        """EMAIL_ON=always wants every kind."""
+        assert wanted(settings, KINDS[kind])
+
+    @pytest.mark.parametrize(
+        ("kind", "expected"),
+        [
+            ("completed", False),
+            ("cancelled", False),
+            ("partial", True),
+            ("failed", True),
+            ("takeover", True),
+            ("module error", True),
+            ("abandoned", True),
+        ],
+    )
+    def test_failure_sends_only_trouble(self, configure, kind: str, expected: bool) -> None:
+        """EMAIL_ON=failure wants failed, partial, abandoned, takeover and module errors."""
+        settings = configure(SMART_RESUME_EMAIL_ON="failure")
+        assert wanted(settings, KINDS[kind]) is expected
+
+
+class TestOneReportPerRun:
+    def test_sends_and_records(self, settings, db, monkeypatch) -> None:
+        """A report is delivered once and recorded on the run, whose other fields stay."""
+        sent = deliveries(monkeypatch)
+        db.collection("runs").document(RUN).set({"status": "completed", "summary": {"n": 1}})
+        result = send_smart_resume_report(settings, db, make())
+        assert result["status"] == "sent"
+        assert result["transport"] == "log"
+        assert len(sent) == 1
+        doc = run_doc(db)
+        assert doc["status"] == "completed"
+        assert doc["summary"] == {"n": 1}
+        assert doc["report"]["status"] == "sent"
+        assert doc["report"]["transport"] == "log"
+        assert doc["report"]["error"] is None
+        assert isinstance(doc["report"]["at"], dt.datetime)
+
+    def test_second_call_sends_nothing(self, settings, db, monkeypatch) -> None:
+        """Finalising twice returns the first report and delivers nothing more."""
+        sent = deliveries(monkeypatch)
+        db.collection("runs").document(RUN).set({"status": "completed"})
+        first = send_smart_resume_report(settings, db, make())
+        second = send_smart_resume_report(settings, db, make())
+        assert len(sent) == 1
+        assert second["status"] == first["status"] == "sent"
+
+    def test_concurrent_calls_deliver_once(self, settings, db, monkeypatch) -> None:
+        """Eight threads finalising the same run at once produce one delivery."""
+        sent = deliveries(monkeypatch)
+        db.collection("runs").document(RUN).set({"status": "completed"})
+        barrier = threading.Barrier(8)
+        results: list[dict] = []
+
+        def finalise() -> None:
+            barrier.wait()
+            results.append(send_smart_resume_report(settings, db, make()))
+
+        threads = [threading.Thread(target=finalise) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(results) == 8
+        assert len(sent) == 1
+        assert run_doc(db)["report"]["status"] == "sent"
+
+    def test_concurrent_calls_without_a_run_doc_deliver_once(self, settings, db, monkeypatch):
+        """When the run record does not exist yet, racing callers still deliver once."""
+        sent = deliveries(monkeypatch)
+        barrier = threading.Barrier(4)
+
+        def finalise() -> None:
+            barrier.wait()
+            send_smart_resume_report(settings, db, make())
+
+        threads = [threading.Thread(target=finalise) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(sent) == 1
+        assert run_doc(db) | {"report": None} == {"runId": RUN, "report": None}
+        assert run_doc(db)["report"]["status"] == "sent"
+
+    def test_claimed_skips_the_claim(self, settings, db, monkeypatch) -> None:
+        """A caller that claimed the report itself gets it sent and recorded."""
+        sent = deliveries(monkeypatch)
+        db.collection("runs").document(RUN).set(
+            {"status": "failed", "report": {"status": "sending", "at": firestore.SERVER_TIMESTAMP}}
+        )
+        result = send_smart_resume_report(settings, db, make("failed", error="x"), claimed=True)
+        assert result["status"] == "sent"
+        assert len(sent) == 1
+        assert run_doc(db)["report"]["status"] == "sent"
+
+
+class TestEmailOn:
+    def test_completed_is_recorded_skipped(self, configure, db, monkeypatch) -> None:
+        """EMAIL_ON=failure records a completed run's report as skipped and sends nothing."""
+        settings = configure(SMART_RESUME_EMAIL_ON="failure")
+        sent = deliveries(monkeypatch)
+        result = send_smart_resume_report(settings, db, make())
+        assert result["status"] == "skipped"
+        assert sent == []
+        assert run_doc(db)["report"]["status"] == "skipped"
+        assert run_doc(db)["report"]["transport"] == "log"
+
+    @pytest.mark.parametrize("kind", ["partial", "failed", "takeover"])
+    def test_trouble_is_sent(self, configure, db, monkeypatch, kind: str) -> None:
+        """EMAIL_ON=failure still sends partial, failed and takeover reports."""
+        settings = configure(SMART_RESUME_EMAIL_ON="failure")
+        sent = deliveries(monkeypatch)
+        assert send_smart_resume_report(settings, db, KINDS[kind])["status"] == "sent"
+        assert len(sent) == 1
+
+
+class TestNeverRaises:
+    def test_a_crashing_transport_is_recorded_failed(self, settings, db, monkeypatch) -> None:
+        """An unexpected exception in delivery is caught and recorded as failed."""
+
+        def explode(settings, message) -> None:
+            raise RuntimeError("kaboom\nsecond line")
+
+        monkeypatch.setitem(transports.TRANSPORTS, "log", explode)
+        result = send_smart_resume_report(settings, db, make())
+        assert result["status"] == "failed"
+        assert result["error"] == "RuntimeError: kaboom second line"
+        assert run_doc(db)["report"]["status"] == "failed"
+
+    def test_unreachable_firestore_still_sends(self, configure, monkeypatch, capsys) -> None:
+        """With Firestore down the report is still delivered, within the RPC deadline."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        settings = configure(
+            FIRESTORE_EMULATOR_HOST=f"127.0.0.1:{dead}", SMART_RESUME_RPC_TIMEOUT_SECONDS="0.5"
+        )
+        sent = deliveries(monkeypatch)
+        client = firestore.Client(project=settings.project)
+        started = time.monotonic()
+        result = send_smart_resume_report(settings, client, make())
+        assert time.monotonic() - started < 10
+        assert result["status"] == "sent"
+        assert len(sent) == 1
+        out = capsys.readouterr().out
+        assert "could not claim the report" in out
+        assert "could not record the report" in out
