@@ -1,0 +1,458 @@
+#!/usr/bin/env bash
+# Deploy smart-resume: stage one self-contained bundle per function, deploy both Cloud
+# Functions (gen2), and create or update the Cloud Scheduler job that calls the trigger.
+# Run `./deploy.sh --help` for the commands and settings; deploy.env.example documents each one.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+FUNCTIONS=(smart_resume smart_resume_status)
+# Extra seconds the trigger may live after its time budget: finish the operation in flight,
+# release the lock, send the report.
+TIMEOUT_MARGIN_SECONDS=300
+MAX_FUNCTION_TIMEOUT_SECONDS=3600
+MAX_ATTEMPT_DEADLINE_SECONDS=1800
+# Short settings names in deploy.env and the SMART_RESUME_* variable each one sets.
+SHORT_NAMES=(LOCK_NAME STREAM TIME_BUDGET_SECONDS EMAIL_TRANSPORT EMAIL_FROM EMAIL_TO)
+REQUIRED=(PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NAME
+    WEBHOOK_SECRET_VERSION)
+
+usage() {
+    cat <<'EOF'
+Usage: ./deploy.sh [deploy|stage] [--dry-run] [--build-dir DIR] [--env-file FILE]
+
+Commands:
+  deploy   (default) stage, deploy both functions, create or update the Scheduler job
+  stage    only build build/smart_resume/ and build/smart_resume_status/: each bundle holds
+           its main.py, shared/, the pipeline file, the local packages its python operations
+           name, and requirements.txt
+
+Options:
+  --dry-run         print every gcloud command it would run (secrets as ***) and run none;
+                    needs neither gcloud nor network (the bundles are still staged)
+  --build-dir DIR   where to stage the bundles (default: build/ beside this script)
+  --env-file FILE   settings file (default: deploy.env beside this script)
+  -h, --help        this help
+
+Settings come from the environment or the settings file; the environment wins.
+Required: PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NAME
+WEBHOOK_SECRET_VERSION. See deploy.env.example for every setting.
+
+Exit status: 0 done, 1 a command failed, 2 bad usage or settings, 3 gcloud not installed.
+EOF
+}
+
+fail() { # fail STATUS MESSAGE...
+    local status=$1
+    shift
+    printf 'deploy.sh: %s\n' "$*" >&2
+    exit "$status"
+}
+
+note() { printf '%s\n' "$*" >&2; }
+
+# --- arguments -----------------------------------------------------------------------------
+
+COMMAND=deploy
+DRY_RUN=0
+BUILD_DIR="$ROOT/build"
+ENV_FILE="$ROOT/deploy.env"
+while (($#)); do
+    case $1 in
+        deploy | stage) COMMAND=$1 ;;
+        --dry-run) DRY_RUN=1 ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        --build-dir | --env-file)
+            (($# >= 2)) || fail 2 "$1 needs a value (see --help)"
+            if [[ $1 == --build-dir ]]; then BUILD_DIR=$2; else ENV_FILE=$2; fi
+            shift
+            ;;
+        --build-dir=*) BUILD_DIR=${1#*=} ;;
+        --env-file=*) ENV_FILE=${1#*=} ;;
+        *) fail 2 "unknown argument: $1 (see --help)" ;;
+    esac
+    shift
+done
+
+# --- settings ------------------------------------------------------------------------------
+
+# KEY=VALUE lines, read as data (never executed); a variable already set in the environment
+# keeps its value (set it empty to clear a setting of the file).
+load_env_file() {
+    local file=$1 line key value n=0
+    [[ -f $file ]] || return 0
+    while IFS= read -r line || [[ -n $line ]]; do
+        n=$((n + 1))
+        line=${line#"${line%%[![:space:]]*}"}
+        line=${line%"${line##*[![:space:]]}"}
+        [[ -z $line || $line == \#* ]] && continue
+        line=${line#export }
+        [[ $line =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || fail 2 "$file:$n: expected KEY=VALUE"
+        key=${BASH_REMATCH[1]}
+        value=${BASH_REMATCH[2]}
+        if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
+            value=${BASH_REMATCH[1]}
+        fi
+        if [[ -z ${!key+set} ]]; then
+            export "$key=$value"
+        fi
+    done <"$file"
+}
+
+# The default documented in shared/config.py VARIABLES, so the two cannot drift.
+config_default() {
+    sed -n "s/^ *\"$1\": \"\\([^\"]*\\)\",\$/\\1/p" "$ROOT/shared/config.py"
+}
+
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+
+min() { if (($1 < $2)); then echo "$1"; else echo "$2"; fi; }
+
+load_env_file "$ENV_FILE"
+
+PROBLEMS=()
+problem() { PROBLEMS+=("$*"); }
+
+# Short names set their SMART_RESUME_* variable; both set to different values is ambiguous.
+for short in "${SHORT_NAMES[@]}"; do
+    long="SMART_RESUME_$short"
+    if [[ -n ${!short:-} ]]; then
+        if [[ -n ${!long:-} && ${!long} != "${!short}" ]]; then
+            problem "$short and $long are both set, to different values"
+        fi
+        export "$long=${!short}"
+    fi
+done
+
+if [[ -n ${SMART_RESUME_PIPELINE:-} ]]; then
+    if [[ $SMART_RESUME_PIPELINE == /* ]]; then
+        problem "SMART_RESUME_PIPELINE must be a path relative to the repository (it is staged)"
+    elif [[ ! -f $ROOT/$SMART_RESUME_PIPELINE ]]; then
+        problem "SMART_RESUME_PIPELINE=$SMART_RESUME_PIPELINE: no such file in $ROOT"
+    fi
+fi
+
+if [[ $COMMAND == deploy ]]; then
+    missing=()
+    for name in "${REQUIRED[@]}"; do
+        [[ -n ${!name:-} ]] || missing+=("$name")
+    done
+    if [[ -n ${SENDGRID_SECRET_NAME:-} && -z ${SENDGRID_SECRET_VERSION:-} ]]; then
+        missing+=(SENDGRID_SECRET_VERSION)
+    fi
+    if ((${#missing[@]})); then
+        problem "missing settings: ${missing[*]}"
+    fi
+
+    FUNCTION_NAME=${FUNCTION_NAME:-smart-resume}
+    STATUS_FUNCTION_NAME=${STATUS_FUNCTION_NAME:-smart-resume-status}
+    SCHEDULER_JOB=${SCHEDULER_JOB:-smart-resume}
+    SCHEDULER_LOCATION=${SCHEDULER_LOCATION:-${REGION:-}}
+    ALLOW_UNAUTHENTICATED=${ALLOW_UNAUTHENTICATED:-0}
+
+    # Pinned versions only: `latest` would change what runs without a deploy.
+    for name in WEBHOOK_SECRET_VERSION SENDGRID_SECRET_VERSION; do
+        if [[ -n ${!name:-} ]] && ! is_count "${!name}"; then
+            problem "$name=${!name} must be a version number (pin it; 'latest' is refused)"
+        fi
+    done
+    [[ $ALLOW_UNAUTHENTICATED =~ ^[01]$ ]] ||
+        problem "ALLOW_UNAUTHENTICATED=$ALLOW_UNAUTHENTICATED must be 0 or 1"
+    if [[ $ALLOW_UNAUTHENTICATED == 0 && -z ${OIDC_SERVICE_ACCOUNT:-} ]]; then
+        problem "OIDC_SERVICE_ACCOUNT is required unless ALLOW_UNAUTHENTICATED=1:" \
+            "without it Cloud Run refuses the Scheduler's calls"
+    fi
+
+    budget=${SMART_RESUME_TIME_BUDGET_SECONDS:-$(config_default SMART_RESUME_TIME_BUDGET_SECONDS)}
+    max_run=${SMART_RESUME_MAX_RUN_SECONDS:-$(config_default SMART_RESUME_MAX_RUN_SECONDS)}
+    if ! is_count "$budget"; then
+        problem "SMART_RESUME_TIME_BUDGET_SECONDS=$budget must be a whole number of seconds"
+        budget=0
+    elif ((budget + 60 > MAX_FUNCTION_TIMEOUT_SECONDS)); then
+        problem "SMART_RESUME_TIME_BUDGET_SECONDS=$budget leaves under 60 s before the" \
+            "${MAX_FUNCTION_TIMEOUT_SECONDS} s function timeout"
+    elif is_count "$max_run" && ((budget >= max_run)); then
+        problem "SMART_RESUME_TIME_BUDGET_SECONDS ($budget) must be shorter than" \
+            "SMART_RESUME_MAX_RUN_SECONDS ($max_run), or a running lock would look stale"
+    fi
+    if [[ -n ${SMART_RESUME_STREAM:-} && ! $SMART_RESUME_STREAM =~ ^[0-9]+$ ]]; then
+        problem "SMART_RESUME_STREAM=$SMART_RESUME_STREAM must be a whole number"
+    fi
+
+    # The same cross-checks the functions make at startup, found before a deploy, not after.
+    transport=log
+    [[ -n ${SENDGRID_SECRET_NAME:-} ]] && transport=sendgrid
+    transport=$(printf '%s' "${SMART_RESUME_EMAIL_TRANSPORT:-$transport}" | tr '[:upper:]' '[:lower:]')
+    case $transport in
+        sendgrid | ses)
+            [[ -n ${SMART_RESUME_EMAIL_FROM:-} ]] ||
+                problem "EMAIL_FROM is required for the $transport transport"
+            [[ -n ${SMART_RESUME_EMAIL_TO:-} ]] ||
+                problem "EMAIL_TO is required for the $transport transport"
+            ;;
+        log | outbox) ;;
+        *) problem "EMAIL_TRANSPORT=$transport is not one of sendgrid, ses, log, outbox" ;;
+    esac
+    if [[ $transport == sendgrid && -z ${SENDGRID_SECRET_NAME:-} ]]; then
+        problem "SENDGRID_SECRET_NAME is required for the sendgrid transport"
+    fi
+    if [[ $transport == ses && -z ${AWS_REGION:-} ]]; then
+        problem "AWS_REGION is required for the ses transport"
+    fi
+
+    # Every SMART_RESUME_* variable is passed on; a name the code does not read is a typo.
+    PASS_THROUGH=()
+    while IFS= read -r name; do
+        [[ -n ${!name:-} ]] || continue
+        if [[ $name == SMART_RESUME_WEBHOOK_SECRET ]]; then
+            note "note: SMART_RESUME_WEBHOOK_SECRET in the environment is not deployed;" \
+                "the functions read it from Secret Manager (WEBHOOK_SECRET_NAME)"
+        elif ! grep -q "^ *\"$name\":" "$ROOT/shared/config.py"; then
+            problem "$name is not a smart-resume setting (see shared/config.py)"
+        else
+            PASS_THROUGH+=("$name")
+        fi
+    done < <(compgen -e | grep '^SMART_RESUME_' | sort)
+fi
+
+if ((${#PROBLEMS[@]})); then
+    {
+        printf 'deploy.sh: cannot %s, fix these settings (environment or %s):\n' \
+            "$COMMAND" "$ENV_FILE"
+        printf '  - %s\n' "${PROBLEMS[@]}"
+    } >&2
+    exit 2
+fi
+
+if [[ $COMMAND == deploy && $DRY_RUN == 0 ]] && ! command -v gcloud >/dev/null 2>&1; then
+    fail 3 "gcloud is not installed or not on PATH: install the Google Cloud CLI" \
+        "(https://cloud.google.com/sdk/docs/install), or use --dry-run to see the commands"
+fi
+
+# --- stage ---------------------------------------------------------------------------------
+
+# Copy a folder without caches or tests: the deployed source holds only what runs.
+copy_tree() {
+    mkdir -p "$2"
+    tar -C "$1" -cf - --exclude=__pycache__ --exclude='*.py[co]' --exclude=.pytest_cache \
+        --exclude=tests --exclude='test_*.py' --exclude='*_test.py' --exclude=conftest.py \
+        --exclude=.DS_Store . | tar -C "$2" -xf -
+}
+
+python_bin() {
+    if [[ -x $ROOT/.venv/bin/python ]]; then
+        echo "$ROOT/.venv/bin/python"
+    else
+        echo python3
+    fi
+}
+
+# Top-level names of the modules that the pipeline's python operations target (arguments:
+# pipeline files, relative to ROOT).
+pipeline_targets() {
+    (($#)) || return 0
+    (cd "$ROOT" && "$(python_bin)" - "$@") <<'PY'
+import sys
+
+try:
+    import tomllib
+except ModuleNotFoundError:
+    sys.exit("deploy.sh: reading the pipeline file needs Python 3.11 or later")
+
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        try:
+            pipeline = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            sys.exit(f"deploy.sh: {path} is not valid TOML: {e}")
+    for op in pipeline.get("operation", []):
+        target = op.get("target") if isinstance(op, dict) else None
+        if isinstance(target, str) and target.strip():
+            print(target.strip().split(":")[0].split(".")[0])
+PY
+}
+
+stage() {
+    local fn dest pkg pipelines=() packages=()
+    [[ -f $ROOT/pipeline.toml ]] && pipelines+=(pipeline.toml)
+    if [[ -n ${SMART_RESUME_PIPELINE:-} && ${SMART_RESUME_PIPELINE#./} != pipeline.toml ]]; then
+        pipelines+=("${SMART_RESUME_PIPELINE#./}")
+    fi
+    ((${#pipelines[@]})) || note "note: no pipeline.toml in $ROOT; staging without one"
+    # Local packages: those the operations target, and a custom SMART_RESUME_MODULE's.
+    local names
+    names=$(pipeline_targets "${pipelines[@]}")
+    for pkg in $names ${SMART_RESUME_MODULE:+"${SMART_RESUME_MODULE%%.*}"}; do
+        case $pkg in shared | functions | tests | build) continue ;; esac
+        [[ -d $ROOT/$pkg || -f $ROOT/$pkg.py ]] || continue
+        [[ " ${packages[*]} " == *" $pkg "* ]] || packages+=("$pkg")
+    done
+
+    mkdir -p "$BUILD_DIR"
+    BUILD_DIR="$(cd "$BUILD_DIR" && pwd)"
+    for fn in "${FUNCTIONS[@]}"; do
+        dest="$BUILD_DIR/$fn"
+        if [[ $dest/main.py -ef $ROOT/functions/$fn/main.py ]]; then
+            fail 2 "--build-dir $BUILD_DIR would overwrite the sources"
+        fi
+        rm -rf -- "$dest"
+        mkdir -p "$dest"
+        cp "$ROOT/functions/$fn/main.py" "$ROOT/requirements.txt" "$dest/"
+        copy_tree "$ROOT/shared" "$dest/shared"
+        for pkg in "${pipelines[@]}"; do
+            mkdir -p "$(dirname "$dest/$pkg")"
+            cp "$ROOT/$pkg" "$dest/$pkg"
+        done
+        for pkg in "${packages[@]}"; do
+            if [[ -d $ROOT/$pkg ]]; then
+                copy_tree "$ROOT/$pkg" "$dest/$pkg"
+            else
+                cp "$ROOT/$pkg.py" "$dest/"
+            fi
+        done
+    done
+    note "staged ${FUNCTIONS[*]} into $BUILD_DIR${packages[*]:+ (with ${packages[*]})}"
+}
+
+stage
+[[ $COMMAND == stage ]] && exit 0
+
+# --- deploy --------------------------------------------------------------------------------
+
+SECRET_VALUE=""
+
+# Shell-quoted for copying, with the secret shown as ***.
+show() {
+    local arg out=()
+    for arg in "$@"; do
+        [[ -n $SECRET_VALUE ]] && arg=${arg//"$SECRET_VALUE"/***}
+        if [[ $arg =~ ^[A-Za-z0-9_@%+=:,./*^-]+$ ]]; then
+            out+=("$arg")
+        else
+            out+=("'${arg//\'/\'\\\'\'}'")
+        fi
+    done
+    printf '+ %s\n' "${out[*]}"
+}
+
+run() {
+    show "$@"
+    ((DRY_RUN)) || "$@"
+}
+
+# run_masked COMMAND...: for commands that carry the secret; their output is masked too.
+run_masked() {
+    local output status=0
+    show "$@"
+    ((DRY_RUN)) && return 0
+    output=$("$@" 2>&1) || status=$?
+    [[ -z $output ]] || printf '%s\n' "${output//"$SECRET_VALUE"/***}"
+    return "$status"
+}
+
+# capture VAR DRY_RUN_VALUE COMMAND...: VAR gets the command's output (a placeholder in a dry run).
+capture() {
+    local var=$1 placeholder=$2
+    shift 2
+    show "$@"
+    if ((DRY_RUN)); then
+        printf -v "$var" '%s' "$placeholder"
+    else
+        local output
+        output=$("$@")
+        printf -v "$var" '%s' "$output"
+    fi
+}
+
+# --set-env-vars with a delimiter that no value contains (e-mail lists hold commas).
+env_vars_flag() {
+    local pair delim="," joined="" pairs=("GOOGLE_CLOUD_PROJECT=$PROJECT_ID") name
+    for name in "${PASS_THROUGH[@]}"; do pairs+=("$name=${!name}"); done
+    [[ -n ${AWS_REGION:-} ]] && pairs+=("AWS_REGION=$AWS_REGION")
+    if [[ ${pairs[*]} == *,* ]]; then
+        for delim in '|' '@' ';' '~' '#'; do
+            [[ ${pairs[*]} != *"$delim"* ]] && break
+        done
+    fi
+    for pair in "${pairs[@]}"; do joined+="${joined:+$delim}$pair"; done
+    if [[ $delim == , ]]; then
+        echo "--set-env-vars=$joined"
+    else
+        echo "--set-env-vars=^$delim^$joined"
+    fi
+}
+
+secrets="SMART_RESUME_WEBHOOK_SECRET=$WEBHOOK_SECRET_NAME:$WEBHOOK_SECRET_VERSION"
+if [[ -n ${SENDGRID_SECRET_NAME:-} ]]; then
+    secrets+=",SENDGRID_API_KEY=$SENDGRID_SECRET_NAME:$SENDGRID_SECRET_VERSION"
+fi
+auth_flag=--no-allow-unauthenticated
+[[ $ALLOW_UNAUTHENTICATED == 1 ]] && auth_flag=--allow-unauthenticated
+common=(--gen2 --runtime=python312 "--region=$REGION" "--project=$PROJECT_ID" --trigger-http
+    "--service-account=$SERVICE_ACCOUNT" "--set-secrets=$secrets" "$(env_vars_flag)")
+timeout=$(min $((budget + TIMEOUT_MARGIN_SECONDS)) "$MAX_FUNCTION_TIMEOUT_SECONDS")
+deadline=$(min $((budget + 60)) "$MAX_ATTEMPT_DEADLINE_SECONDS")
+
+((DRY_RUN)) && echo "# dry run: these are the commands a deploy runs; none is run"
+
+run gcloud functions deploy "$FUNCTION_NAME" "${common[@]}" --entry-point=smart_resume \
+    "--source=$BUILD_DIR/smart_resume" "--timeout=${timeout}s" --max-instances=1 --concurrency=1 \
+    "$auth_flag"
+run gcloud functions deploy "$STATUS_FUNCTION_NAME" "${common[@]}" \
+    --entry-point=smart_resume_status "--source=$BUILD_DIR/smart_resume_status" \
+    --no-allow-unauthenticated
+
+if [[ -n ${OIDC_SERVICE_ACCOUNT:-} ]]; then
+    run gcloud functions add-invoker-policy-binding "$FUNCTION_NAME" "--region=$REGION" \
+        "--project=$PROJECT_ID" "--member=serviceAccount:$OIDC_SERVICE_ACCOUNT"
+fi
+
+capture url "https://$REGION-$PROJECT_ID.cloudfunctions.net/$FUNCTION_NAME" \
+    gcloud functions describe "$FUNCTION_NAME" --gen2 "--region=$REGION" \
+    "--project=$PROJECT_ID" '--format=value(serviceConfig.uri)'
+[[ -n $url ]] || fail 1 "could not read the URL of $FUNCTION_NAME"
+
+# The scheduler sends the first of the accepted secrets (the newest, during a rotation).
+capture secret '***' gcloud secrets versions access "$WEBHOOK_SECRET_VERSION" \
+    "--secret=$WEBHOOK_SECRET_NAME" "--project=$PROJECT_ID"
+secret=${secret%%,*}
+secret=${secret#"${secret%%[![:space:]]*}"}
+secret=${secret%"${secret##*[![:space:]]}"}
+[[ -n $secret ]] || fail 1 "secret $WEBHOOK_SECRET_NAME version $WEBHOOK_SECRET_VERSION is empty"
+((DRY_RUN)) || SECRET_VALUE=$secret
+
+job=(--location="$SCHEDULER_LOCATION" "--project=$PROJECT_ID" "--schedule=$SCHEDULE"
+    "--time-zone=$TIME_ZONE" "--uri=$url" --http-method=POST "--attempt-deadline=${deadline}s"
+    --max-retry-attempts=0)
+job_create=("${job[@]}" "--headers=X-Webhook-Secret=$secret")
+job_update=("${job[@]}" "--update-headers=X-Webhook-Secret=$secret")
+if [[ -n ${OIDC_SERVICE_ACCOUNT:-} ]]; then
+    job_create+=("--oidc-service-account-email=$OIDC_SERVICE_ACCOUNT")
+    job_update+=("--oidc-service-account-email=$OIDC_SERVICE_ACCOUNT")
+else
+    job_update+=(--clear-auth-token)
+fi
+
+describe=(gcloud scheduler jobs describe "$SCHEDULER_JOB" --location="$SCHEDULER_LOCATION"
+    "--project=$PROJECT_ID" --format=none)
+if ((DRY_RUN)); then
+    show "${describe[@]}"
+    echo "# the job exists:"
+    show gcloud scheduler jobs update http "$SCHEDULER_JOB" "${job_update[@]}"
+    echo "# the job does not exist yet:"
+    show gcloud scheduler jobs create http "$SCHEDULER_JOB" "${job_create[@]}"
+    echo "# dry run: nothing was deployed"
+    exit 0
+fi
+
+show "${describe[@]}"
+if "${describe[@]}" >/dev/null 2>&1; then
+    run_masked gcloud scheduler jobs update http "$SCHEDULER_JOB" "${job_update[@]}"
+else
+    run_masked gcloud scheduler jobs create http "$SCHEDULER_JOB" "${job_create[@]}"
+fi
+
+note "deployed $FUNCTION_NAME ($url) and $STATUS_FUNCTION_NAME;" \
+    "Scheduler job $SCHEDULER_JOB runs '$SCHEDULE' ($TIME_ZONE)"

@@ -1,0 +1,603 @@
+"""deploy.sh: the dry run, the settings checks, the gcloud calls, and the staged bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "deploy.sh"
+EXAMPLE = ROOT / "deploy.env.example"
+BASH = shutil.which("bash") or "/bin/bash"
+FUNCTIONS = ("smart_resume", "smart_resume_status")
+REQUIRED = (
+    "PROJECT_ID",
+    "REGION",
+    "SERVICE_ACCOUNT",
+    "SCHEDULE",
+    "TIME_ZONE",
+    "WEBHOOK_SECRET_NAME",
+    "WEBHOOK_SECRET_VERSION",
+)
+SECRET = "s3cr3t-new-value"
+OLD_SECRET = "s3cr3t-old-value"
+URL = "https://smart-resume-abc123-ew.a.run.app"
+#: Path parts that must never reach a deployed bundle.
+FORBIDDEN = {"__pycache__", ".venv", "tests", ".pytest_cache", ".git", "build"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def path_without_gcloud(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A PATH with every usual command except gcloud, as on a machine without the Cloud CLI."""
+    bin_dir = tmp_path_factory.mktemp("no-gcloud-bin")
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not folder or not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            target = bin_dir / entry.name
+            if entry.name == "gcloud" or target.exists() or target.is_symlink():
+                continue
+            if entry.is_file() and os.access(entry.path, os.X_OK):
+                target.symlink_to(entry.path)
+    return str(bin_dir)
+
+
+def run_deploy(
+    *args: str, path: str, env: dict[str, str] | None = None, script: Path = SCRIPT
+) -> subprocess.CompletedProcess[str]:
+    base = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+    return subprocess.run(
+        [BASH, str(script), *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def commands(stdout: str) -> list[str]:
+    return [line[2:] for line in stdout.splitlines() if line.startswith("+ gcloud ")]
+
+
+def command(stdout: str, start: str) -> str:
+    found = [c for c in commands(stdout) if c.startswith(start)]
+    assert len(found) == 1, f"expected one {start!r} in:\n{stdout}"
+    return found[0]
+
+
+class TestDryRun:
+    def test_example_config_shows_both_functions_and_the_job(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """With the example settings and no gcloud installed, the dry run prints every command."""
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        trigger = command(out, "gcloud functions deploy smart-resume ")
+        for flag in (
+            "--gen2",
+            "--runtime=python312",
+            "--region=europe-west1",
+            "--project=my-project",
+            "--trigger-http",
+            "--entry-point=smart_resume",
+            f"--source={tmp_path}/smart_resume",
+            "--service-account=smart-resume@my-project.iam.gserviceaccount.com",
+            "--set-secrets=SMART_RESUME_WEBHOOK_SECRET=smart-resume-webhook:1,"
+            "SENDGRID_API_KEY=smart-resume-sendgrid:1",
+            "--timeout=1800s",
+            "--max-instances=1",
+            "--concurrency=1",
+            "--no-allow-unauthenticated",
+        ):
+            assert f" {flag} " in f" {trigger} ", flag
+        # The recipients hold a comma, so the env vars use gcloud's alternate delimiter.
+        assert (
+            "'--set-env-vars=^|^GOOGLE_CLOUD_PROJECT=my-project|"
+            "SMART_RESUME_EMAIL_FROM=smart-resume@example.com|"
+            "SMART_RESUME_EMAIL_TO=ops@example.com,oncall@example.com|"
+            "SMART_RESUME_EMAIL_TRANSPORT=sendgrid|SMART_RESUME_LOCK_NAME=smart-resume|"
+            "SMART_RESUME_TIME_BUDGET_SECONDS=1500'" in trigger
+        )
+
+        status = command(out, "gcloud functions deploy smart-resume-status ")
+        assert "--entry-point=smart_resume_status" in status
+        assert f"--source={tmp_path}/smart_resume_status" in status
+        assert "--no-allow-unauthenticated" in status
+        assert "--max-instances" not in status and "--timeout" not in status
+
+        assert "--member=serviceAccount:smart-resume-scheduler@" in command(
+            out, "gcloud functions add-invoker-policy-binding smart-resume "
+        )
+        assert "--format=value(serviceConfig.uri)" in command(out, "gcloud functions describe")
+        assert "--secret=smart-resume-webhook" in command(out, "gcloud secrets versions access 1")
+        command(out, "gcloud scheduler jobs describe smart-resume ")
+        for verb, header in (("update", "--update-headers"), ("create", "--headers")):
+            job = command(out, f"gcloud scheduler jobs {verb} http smart-resume ")
+            for flag in (
+                "--location=europe-west1",
+                "'--schedule=0 * * * *'",
+                "--time-zone=Europe/Paris",
+                "--uri=https://europe-west1-my-project.cloudfunctions.net/smart-resume",
+                "--http-method=POST",
+                "--attempt-deadline=1560s",
+                "--max-retry-attempts=0",
+                f"{header}=X-Webhook-Secret=***",
+                "--oidc-service-account-email=smart-resume-scheduler@my-project.iam."
+                "gserviceaccount.com",
+            ):
+                assert f" {flag} " in f" {job} ", (verb, flag)
+        assert "nothing was deployed" in out
+
+    def test_secret_values_are_never_printed(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """Secret values lying in the environment reach neither the output nor the commands."""
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"SMART_RESUME_WEBHOOK_SECRET": SECRET, "SENDGRID_API_KEY": "SG.key-value"},
+        )
+        assert result.returncode == 0, result.stderr
+        for value in (SECRET, "SG.key-value"):
+            assert value not in result.stdout + result.stderr
+        assert "X-Webhook-Secret=***" in result.stdout
+
+    def test_the_environment_wins_over_the_file(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """A setting in the environment overrides the same setting in the settings file."""
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"REGION": "us-central1", "SMART_RESUME_EMAIL_ON": "failure"},
+        )
+        assert result.returncode == 0, result.stderr
+        trigger = command(result.stdout, "gcloud functions deploy smart-resume ")
+        assert "--region=us-central1" in trigger
+        assert "SMART_RESUME_EMAIL_ON=failure" in trigger
+        assert "europe-west1" not in result.stdout
+
+    @pytest.mark.parametrize(
+        ("budget", "max_run", "timeout", "deadline"),
+        [("600", "", "900s", "660s"), ("3000", "3400", "3300s", "1800s")],
+    )
+    def test_the_budget_sets_timeout_and_attempt_deadline(
+        self,
+        path_without_gcloud: str,
+        tmp_path: Path,
+        budget: str,
+        max_run: str,
+        timeout: str,
+        deadline: str,
+    ) -> None:
+        """The trigger timeout is budget + 300 s and the attempt deadline budget + 60 s, capped."""
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"TIME_BUDGET_SECONDS": budget, "SMART_RESUME_MAX_RUN_SECONDS": max_run},
+        )
+        assert result.returncode == 0, result.stderr
+        trigger = command(result.stdout, "gcloud functions deploy smart-resume ")
+        assert f" --timeout={timeout} " in trigger
+        job = command(result.stdout, "gcloud scheduler jobs create http")
+        assert f"--attempt-deadline={deadline}" in job
+
+    def test_without_oidc_the_trigger_can_be_public(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """ALLOW_UNAUTHENTICATED=1 without OIDC opens only the trigger and clears the job token."""
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"OIDC_SERVICE_ACCOUNT": "", "ALLOW_UNAUTHENTICATED": "1"},
+        )
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert "--allow-unauthenticated" in command(out, "gcloud functions deploy smart-resume ")
+        status = command(out, "gcloud functions deploy smart-resume-status ")
+        assert "--no-allow-unauthenticated" in status
+        assert "add-invoker-policy-binding" not in out
+        assert "--oidc-service-account-email" not in out
+        assert "--clear-auth-token" in command(out, "gcloud scheduler jobs update http")
+
+
+class TestSettingsErrors:
+    def test_missing_settings_are_all_named_in_one_message(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """With no settings, one message names every missing variable and no gcloud command runs."""
+        empty = tmp_path / "empty.env"
+        empty.write_text("# nothing\n")
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(empty),
+            "--build-dir",
+            str(tmp_path / "build"),
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 2
+        assert "gcloud" not in result.stdout
+        assert result.stderr.count("cannot deploy") == 1
+        missing = next(line for line in result.stderr.splitlines() if "missing settings" in line)
+        for name in REQUIRED:
+            assert name in missing
+        assert "OIDC_SERVICE_ACCOUNT" in result.stderr
+        assert not (tmp_path / "build").exists()
+
+    def test_bad_values_are_refused_before_any_gcloud_call(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """An unpinned secret version, a typo'd variable and a bad budget are all reported."""
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={
+                "WEBHOOK_SECRET_VERSION": "latest",
+                "SMART_RESUME_TIME_BUDGET": "100",
+                "TIME_BUDGET_SECONDS": "1900",
+            },
+        )
+        assert result.returncode == 2
+        assert "gcloud" not in result.stdout
+        assert "WEBHOOK_SECRET_VERSION=latest" in result.stderr
+        assert "SMART_RESUME_TIME_BUDGET is not a smart-resume setting" in result.stderr
+        assert "must be shorter than SMART_RESUME_MAX_RUN_SECONDS (1800)" in result.stderr
+
+    def test_missing_gcloud_is_a_clear_error(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """A real deploy without gcloud on PATH stops with a message saying how to install it."""
+        result = run_deploy(
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 3
+        assert "gcloud is not installed" in result.stderr
+        assert "+ gcloud" not in result.stdout
+
+    def test_unknown_arguments_are_refused(self, path_without_gcloud: str) -> None:
+        """An unknown option is a usage error, and --help describes the commands."""
+        assert run_deploy("--force", path=path_without_gcloud).returncode == 2
+        help_text = run_deploy("--help", path=path_without_gcloud)
+        assert help_text.returncode == 0
+        assert "stage" in help_text.stdout and "--dry-run" in help_text.stdout
+
+
+FAKE_GCLOUD = """\
+#!{python}
+import json, os, sys
+
+args = sys.argv[1:]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+if args[:2] == ["functions", "describe"]:
+    print("{url}")
+elif args[:3] == ["secrets", "versions", "access"]:
+    sys.stdout.write("{secret},{old_secret}")
+elif args[:3] == ["scheduler", "jobs", "describe"]:
+    sys.exit(0 if os.environ.get("FAKE_JOB_EXISTS") == "1" else 1)
+elif args[:2] == ["scheduler", "jobs"]:
+    # gcloud echoes the job it wrote, headers included.
+    print("httpTarget:\\n  headers:\\n    " + [a for a in args if "Webhook" in a][0])
+"""
+
+
+class TestDeploy:
+    @pytest.fixture
+    def fake_gcloud(self, tmp_path: Path) -> tuple[str, Path]:
+        """A gcloud that records its arguments and answers like the real one."""
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        gcloud = bin_dir / "gcloud"
+        gcloud.write_text(
+            FAKE_GCLOUD.format(python=sys.executable, url=URL, secret=SECRET, old_secret=OLD_SECRET)
+        )
+        gcloud.chmod(gcloud.stat().st_mode | stat.S_IXUSR)
+        return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", tmp_path / "gcloud.log"
+
+    def deploy(self, fake_gcloud: tuple[str, Path], tmp_path: Path, job_exists: bool):
+        path, log = fake_gcloud
+        result = run_deploy(
+            "deploy",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path / "build"),
+            path=path,
+            env={"FAKE_GCLOUD_LOG": str(log), "FAKE_JOB_EXISTS": "1" if job_exists else "0"},
+        )
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        return result, calls
+
+    def test_creates_the_job_with_the_secret_from_secret_manager(
+        self, fake_gcloud: tuple[str, Path], tmp_path: Path
+    ) -> None:
+        """A first deploy creates the job with the trigger URL and the newest secret, masked."""
+        result, calls = self.deploy(fake_gcloud, tmp_path, job_exists=False)
+        assert result.returncode == 0, result.stderr
+        assert [c[:3] for c in calls] == [
+            ["functions", "deploy", "smart-resume"],
+            ["functions", "deploy", "smart-resume-status"],
+            ["functions", "add-invoker-policy-binding", "smart-resume"],
+            ["functions", "describe", "smart-resume"],
+            ["secrets", "versions", "access"],
+            ["scheduler", "jobs", "describe"],
+            ["scheduler", "jobs", "create"],
+        ]
+        create = calls[-1]
+        assert f"--uri={URL}" in create
+        assert f"--headers=X-Webhook-Secret={SECRET}" in create
+        assert not any(OLD_SECRET in arg for arg in create)
+        assert SECRET not in result.stdout + result.stderr
+        assert "X-Webhook-Secret=***" in result.stdout
+        assert (tmp_path / "build" / "smart_resume" / "main.py").is_file()
+
+    def test_updates_the_job_when_it_exists(
+        self, fake_gcloud: tuple[str, Path], tmp_path: Path
+    ) -> None:
+        """A second deploy updates the existing job in place instead of creating another."""
+        result, calls = self.deploy(fake_gcloud, tmp_path, job_exists=True)
+        assert result.returncode == 0, result.stderr
+        update = calls[-1]
+        assert update[:4] == ["scheduler", "jobs", "update", "http"]
+        assert f"--update-headers=X-Webhook-Secret={SECRET}" in update
+        assert "--max-retry-attempts=0" in update
+        assert not any(c[:3] == ["scheduler", "jobs", "create"] for c in calls)
+        assert SECRET not in result.stdout + result.stderr
+
+
+def bundle_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def runtime_files(folder: Path, prefix: str) -> set[str]:
+    """The files of a source folder that belong in a bundle (no caches, no tests)."""
+    found = set()
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if not p.is_file() or p.suffix in (".pyc", ".pyo") or FORBIDDEN & set(rel.parts):
+            continue
+        if p.name.startswith("test_") or p.name.endswith("_test.py") or p.name == "conftest.py":
+            continue
+        found.add(f"{prefix}/{rel.as_posix()}")
+    return found
+
+
+@pytest.fixture
+def fake_repo(tmp_path: Path) -> Path:
+    """A repository with a python operation in examples/, caches, tests and a .venv around it."""
+    repo = tmp_path / "repo"
+    for fn in FUNCTIONS:
+        (repo / "functions" / fn).mkdir(parents=True)
+        shutil.copy(ROOT / "functions" / fn / "main.py", repo / "functions" / fn / "main.py")
+    shutil.copy(SCRIPT, repo / "deploy.sh")
+    shutil.copy(ROOT / "requirements.txt", repo / "requirements.txt")
+    shutil.copytree(ROOT / "shared", repo / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    files = {
+        "pipeline.toml": """\
+            fresh_hours = 24
+
+            [[operation]]
+            name = "lead_scoring"
+            kind = "http"
+            url = "http://127.0.0.1:9000/score"
+
+            [[operation]]
+            name = "post_scoring"
+            kind = "python"
+            target = "examples.ops:post_scoring"
+
+            [[operation]]
+            name = "stdlib"
+            kind = "python"
+            target = "json:dumps"
+            """,
+        "examples/__init__.py": "",
+        "examples/ops.py": "def post_scoring(ctx):\n    return None\n",
+        "examples/__pycache__/ops.cpython-311.pyc": "x",
+        "examples/tests/test_ops.py": "",
+        "examples/test_more.py": "",
+        "shared/__pycache__/config.cpython-311.pyc": "x",
+        "unrelated/__init__.py": "",
+        "tests/test_x.py": "",
+        ".venv/lib/site.py": "",
+        "README.md": "",
+        "deploy.env": "PROJECT_ID=p\n",
+    }
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(textwrap.dedent(text))
+    return repo
+
+
+class TestStage:
+    def test_bundle_holds_exactly_the_runtime_files(
+        self, fake_repo: Path, path_without_gcloud: str
+    ) -> None:
+        """Each bundle gets main.py, shared/, the pipeline, the package it names, requirements."""
+        result = run_deploy("stage", path=path_without_gcloud, script=fake_repo / "deploy.sh")
+        assert result.returncode == 0, result.stderr
+        expected = {"main.py", "requirements.txt", "pipeline.toml"}
+        expected |= runtime_files(fake_repo / "shared", "shared")
+        expected |= {"examples/__init__.py", "examples/ops.py"}
+        for fn in FUNCTIONS:
+            bundle = fake_repo / "build" / fn
+            assert bundle_files(bundle) == expected
+            source = ROOT / "functions" / fn / "main.py"
+            assert (bundle / "main.py").read_bytes() == source.read_bytes()
+
+    def test_stage_replaces_a_previous_bundle(
+        self, fake_repo: Path, path_without_gcloud: str
+    ) -> None:
+        """A file left from an earlier stage does not survive the next one."""
+        stale = fake_repo / "build" / "smart_resume" / "old.py"
+        stale.parent.mkdir(parents=True)
+        stale.write_text("")
+        result = run_deploy("stage", path=path_without_gcloud, script=fake_repo / "deploy.sh")
+        assert result.returncode == 0, result.stderr
+        assert not stale.exists()
+
+    def test_a_custom_resume_module_is_staged(
+        self, fake_repo: Path, path_without_gcloud: str
+    ) -> None:
+        """A local package named by SMART_RESUME_MODULE travels with the bundle."""
+        (fake_repo / "myresume.py").write_text("def run_smart_resume(**kw):\n    pass\n")
+        result = run_deploy(
+            "stage",
+            path=path_without_gcloud,
+            script=fake_repo / "deploy.sh",
+            env={"SMART_RESUME_MODULE": "myresume"},
+        )
+        assert result.returncode == 0, result.stderr
+        assert (fake_repo / "build" / "smart_resume" / "myresume.py").is_file()
+        assert not (fake_repo / "build" / "smart_resume" / "unrelated").exists()
+
+    def test_an_invalid_pipeline_stops_the_stage(
+        self, fake_repo: Path, path_without_gcloud: str
+    ) -> None:
+        """A pipeline file that is not TOML fails the stage with its name, before any deploy."""
+        (fake_repo / "pipeline.toml").write_text("[[operation]\n")
+        result = run_deploy("stage", path=path_without_gcloud, script=fake_repo / "deploy.sh")
+        assert result.returncode != 0
+        assert "pipeline.toml is not valid TOML" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's own bundles, staged once for the module."""
+    build = tmp_path_factory.mktemp("build")
+    result = run_deploy("stage", "--build-dir", str(build), path=os.environ["PATH"])
+    assert result.returncode == 0, result.stderr
+    return build
+
+
+def bundle_env(isolated_env: dict[str, str]) -> dict[str, str]:
+    """The test settings, and nothing that would put the repository on the import path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return {**env, **isolated_env}
+
+
+CREATE_APP = """\
+import sys
+root = sys.argv[2]
+from functions_framework import create_app
+app = create_app(sys.argv[1], "main.py")
+assert not any(p.rstrip("/") == root for p in sys.path), sys.path
+assert sys.modules["shared"].__file__.startswith(sys.argv[3]), sys.modules["shared"].__file__
+print(app.test_client().get("/").status_code)
+"""
+
+
+class TestBundles:
+    def test_repository_bundle_holds_only_runtime_files(self, staged: Path) -> None:
+        """The repository's bundles hold its shared/ and requirements, no tests or caches."""
+        expected = {"main.py", "requirements.txt"} | runtime_files(ROOT / "shared", "shared")
+        if (ROOT / "pipeline.toml").exists():
+            expected.add("pipeline.toml")
+            pipeline = tomllib.loads((ROOT / "pipeline.toml").read_text())
+            for op in pipeline.get("operation", []):
+                top = str(op.get("target", "")).split(":")[0].split(".")[0]
+                if top and top != "shared" and (ROOT / top).is_dir():
+                    expected |= runtime_files(ROOT / top, top)
+        for fn in FUNCTIONS:
+            files = bundle_files(staged / fn)
+            assert files == expected
+            assert not any(FORBIDDEN & set(Path(f).parts) for f in files)
+
+    @pytest.mark.parametrize("target", FUNCTIONS)
+    def test_bundle_loads_through_create_app(
+        self, staged: Path, target: str, isolated_env: dict[str, str]
+    ) -> None:
+        """Each bundle's main.py loads with only the bundle on the path and answers a request."""
+        bundle = staged / target
+        result = subprocess.run(
+            [sys.executable, "-I", "-c", CREATE_APP, target, str(ROOT), str(bundle)],
+            cwd=bundle,
+            env=bundle_env(isolated_env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert int(result.stdout.strip().splitlines()[-1]) in (401, 405, 501)
+
+    @pytest.mark.parametrize("target", FUNCTIONS)
+    def test_bundle_serves_as_a_functions_framework_process(
+        self, staged: Path, target: str, isolated_env: dict[str, str]
+    ) -> None:
+        """Each bundle runs under `functions-framework` started inside it and answers over HTTP."""
+        binary = Path(sys.executable).parent / "functions-framework"
+        port = free_port()
+        args = ["--source", "main.py", "--target", target, "--host", "127.0.0.1"]
+        proc = subprocess.Popen(
+            [str(binary), *args, "--port", str(port)],
+            cwd=staged / target,
+            env=bundle_env(isolated_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            response = None
+            while response is None and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                try:
+                    response = requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+                except requests.ConnectionError:
+                    time.sleep(0.1)
+            assert response is not None, "functions-framework did not answer within 30 s"
+            assert response.status_code in (401, 405, 501)
+        finally:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
