@@ -169,3 +169,40 @@ def configure(monkeypatch: pytest.MonkeyPatch):
         return get_settings()
 
     return apply
+
+
+@pytest.fixture
+def ops():
+    """A local operations service; routes are added per test."""
+    from ops_server import OpsServer
+
+    server = OpsServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pipeline_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Write a pipeline file and point SMART_RESUME_PIPELINE at it."""
+    from shared.config import get_settings
+
+    def write(text: str) -> Path:
+        path = tmp_path / "pipeline.toml"
+        path.write_text(text)
+        monkeypatch.setenv("SMART_RESUME_PIPELINE", str(path))
+        get_settings.cache_clear()
+        return path
+
+    return write
+
+
+def seed_clients(db, count: int, *, prefix: str = "c", **fields) -> list[str]:
+    """Create `count` active clients in batches; returns their ids."""
+    ids = [f"{prefix}{i:05d}" for i in range(count)]
+    for start in range(0, count, 400):
+        batch = db.batch()
+        for client_id in ids[start : start + 400]:
+            data = {"name": f"Client {client_id}", "active": True, **fields}
+            batch.set(db.collection("clients").document(client_id), data)
+        batch.commit()
+    return ids

@@ -1,11 +1,93 @@
-"""HTTP entry point `smart_resume` (placeholder until the functions issue lands)."""
+"""HTTP entry point `smart_resume`: the trigger Cloud Scheduler POSTs to.
+
+Thin by design: admit the request (method, configuration, secret), validate the body, hand the
+run to `shared.runner`, and map its outcome to a response. The run happens inside the request,
+since Cloud Functions throttles the CPU once a response is sent.
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import functions_framework
-from flask import Request
+from flask import Request, Response
+
+# Locally the repository root holds `shared/`; in the deployed bundle it sits beside this file.
+for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[2]):
+    if (_root / "shared").is_dir() and str(_root) not in sys.path:
+        sys.path.insert(0, str(_root))
+        break
+
+from shared.errors import InvalidRequest, PipelineError, StoreUnavailable  # noqa: E402
+from shared.log import bind, get_logger  # noqa: E402
+from shared.resume.pipeline import Pipeline, load_pipeline  # noqa: E402
+from shared.runner import plan_run, start_run  # noqa: E402
+from shared.store import get_client  # noqa: E402
+from shared.validation import read_json, trigger_options  # noqa: E402
+from shared.web import admit, invalid, reply, trace_of  # noqa: E402
+
+log = get_logger("trigger")
 
 
 @functions_framework.http
-def smart_resume(request: Request) -> tuple[dict[str, str], int]:
-    return {"error": "not implemented yet"}, 501
+def smart_resume(request: Request) -> Response:
+    """Run the resume module once, if the lock is free.
+
+    Args:
+        request: POST with `X-Webhook-Secret` and an optional JSON body
+            `{"clientId", "operations", "dryRun", "stream"}`.
+    Returns:
+        The run's outcome as JSON (see CONTRACT section 2 for every status).
+    """
+    settings = admit(request, ("POST",))
+    if isinstance(settings, Response):
+        return settings
+    with bind(trace=trace_of(request, settings)):
+        try:
+            return _trigger(request, settings)
+        except StoreUnavailable as exc:
+            log.error("store unavailable: %s", exc)
+            return reply({"error": "store unavailable"}, 503)
+        except Exception:
+            log.exception("unexpected error in the trigger")
+            return reply({"error": "internal error"}, 500)
+
+
+def _trigger(request: Request, settings) -> Response:  # type: ignore[no-untyped-def]
+    pipeline: Pipeline | None
+    try:
+        pipeline = load_pipeline(settings.pipeline_path)
+    except PipelineError as exc:
+        pipeline, pipeline_error = None, exc
+    try:
+        body = read_json(request)
+        options = trigger_options(body, pipeline.names if pipeline else ())
+    except InvalidRequest as exc:
+        if pipeline is None and "operations" in str(exc.detail):
+            pass  # the broken pipeline is the real problem; the run reports it below
+        else:
+            return invalid(exc)
+        options = trigger_options({k: v for k, v in body.items() if k != "operations"}, ())
+    client = get_client(settings)
+    if options.dry_run:
+        if pipeline is None:
+            return reply({"status": "failed", "error": str(pipeline_error)}, 500)
+        outcome = plan_run(settings, client, options, pipeline)
+    else:
+        schedule_time = request.headers.get("X-CloudScheduler-ScheduleTime")
+        trigger = {
+            "source": "scheduler" if schedule_time else "http",
+            "job": request.headers.get("X-CloudScheduler-JobName"),
+            "userAgent": (request.user_agent.string or "")[:200],
+            "request": {k: v for k, v in body.items() if k != "dryRun"},
+        }
+        outcome = start_run(
+            settings,
+            client,
+            options,
+            trigger=trigger,
+            schedule_time=schedule_time,
+            pipeline=pipeline,
+        )
+    return reply(outcome.body, outcome.http_status)

@@ -1,11 +1,91 @@
-"""HTTP entry point `smart_resume_status` (placeholder until the functions issue lands)."""
+"""HTTP entry point `smart_resume_status`: what is running, how the last runs ended, and the
+operator's two actions, cancel and unlock.
+
+Thin by design: admit the request (method, configuration, secret), then call `shared.status`.
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import functions_framework
-from flask import Request
+from flask import Request, Response
+
+# Locally the repository root holds `shared/`; in the deployed bundle it sits beside this file.
+for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[2]):
+    if (_root / "shared").is_dir() and str(_root) not in sys.path:
+        sys.path.insert(0, str(_root))
+        break
+
+from shared import status  # noqa: E402
+from shared.errors import InvalidRequest, LockHeld, StoreUnavailable  # noqa: E402
+from shared.lock import NotRunning  # noqa: E402
+from shared.log import bind, get_logger  # noqa: E402
+from shared.store import get_client  # noqa: E402
+from shared.validation import read_json, runs_param  # noqa: E402
+from shared.web import admit, invalid, reply, trace_of  # noqa: E402
+
+log = get_logger("status")
+ACTIONS = ("cancel", "unlock")
 
 
 @functions_framework.http
-def smart_resume_status(request: Request) -> tuple[dict[str, str], int]:
-    return {"error": "not implemented yet"}, 501
+def smart_resume_status(request: Request) -> Response:
+    """Answer the run's status (GET) or perform an action (POST).
+
+    Args:
+        request: GET, optionally `?runs=N`; or POST `{"action": "cancel"}` /
+            `{"action": "unlock", "force": false}`, with `X-Webhook-Secret`.
+    Returns:
+        JSON as in CONTRACT section 3.
+    """
+    settings = admit(request, ("GET", "POST"))
+    if isinstance(settings, Response):
+        return settings
+    with bind(trace=trace_of(request, settings)):
+        try:
+            client = get_client(settings)
+            if request.method == "GET":
+                runs = runs_param(request.args.get("runs"))
+                return reply(status.snapshot(settings, client, runs), 200)
+            return _action(request, settings, client)
+        except InvalidRequest as exc:
+            return invalid(exc)
+        except StoreUnavailable as exc:
+            log.error("store unavailable: %s", exc)
+            return reply({"error": "store unavailable"}, 503)
+        except Exception:
+            log.exception("unexpected error in the status function")
+            return reply({"error": "internal error"}, 500)
+
+
+def _action(request: Request, settings, client) -> Response:  # type: ignore[no-untyped-def]
+    body = read_json(request)
+    unknown = sorted(set(body) - {"action", "force"})
+    if unknown:
+        raise InvalidRequest("unknown field(s); allowed: action, force")
+    action = body.get("action")
+    if action not in ACTIONS:
+        raise InvalidRequest(f"'action' must be one of {', '.join(ACTIONS)}")
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise InvalidRequest("'force' must be true or false")
+    if action == "cancel":
+        if force:
+            raise InvalidRequest("'force' only goes with 'unlock'")
+        try:
+            run_id = status.cancel(settings, client)
+        except NotRunning:
+            return reply({"status": "not running", "error": "no run is in progress"}, 409)
+        return reply({"status": "cancel requested", "runId": run_id}, 202)
+    try:
+        return reply(status.unlock(settings, client, force), 200)
+    except LockHeld as held:
+        body = {
+            "status": "locked",
+            "runId": held.run_id,
+            "ageSeconds": held.age_seconds,
+            "error": "the lock is live; pass force to release it anyway",
+        }
+        return reply(body, 409)

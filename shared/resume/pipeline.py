@@ -1,0 +1,187 @@
+"""The pipeline file: which operations run, in which order, and how.
+
+Loaded with `tomllib` and validated whole: every error names the file, the operation and the
+field, so a typo is found at the first run (or by `python -m shared.resume plan`), not by a
+client three hours in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from shared.errors import PipelineError
+
+KINDS = ("http", "python")
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
+TOP_KEYS = {"fresh_hours", "operation"}
+OP_KEYS = {
+    "name",
+    "kind",
+    "url",
+    "timeout_seconds",
+    "max_calls",
+    "target",
+    "retries",
+    "retry_initial_seconds",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One step of the pipeline, as the file describes it."""
+
+    name: str
+    kind: str
+    url: str | None = None
+    target: str | None = None
+    timeout_seconds: float = 60.0
+    max_calls: int = 100
+    retries: int = 3
+    retry_initial_seconds: float = 0.5
+
+    def function(self) -> Callable[..., Any]:
+        """Resolve a python operation's `module:function` (imported on use, not at load)."""
+        assert self.target is not None
+        module_name, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    path: Path
+    fresh_hours: float
+    operations: tuple[Operation, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(op.name for op in self.operations)
+
+    def get(self, name: str) -> Operation | None:
+        return next((op for op in self.operations if op.name == name), None)
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Read and validate `path`; raise `PipelineError` listing every problem found."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: pipeline file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot read the pipeline file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{path}: not valid TOML: {exc}") from None
+    return parse_pipeline(raw, path)
+
+
+def parse_pipeline(raw: dict[str, Any], path: Path) -> Pipeline:
+    problems: list[str] = []
+    for key in sorted(set(raw) - TOP_KEYS):
+        problems.append(f"unknown top-level key {key!r}")
+    fresh = raw.get("fresh_hours", 24)
+    if isinstance(fresh, bool) or not isinstance(fresh, int | float) or not 0 < fresh < 1e6:
+        problems.append(f"fresh_hours must be a positive number, got {fresh!r}")
+        fresh = 24
+    entries = raw.get("operation", [])
+    if not isinstance(entries, list) or not entries:
+        problems.append("at least one [[operation]] is required")
+        entries = []
+    operations: list[Operation] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        op = _parse_operation(entry, index, seen, problems)
+        if op is not None:
+            operations.append(op)
+    if problems:
+        raise PipelineError(f"{path}: " + "; ".join(problems))
+    return Pipeline(path=path, fresh_hours=float(fresh), operations=tuple(operations))
+
+
+def _parse_operation(
+    entry: Any, index: int, seen: set[str], problems: list[str]
+) -> Operation | None:
+    if not isinstance(entry, dict):
+        problems.append(f"operation #{index + 1} is not a table")
+        return None
+    name = entry.get("name")
+    label = f"operation {name!r}" if isinstance(name, str) else f"operation #{index + 1}"
+    before = len(problems)
+
+    def bad(field: str, why: str) -> None:
+        problems.append(f"{label}: field {field!r} {why}")
+
+    if not isinstance(name, str) or not NAME.match(name):
+        bad("name", "must be letters, digits, '_' or '-', starting with a letter")
+    elif name in seen:
+        bad("name", "is used twice")
+    else:
+        seen.add(name)
+    for key in sorted(set(entry) - OP_KEYS):
+        bad(key, "is unknown")
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        bad("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    numbers = {
+        "timeout_seconds": (float, 60.0, 0.0, 3600.0),
+        "max_calls": (int, 100, 1, 1_000_000),
+        "retries": (int, 3, 0, 20),
+        "retry_initial_seconds": (float, 0.5, 0.0, 60.0),
+    }
+    values: dict[str, Any] = {}
+    for key, (kind_of, default, low, high) in numbers.items():
+        value = entry.get(key, default)
+        ok_type = isinstance(value, int | float) if kind_of is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok_type or not low <= value <= high:
+            positive = "a positive" if key in ("timeout_seconds", "max_calls") else "a"
+            bad(
+                key,
+                f"must be {positive} {'number' if kind_of is float else 'whole number'} "
+                f"up to {high:g}, got {value!r}",
+            )
+        elif key in ("timeout_seconds", "max_calls") and value <= 0:
+            bad(key, f"must be positive, got {value!r}")
+        values[key] = value
+    url = entry.get("url")
+    target = entry.get("target")
+    if kind == "http":
+        parsed = urlparse(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            bad("url", f"must be an http(s) URL, got {url!r}")
+        if target is not None:
+            bad("target", "is only for python operations")
+    elif kind == "python":
+        if not isinstance(target, str) or not re.match(r"^[\w.]+:\w+$", target):
+            bad("target", f"must be 'package.module:function', got {target!r}")
+        else:
+            _check_target(target, bad)
+        if url is not None:
+            bad("url", "is only for http operations")
+    if len(problems) > before:
+        return None
+    return Operation(
+        name=name,
+        kind=kind,
+        url=url,
+        target=target,
+        timeout_seconds=float(values["timeout_seconds"]),
+        max_calls=int(values["max_calls"]),
+        retries=int(values["retries"]),
+        retry_initial_seconds=float(values["retry_initial_seconds"]),
+    )
+
+
+def _check_target(target: str, bad: Callable[[str, str], None]) -> None:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure is a pipeline error, not a crash
+        bad("target", f"cannot import {module_name!r}: {type(exc).__name__}: {exc}")
+        return
+    if not callable(getattr(module, attr, None)):
+        bad("target", f"{module_name!r} has no function {attr!r}")

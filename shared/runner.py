@@ -1,0 +1,249 @@
+"""One run, start to finish: lock, heartbeat, the resume module in-process, release, report.
+
+The trigger function and `python -m shared.resume run` both call `start_run`, so a run from
+the command line is exactly as safe as one from Cloud Scheduler. Every exit path releases the
+lock it took (or, having lost it, writes nothing more) and sends at most one report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.cloud import firestore
+
+from shared.config import Settings
+from shared.errors import (
+    LeaseLost,
+    LockHeld,
+    ModuleLoadError,
+    PipelineError,
+    StoreUnavailable,
+)
+from shared.heartbeat import Heartbeat
+from shared.lock import Lock, owner_info
+from shared.log import bind, get_logger
+from shared.report import ReportInput, send_smart_resume_report
+from shared.resume.engine import RunContext, RunResult, one_line, summarize
+from shared.resume.pipeline import Pipeline, load_pipeline
+from shared.resume.plan import Planner, RunOptions
+from shared.runs import Runs, jsonable, new_run_id
+
+log = get_logger("runner")
+EntryPoint = Callable[[RunContext], RunResult]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run came to, and how the trigger answers it over HTTP."""
+
+    status: str
+    http_status: int
+    body: dict[str, Any]
+    run_id: str | None = None
+    report: dict[str, Any] | None = field(default=None, compare=False)
+
+
+def load_entry_point(settings: Settings) -> EntryPoint:
+    """Import the resume module and return its `run_smart_resume`.
+
+    With SMART_RESUME_RELOAD_MODULE=1 the module (and its submodules) are imported afresh, so an
+    operation being developed is picked up by a warm instance without a restart.
+    """
+    name = settings.module
+    try:
+        if settings.reload_module:
+            for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[loaded]
+            importlib.invalidate_caches()
+        module = importlib.import_module(name)
+    except Exception as exc:
+        raise ModuleLoadError(
+            f"cannot import {name}: {type(exc).__name__}: {one_line(exc)}"
+        ) from exc
+    entry = getattr(module, "run_smart_resume", None)
+    if not callable(entry):
+        raise ModuleLoadError(f"module {name} does not export a callable run_smart_resume")
+    return entry  # type: ignore[no-any-return]
+
+
+def plan_run(
+    settings: Settings, client: firestore.Client, options: RunOptions, pipeline: Pipeline
+) -> Outcome:
+    """A dry run: the plan, with no lock taken and nothing written."""
+    plans = Planner(client, settings, pipeline).plan(options)
+    body = {"status": "planned", "plan": [p.as_dict() for p in plans]}
+    return Outcome("planned", 200, body)
+
+
+def start_run(
+    settings: Settings,
+    client: firestore.Client,
+    options: RunOptions,
+    *,
+    trigger: dict[str, Any],
+    schedule_time: str | None = None,
+    function: str = "smart_resume",
+    pipeline: Pipeline | None = None,
+) -> Outcome:
+    """Run once if the lock is free. Store trouble before the run starts raises
+    `StoreUnavailable` (the caller answers 503); everything after is an `Outcome`."""
+    runs = Runs(client, settings)
+    lock = Lock(client, settings)
+    if schedule_time:
+        earlier = runs.for_schedule(schedule_time)
+        if earlier:
+            body = {"status": "duplicate", "runId": earlier.get("runId")}
+            return Outcome("duplicate", 200, body, earlier.get("runId"))
+    run_id = new_run_id()
+    stream = options.stream if options.stream is not None else settings.stream
+    options = RunOptions(options.client_id, options.operations, options.dry_run, stream)
+    with bind(runId=run_id):
+        try:
+            entry = load_entry_point(settings)
+            pipeline = pipeline or load_pipeline(settings.pipeline_path)
+        except (ModuleLoadError, PipelineError) as exc:
+            return _failed_before_start(settings, client, runs, run_id, exc, trigger, schedule_time)
+        try:
+            lease = lock.acquire(
+                run_id,
+                owner_info(function),
+                extra=lambda batch, previous: runs.start(
+                    batch,
+                    run_id,
+                    trigger=trigger,
+                    schedule_time=schedule_time,
+                    stream=stream,
+                    previous_run_id=previous,
+                ),
+            )
+        except LockHeld as held:
+            body = {"status": "locked", "runId": held.run_id, "ageSeconds": held.age_seconds}
+            return Outcome("locked", 409, body, held.run_id)
+        deadline = time.monotonic() + settings.time_budget_seconds
+        if lease.previous_run_id:
+            log.warning(
+                "took over stale lock from run %s (held %.0fs)",
+                lease.previous_run_id,
+                lease.previous_age_seconds or 0,
+            )
+        log.info("run started", fields={"token": lease.token, "lock": settings.lock_name})
+        return _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, deadline)
+
+
+def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, deadline) -> Outcome:  # type: ignore[no-untyped-def]
+    run_id = lease.run_id
+    started = time.monotonic()
+    result: RunResult | None = None
+    error: str | None = None
+    where: str | None = None
+    with Heartbeat(lock, lease, settings.heartbeat_seconds, settings.lease_seconds) as hb:
+        try:
+            result = entry(
+                RunContext(
+                    settings=settings,
+                    client=client,
+                    lock=lock,
+                    lease=lease,
+                    heartbeat=hb,
+                    pipeline=pipeline,
+                    options=options,
+                    deadline=deadline,
+                    run_id=run_id,
+                )
+            )
+            status = result.status
+        except LeaseLost:
+            status = "abandoned"
+        except Exception as exc:
+            status, error, where = "failed", one_line(exc), "resume module"
+            log.exception("run failed: %s", error)
+        if hb.lost.is_set():
+            status = "abandoned"
+    if status == "abandoned":
+        return _abandoned(run_id)
+    summary = result.summary if result else summarize([], 0, time.monotonic() - started)
+    summary["durationSeconds"] = round(time.monotonic() - started, 3)
+    results = result.results if result else []
+    try:
+        released = lock.release(
+            lease,
+            extra=lambda batch, _: runs.finish(
+                batch, run_id, status=status, summary=summary, results=results, error=error
+            ),
+        )
+    except StoreUnavailable as exc:
+        # The lock stays held and goes stale; the next trigger takes it over.
+        released, status = True, "failed"
+        error, where = one_line(exc), "finishing the run"
+        log.error("could not record the end of the run: %s", error)
+    if not released:
+        return _abandoned(run_id)
+    report = send_smart_resume_report(
+        settings,
+        client,
+        ReportInput(
+            run_id=run_id,
+            status=status,
+            summary=summary,
+            results=results,
+            client_names=result.client_names if result else {},
+            error=error,
+            error_where=where,
+            takeover=(
+                {"runId": lease.previous_run_id, "ageSeconds": lease.previous_age_seconds}
+                if lease.previous_run_id
+                else None
+            ),
+            lock_name=settings.lock_name,
+        ),
+    )
+    log.info("run ended %s", status, fields={"summary": summary, "report": report.get("status")})
+    if status == "failed":
+        body = {"status": "failed", "runId": run_id, "error": error}
+        return Outcome("failed", 500, body, run_id, report)
+    body = {"status": status, "runId": run_id, "summary": jsonable(summary)}
+    return Outcome(status, 200, body, run_id, report)
+
+
+def _abandoned(run_id: str) -> Outcome:
+    log.error("lease lost: stopped without writing anything more")
+    body = {"status": "abandoned", "runId": run_id, "error": "lease lost"}
+    return Outcome("abandoned", 500, body, run_id)
+
+
+def _failed_before_start(
+    settings: Settings,
+    client: firestore.Client,
+    runs: Runs,
+    run_id: str,
+    exc: Exception,
+    trigger: dict[str, Any],
+    schedule_time: str | None,
+) -> Outcome:
+    """The module or pipeline would not load: record a failed run, report it, take no lock."""
+    error = one_line(exc)
+    where = "loading the resume module" if isinstance(exc, ModuleLoadError) else "the pipeline"
+    log.error("run failed before starting: %s", error)
+    runs.record_failed(run_id, trigger=trigger, schedule_time=schedule_time, error=error)
+    report = send_smart_resume_report(
+        settings,
+        client,
+        ReportInput(
+            run_id=run_id,
+            status="failed",
+            summary=summarize([], 0, 0.0),
+            results=[],
+            client_names={},
+            error=error,
+            error_where=where,
+            module_error=isinstance(exc, ModuleLoadError),
+            lock_name=settings.lock_name,
+        ),
+    )
+    body = {"status": "failed", "runId": run_id, "error": error}
+    return Outcome("failed", 500, body, run_id, report)

@@ -1,0 +1,77 @@
+"""What the status function (and `python -m shared.resume status`) answers, and its actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.cloud import firestore
+
+from shared.config import Settings, describe
+from shared.lock import Lock, LockState
+from shared.log import get_logger
+from shared.runs import Runs, jsonable
+
+log = get_logger("status")
+
+
+def snapshot(
+    settings: Settings, client: firestore.Client, runs: int | None = None
+) -> dict[str, Any]:
+    """The contract's status document; ages are measured on the server's clock."""
+    state = Lock(client, settings).read()
+    records = Runs(client, settings)
+    body: dict[str, Any] = {
+        "lock": settings.lock_name,
+        "running": state.live,
+        "held": state.held,
+        "runId": state.run_id,
+        "startedAt": jsonable(state.acquired_at),
+        "ageSeconds": state.age_seconds,
+        "lastHeartbeatAt": jsonable(state.heartbeat_at),
+        "heartbeatAgeSeconds": state.heartbeat_age_seconds,
+        "stale": state.stale,
+        "token": state.token,
+        "cancelRequested": state.cancel_requested,
+        "progress": jsonable(state.progress) if state.held else None,
+        "owner": state.owner or None,
+        "lastRun": jsonable(records.last_finished()),
+        "limits": describe(settings),
+        "serverTime": jsonable(state.read_time),
+    }
+    if runs is not None:
+        body["runs"] = jsonable(records.recent(runs))
+    return body
+
+
+def cancel(settings: Settings, client: firestore.Client) -> str | None:
+    """Ask the live run to stop; raises `lock.NotRunning` when none is live."""
+    run_id = Lock(client, settings).request_cancel()
+    log.warning("cancel requested for run %s", run_id)
+    return run_id
+
+
+def unlock(settings: Settings, client: firestore.Client, force: bool) -> dict[str, Any]:
+    """Release a stale lock (or any, with force), marking the holder's run abandoned.
+
+    Raises `LockHeld` for a live lock without force. Returns what happened.
+    """
+    runs = Runs(client, settings)
+    how = "force-unlocked" if force else "released as stale"
+    before: LockState = Lock(client, settings).force_release(
+        force,
+        extra=lambda batch, run_id: (
+            runs.abandon(batch, run_id, f"lease lost: lock {how} by an operator")
+            if run_id
+            else None
+        ),
+    )
+    if not before.held:
+        return {"status": "not held", "changed": False}
+    log.warning("lock %s %s (was run %s)", settings.lock_name, how, before.run_id)
+    return {
+        "status": "unlocked",
+        "changed": True,
+        "runId": before.run_id,
+        "wasStale": before.stale,
+        "token": before.token + 1,
+    }

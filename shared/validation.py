@@ -1,0 +1,98 @@
+"""Request validation: every field checked, every error naming the field, never echoing input."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Request
+
+from shared.errors import InvalidRequest
+from shared.resume.plan import RunOptions
+
+MAX_BODY_BYTES = 64 * 1024
+TRIGGER_KEYS = {"clientId": str, "operations": list, "dryRun": bool, "stream": int}
+
+
+class BodyTooLarge(InvalidRequest):
+    """The body is over `MAX_BODY_BYTES`."""
+
+
+def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is `{}`."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise BodyTooLarge(f"body larger than {max_bytes} bytes")
+    raw = request.stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise BodyTooLarge(f"body larger than {max_bytes} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object")
+    return body
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), "value")
+
+
+def trigger_options(body: dict[str, Any], known_operations: tuple[str, ...]) -> RunOptions:
+    """The trigger body as `RunOptions`; unknown keys, wrong types and unknown names are 400s."""
+    unknown = sorted(set(body) - set(TRIGGER_KEYS))
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise InvalidRequest(f"unknown field(s): {shown}; allowed: {', '.join(TRIGGER_KEYS)}")
+    for key, expected in TRIGGER_KEYS.items():
+        if key not in body:
+            continue
+        value = body[key]
+        wrong = not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+        if wrong:
+            want = {str: "a string", list: "an array", bool: "true or false", int: "a whole number"}
+            raise InvalidRequest(f"'{key}' must be {want[expected]}, got {_type_name(value)}")
+    client_id = body.get("clientId")
+    if client_id is not None and (not client_id or len(client_id) > 1500 or "/" in client_id):
+        raise InvalidRequest("'clientId' must be a non-empty document id without '/'")
+    operations = body.get("operations")
+    if operations is not None:
+        if not all(isinstance(o, str) for o in operations):
+            raise InvalidRequest("'operations' must be an array of strings")
+        if not operations:
+            raise InvalidRequest("'operations' must name at least one operation")
+        unknown_ops = [o for o in operations if o not in known_operations]
+        if unknown_ops:
+            raise InvalidRequest(
+                f"'operations' has {len(unknown_ops)} unknown name(s); "
+                f"known: {', '.join(known_operations)}"
+            )
+    stream = body.get("stream")
+    if stream is not None and not 0 <= stream < 2**31:
+        raise InvalidRequest("'stream' must be between 0 and 2147483647")
+    return RunOptions(
+        client_id=client_id,
+        operations=tuple(operations) if operations else None,
+        dry_run=bool(body.get("dryRun", False)),
+        stream=stream,
+    )
+
+
+def runs_param(value: str | None) -> int | None:
+    """`?runs=N`: a whole number from 1 to 50."""
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 50:
+        raise InvalidRequest("'runs' must be a whole number from 1 to 50")
+    return int(value)

@@ -1,0 +1,77 @@
+"""`python` operations used by the tests; behaviour is steered through `BEHAVIOUR`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+BEHAVIOUR: dict[str, Any] = {}
+SEEN: list[dict[str, Any]] = []
+_lock = threading.Lock()
+
+
+def reset() -> None:
+    BEHAVIOUR.clear()
+    SEEN.clear()
+
+
+def record(ctx: Any) -> None:
+    with _lock:
+        SEEN.append(
+            {
+                "client": ctx.client_id,
+                "operation": ctx.operation,
+                "checkpoint": ctx.checkpoint,
+                "runId": ctx.run_id,
+            }
+        )
+
+
+def ok(ctx: Any) -> dict[str, Any]:
+    record(ctx)
+    delay = BEHAVIOUR.get("delay", 0)
+    if delay:
+        time.sleep(delay)
+    return {"done": True, "counts": {"items": 2}}
+
+
+def boom(ctx: Any) -> None:
+    record(ctx)
+    if ctx.client_id in BEHAVIOUR.get("fail_for", {ctx.client_id}):
+        raise ValueError(f"bad data for {ctx.client_id}")
+
+
+def chunked(ctx: Any) -> dict[str, Any]:
+    """Counts pages up to BEHAVIOUR['pages'], saving a checkpoint after each."""
+    record(ctx)
+    page = (ctx.checkpoint or {}).get("page", 0)
+    pages = BEHAVIOUR.get("pages", 3)
+    while page < pages:
+        if ctx.should_stop():
+            return {"done": False}
+        time.sleep(BEHAVIOUR.get("page_delay", 0))
+        page += 1
+        ctx.count("pages")
+        ctx.save_checkpoint({"page": page})
+        hook = BEHAVIOUR.get("after_page")
+        if hook:
+            hook(ctx, page)
+    return None
+
+
+def wait_for_stop(ctx: Any) -> dict[str, Any]:
+    """Works until told to stop (cancel, budget), checkpointing as it goes."""
+    record(ctx)
+    step = (ctx.checkpoint or {}).get("step", 0)
+    started = time.monotonic()
+    while not ctx.should_stop():
+        if time.monotonic() - started > 20:
+            raise RuntimeError("never told to stop")
+        step += 1
+        ctx.save_checkpoint({"step": step})
+        event = BEHAVIOUR.get("started")
+        if event is not None:
+            event.set()
+        time.sleep(0.05)
+    return {"done": False}
