@@ -53,12 +53,12 @@ def score_leads(ctx: Any) -> dict[str, Any]:
 
 
 def summarize_leads(ctx: Any) -> dict[str, Any]:
-    """Count hot leads (score >= 50) onto the client document."""
+    """Count hot leads (score >= 70) onto the client document."""
     settings = get_settings()
     hot = sum(
         1
         for snap in _leads(ctx).stream(**store.call(settings))
-        if (snap.to_dict() or {}).get("score", 0) >= 50
+        if (snap.to_dict() or {}).get("score", 0) >= 70
     )
     client_ref = store.get_client(settings).collection(store.CLIENTS).document(ctx.client_id)
     client_ref.update({"hotLeads": hot}, **store.commit_call(settings))

@@ -206,3 +206,25 @@ def seed_clients(db, count: int, *, prefix: str = "c", **fields) -> list[str]:
             batch.set(db.collection("clients").document(client_id), data)
         batch.commit()
     return ids
+
+
+@pytest.fixture
+def function_process(isolated_env, tmp_path: Path):
+    """Start real function processes with the test environment (plus overrides)."""
+    from procs import FunctionProcess
+
+    started: list[FunctionProcess] = []
+
+    def start(target: str, **env: str) -> FunctionProcess:
+        port = free_port()
+        merged = {
+            k: v for k, v in os.environ.items() if k.startswith(("SMART_RESUME_", "SENDGRID_"))
+        }
+        merged.update({**isolated_env, **{k: str(v) for k, v in env.items()}})
+        proc = FunctionProcess(target, port, merged, tmp_path / f"{target}-{port}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,220 @@
+"""`python -m shared.resume`: the same resume module, outside any function.
+
+`run` takes the lock itself (with heartbeat), so a cron-less local run is as safe as one from
+Cloud Scheduler. Exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from shared import log as logging_setup
+from shared.config import get_settings
+from shared.errors import ConfigError, LockHeld, PipelineError, SmartResumeError, StoreUnavailable
+from shared.lock import NotRunning
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_PARTIAL = 0, 1, 2, 3, 4
+EXIT_BY_STATUS = {
+    "completed": EXIT_OK,
+    "duplicate": EXIT_OK,
+    "planned": EXIT_OK,
+    "partial": EXIT_PARTIAL,
+    "cancelled": EXIT_PARTIAL,
+    "locked": EXIT_LOCKED,
+    "failed": EXIT_FAILED,
+    "abandoned": EXIT_FAILED,
+}
+
+EPILOG = """exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled.
+Settings come from the environment (see the README); FIRESTORE_EMULATOR_HOST points at the
+emulator locally."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.resume",
+        description="Run, plan and operate smart-resume without the HTTP functions.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--client", metavar="ID", help="only this client id")
+        p.add_argument(
+            "--operation",
+            action="append",
+            metavar="NAME",
+            help="only this operation (repeat for several)",
+        )
+        p.add_argument("--stream", type=int, metavar="N", help="only clients of this stream")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    filters(sub.add_parser("run", help="take the lock and run once (what the trigger does)"))
+    filters(sub.add_parser("plan", help="show what would be skipped or run, and why"))
+    status = sub.add_parser("status", help="what is running, and how the last runs ended")
+    status.add_argument("--runs", type=int, default=5, metavar="N", help="recent runs (1-50)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("cancel", help="ask the running run to stop at its next check")
+    unlock = sub.add_parser("unlock", help="release a stale lock (marks its run abandoned)")
+    unlock.add_argument("--force", action="store_true", help="release even a live lock")
+    seed = sub.add_parser("seed-demo", help="write the demo clients and leads to Firestore")
+    seed.add_argument("--clients", type=int, default=5, metavar="N", help="demo clients")
+    seed.add_argument("--leads", type=int, default=60, metavar="N", help="leads per client")
+    seed.add_argument(
+        "--delay", type=float, default=0.0, metavar="S", help="seconds per chunk, to watch a run"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging_setup.configure(settings.log_format)
+    logging_setup.register_secrets(settings.secrets)
+    from shared.store import get_client
+
+    client = get_client(settings)
+    try:
+        return _dispatch(args, settings, client)
+    except (PipelineError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except SmartResumeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _options(args: argparse.Namespace, dry_run: bool):  # type: ignore[no-untyped-def]
+    from shared.resume.plan import RunOptions
+
+    return RunOptions(
+        client_id=args.client,
+        operations=tuple(args.operation) if args.operation else None,
+        dry_run=dry_run,
+        stream=args.stream,
+    )
+
+
+def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignore[no-untyped-def]
+    from shared import status
+    from shared.resume.pipeline import load_pipeline
+    from shared.runner import plan_run, start_run
+
+    if args.command in ("run", "plan"):
+        pipeline = load_pipeline(settings.pipeline_path)
+        unknown = [o for o in (args.operation or []) if o not in pipeline.names]
+        if unknown:
+            raise ValueError(
+                f"unknown operation(s) {', '.join(unknown)}; known: {', '.join(pipeline.names)}"
+            )
+        if args.command == "plan":
+            outcome = plan_run(settings, client, _options(args, True), pipeline)
+            _print_plan(outcome.body["plan"], args.json)
+            return EXIT_OK
+        outcome = start_run(
+            settings,
+            client,
+            _options(args, False),
+            trigger={"source": "cli"},
+            function="cli",
+            pipeline=pipeline,
+        )
+        _print(outcome.body, args.json)
+        return EXIT_BY_STATUS.get(outcome.status, EXIT_FAILED)
+    if args.command == "status":
+        if not 1 <= args.runs <= 50:
+            raise ValueError("--runs must be from 1 to 50")
+        _print_status(status.snapshot(settings, client, args.runs), args.json)
+        return EXIT_OK
+    if args.command == "cancel":
+        try:
+            run_id = status.cancel(settings, client)
+        except NotRunning:
+            print("nothing is running")
+            return EXIT_LOCKED
+        print(f"cancel requested for run {run_id}")
+        return EXIT_OK
+    if args.command == "unlock":
+        try:
+            result = status.unlock(settings, client, args.force)
+        except LockHeld as held:
+            print(f"lock is live (run {held.run_id}, {held.age_seconds:.0f}s); use --force")
+            return EXIT_LOCKED
+        print(json.dumps(result))
+        return EXIT_OK
+    if args.command == "seed-demo":
+        from examples.seed import seed_demo
+
+        count = seed_demo(client, settings, args.clients, args.leads, args.delay)
+        print(f"seeded {args.clients} demo clients with {count} leads")
+        return EXIT_OK
+    raise AssertionError(args.command)
+
+
+def _print(body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(body, indent=2, default=str))
+        return
+    print(f"status: {body.get('status')}  run: {body.get('runId')}")
+    for key, value in (body.get("summary") or {}).items():
+        print(f"  {key}: {value}")
+    if body.get("error"):
+        print(f"  error: {body['error']}")
+
+
+def _print_plan(plan: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return
+    rows = [("CLIENT", "OPERATION", "DECISION", "REASON")]
+    for client in plan:
+        for op in client["operations"]:
+            rows.append((client["clientId"], op["operation"], op["decision"], op["reason"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    print(f"{len(plan)} clients")
+
+
+def _print_status(body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(body, indent=2))
+        return
+    if body["running"]:
+        p = body.get("progress") or {}
+        print(
+            f"running: run {body['runId']} for {body['ageSeconds']:.0f}s, heartbeat "
+            f"{body['heartbeatAgeSeconds']:.0f}s ago, token {body['token']}"
+        )
+        if p:
+            print(
+                f"  at client {p.get('clientId')} ({p.get('clientIndex')}/{p.get('clientCount')})"
+                f", operation {p.get('operation')}"
+            )
+    elif body["stale"]:
+        print(
+            f"STALE lock held by run {body['runId']} (heartbeat {body['heartbeatAgeSeconds']}s"
+            " ago): the next trigger takes it over, or run `unlock`"
+        )
+    else:
+        print("not running")
+    last = body.get("lastRun")
+    if last:
+        print(
+            f"last run: {last.get('runId')} {last.get('status')} at {last.get('finishedAt')}"
+            f" {last.get('summary') or ''}"
+        )
+    for run in body.get("runs") or []:
+        print(f"  {run.get('runId')}  {run.get('status'):<10} {run.get('startedAt')}")
