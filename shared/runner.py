@@ -11,7 +11,7 @@ import importlib
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.cloud import firestore
@@ -27,7 +27,7 @@ from shared.errors import (
 from shared.heartbeat import Heartbeat
 from shared.lock import Lock, owner_info
 from shared.log import bind, get_logger
-from shared.report import ReportInput, send_smart_resume_report
+from shared.report import ReportInput, send_smart_resume_report, wanted
 from shared.resume.engine import RunContext, RunResult, one_line, summarize
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import Planner, RunOptions
@@ -169,39 +169,56 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
     summary = result.summary if result else summarize([], 0, time.monotonic() - started)
     summary["durationSeconds"] = round(time.monotonic() - started, 3)
     results = result.results if result else []
+    report_input = ReportInput(
+        run_id=run_id,
+        status=status,
+        summary=summary,
+        results=results,
+        client_names=result.client_names if result else {},
+        error=error,
+        error_where=where,
+        takeover=(
+            {"runId": lease.previous_run_id, "ageSeconds": lease.previous_age_seconds}
+            if lease.previous_run_id
+            else None
+        ),
+        lock_name=settings.lock_name,
+    )
+    # The report is claimed (or marked skipped) in the same commit that finishes the run and
+    # releases the lock: one round trip instead of three, and never a second email.
+    send = wanted(settings, report_input)
+    claim = {
+        "status": "sending" if send else "skipped",
+        "transport": settings.email_transport,
+        "at": firestore.SERVER_TIMESTAMP,
+        "error": None,
+    }
+    claimed = True
     try:
         released = lock.release(
             lease,
             extra=lambda batch, _: runs.finish(
-                batch, run_id, status=status, summary=summary, results=results, error=error
+                batch,
+                run_id,
+                status=status,
+                summary=summary,
+                results=results,
+                error=error,
+                report=claim,
             ),
         )
     except StoreUnavailable as exc:
-        # The lock stays held and goes stale; the next trigger takes it over.
-        released, status = True, "failed"
-        error, where = one_line(exc), "finishing the run"
+        # The lock stays held and goes stale; the next trigger takes it over. The report
+        # below still tries to go out: an outage is exactly what the operator must hear of.
+        released, claimed, send = True, False, True
+        status, error, where = "failed", one_line(exc), "finishing the run"
+        report_input = replace(report_input, status=status, error=error, error_where=where)
         log.error("could not record the end of the run: %s", error)
     if not released:
         return _abandoned(run_id)
-    report = send_smart_resume_report(
-        settings,
-        client,
-        ReportInput(
-            run_id=run_id,
-            status=status,
-            summary=summary,
-            results=results,
-            client_names=result.client_names if result else {},
-            error=error,
-            error_where=where,
-            takeover=(
-                {"runId": lease.previous_run_id, "ageSeconds": lease.previous_age_seconds}
-                if lease.previous_run_id
-                else None
-            ),
-            lock_name=settings.lock_name,
-        ),
-    )
+    report = claim
+    if send:
+        report = send_smart_resume_report(settings, client, report_input, claimed=claimed)
     log.info("run ended %s", status, fields={"summary": summary, "report": report.get("status")})
     if status == "failed":
         body = {"status": "failed", "runId": run_id, "error": error}
