@@ -152,6 +152,26 @@ class TestCheckpoints:
         assert done["status"] == "success"
         assert done["counts"] == {"pages": 6}  # counts continue across the resume
 
+    def test_failed_operation_resumes_from_its_last_checkpoint(self, db, configure, pipeline_file):
+        """A failure mid-way keeps the checkpoint; the retry continues from it."""
+        pipeline_file(PY.format(first="chunked", second="ok"))
+        settings = configure()
+        seed_clients(db, 1)
+
+        def fail_once(ctx, page):
+            if page == 2 and not opfuncs.BEHAVIOUR.get("failed"):
+                opfuncs.BEHAVIOUR["failed"] = True
+                raise RuntimeError("transient trouble")
+
+        opfuncs.BEHAVIOUR.update(pages=4, after_page=fail_once)
+        out = run(settings, db)
+        assert out.body["summary"]["failed"] == 1
+        failed = state(db, "c00000", "first")
+        assert (failed["status"], failed["checkpoint"]) == ("failed", {"page": 2})
+        run(settings, db)
+        assert opfuncs.SEEN[-2]["checkpoint"] == {"page": 2}
+        assert state(db, "c00000", "first")["status"] == "success"
+
     def test_http_checkpoint_loop_sends_each_saved_checkpoint_in_order(
         self, db, configure, pipeline_file, ops
     ):

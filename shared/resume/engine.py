@@ -152,7 +152,9 @@ class _Worker:
         op = self.run.pipeline.get(step.operation)
         assert op is not None
         state = step.state or {}
-        resuming = state.get("status") == "partial" and isinstance(state.get("checkpoint"), dict)
+        # Partial, cut off (still "running" after a crash) or failed: all resume from the last
+        # saved checkpoint. Only success clears it.
+        resuming = state.get("status") != "success" and isinstance(state.get("checkpoint"), dict)
         io = _IO(self, plan.client_id, op.name, state.get("checkpoint") if resuming else None)
         if resuming:
             io.counts = dict(state.get("counts") or {})

@@ -94,11 +94,13 @@ def decide(state: dict[str, Any] | None, now: dt.datetime, fresh_hours: float) -
             return Step("", "skip", f"succeeded at {_fmt(finished)}, within {fresh_hours:g}h")
         return Step("", "run", f"stale success from {_fmt(finished)}", state)
     if status == "failed":
-        return Step("", "run", f"failed at {_fmt(finished)}; retrying", state)
+        resume = " from its checkpoint" if isinstance(state.get("checkpoint"), dict) else ""
+        return Step("", "run", f"failed at {_fmt(finished)}; retrying{resume}", state)
     if status == "partial":
         return Step("", "run", "partial; resumes from its checkpoint", state)
     if status == "running":
-        return Step("", "run", f"cut off while running since {_fmt(state.get('startedAt'))}", state)
+        since = _fmt(state.get("startedAt"))
+        return Step("", "run", f"cut off while running since {since}; resumes", state)
     return Step("", "run", f"unknown status {status!r}; running it", state)
 
 
