@@ -7,6 +7,7 @@ lock it took (or, having lost it, writes nothing more) and sends at most one rep
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import sys
 import time
@@ -183,6 +184,8 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
             else None
         ),
         lock_name=settings.lock_name,
+        started_at=lease.acquired_at,
+        finished_at=dt.datetime.now(dt.UTC),
     )
     # The report is claimed (or marked skipped) in the same commit that finishes the run and
     # releases the lock: one round trip instead of three, and never a second email.
