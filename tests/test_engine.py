@@ -372,3 +372,25 @@ class TestPlanning:
         plans = planner.plan(RunOptions())
         assert len(plans) == 2000
         assert planner.reads == 4 + 4 + 1  # 4 full pages, 4 get_all, 1 empty last page
+
+
+def test_outcome_rides_in_the_next_operations_commit(db, configure, pipeline_file, monkeypatch):
+    """Per client: one fenced commit per operation plus one, not two per operation."""
+    from shared.lock import Lock
+
+    pipeline_file(PY.format(first="ok", second="ok"))
+    settings = configure()
+    seed_clients(db, 3)
+    commits: list[int] = []
+    real = Lock.fenced_commit
+
+    def counting(self, lease, write):
+        commits.append(1)
+        return real(self, lease, write)
+
+    monkeypatch.setattr(Lock, "fenced_commit", counting)
+    out = run(settings, db)
+    assert out.body["summary"]["processed"] == 6
+    assert len(commits) == 3 * (2 + 1)
+    for client_id in ("c00000", "c00001", "c00002"):
+        assert state(db, client_id, "second")["status"] == "success"

@@ -7,6 +7,7 @@ and the run goes on. Only the engine's own failures (the store, a bug) escape as
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
@@ -91,6 +92,7 @@ class _Worker:
         self.run = run
         self.stop = stop
         self.record = record
+        self.pending: list[tuple[firestore.DocumentReference, dict[str, Any]]] = []
 
     def ref(self, client_id: str, operation: str) -> firestore.DocumentReference:
         return (
@@ -100,11 +102,41 @@ class _Worker:
             .document(operation)
         )
 
-    def write(self, client_id: str, operation: str, fields: dict[str, Any]) -> None:
-        ref = self.ref(client_id, operation)
-        self.run.lock.fenced_commit(self.run.lease, lambda b: b.set(ref, fields, merge=True))
+    def write(
+        self, client_id: str, operation: str, fields: dict[str, Any], *, defer: bool = False
+    ) -> None:
+        """A fenced state write. An operation's outcome is deferred and rides in the commit of
+        the client's next write (the next operation's `running` mark), saving a round trip per
+        operation; `flush` commits what is left when the client is done."""
+        self.pending.append((self.ref(client_id, operation), fields))
+        if not defer:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        writes, self.pending = self.pending, []
+
+        def add(batch: Any) -> None:
+            for ref, fields in writes:
+                batch.set(ref, fields, merge=True)
+
+        self.run.lock.fenced_commit(self.run.lease, add)
 
     def client(self, index: int, count: int, plan: ClientPlan) -> None:
+        self.pending = []
+        try:
+            self._client(index, count, plan)
+        except LeaseLost:
+            raise  # a run that lost its lease writes nothing more
+        except BaseException:
+            # Record the outcomes already reached before giving up on this client.
+            with contextlib.suppress(Exception):
+                self.flush()
+            raise
+        self.flush()
+
+    def _client(self, index: int, count: int, plan: ClientPlan) -> None:
         blocked_by: str | None = None
         with bind(clientId=plan.client_id):
             for step in plan.steps:
@@ -192,6 +224,7 @@ class _Worker:
                         "error": error,
                         "counts": io.counts,
                     },
+                    defer=True,
                 )
                 self.result(
                     plan, step, "failed", step.reason, _delta(io.counts, base_counts), error
@@ -209,6 +242,7 @@ class _Worker:
                     "counts": io.counts,
                     "error": None,
                 },
+                defer=True,
             )
             self.result(plan, step, "processed", step.reason, run_counts)
             return True
@@ -222,6 +256,7 @@ class _Worker:
                 "checkpoint": io.checkpoint,
                 "counts": io.counts,
             },
+            defer=True,
         )
         self.result(plan, step, "deferred", f"{why}: resumes from its checkpoint", run_counts)
         return True
