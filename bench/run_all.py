@@ -1,0 +1,50 @@
+"""`make bench`: every benchmark in one go, against one emulator; `--quick` for a smaller run.
+
+Each benchmark prints its figures and appends them to bench/RESULTS.md; at the end a summary
+table of every target is printed (and appended).
+"""
+
+from __future__ import annotations
+
+import time
+
+import _emulator as E
+import cold_start
+import contention
+import inprocess
+import memory
+import parallel
+import per_op
+import plan_scale
+
+BENCHES = (
+    ("1. in-process vs subprocess", inprocess),
+    ("2. cold start", cold_start),
+    ("3. planning scale", plan_scale),
+    ("4. parallel clients", parallel),
+    ("5. memory", memory),
+    ("6. per-operation overhead", per_op),
+    ("7. contention", contention),
+)
+
+
+def main() -> int:
+    started = time.perf_counter()
+    E.emulator()
+    timings = []
+    for name, module in BENCHES:
+        t = time.perf_counter()
+        print(f"\n== {name} ==", flush=True)
+        module.run()
+        timings.append([name, f"{time.perf_counter() - t:.0f}"])
+    total = time.perf_counter() - started
+    E.report(
+        "Bench run",
+        E.table(["benchmark", "seconds"], timings),
+        [f"- total {total:.0f} s"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
