@@ -19,6 +19,10 @@ class StoreUnavailable(SmartResumeError):
     """Firestore could not be reached within the configured deadline."""
 
 
+class StoreRejected(SmartResumeError):
+    """Firestore refused a write as invalid (too large, a value it cannot store)."""
+
+
 class LockHeld(SmartResumeError):
     """Another live run holds the lock."""
 

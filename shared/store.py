@@ -18,7 +18,7 @@ from google.api_core import retry as gretry
 from google.cloud import firestore
 
 from shared.config import Settings
-from shared.errors import StoreUnavailable
+from shared.errors import StoreRejected, StoreUnavailable
 
 LOCKS = "locks"
 CLIENTS = "clients"
@@ -82,6 +82,9 @@ def translate_errors(what: str) -> Iterator[None]:
     except gexc.GoogleAPICallError as exc:
         if isinstance(exc, gexc.FailedPrecondition | gexc.AlreadyExists | gexc.NotFound):
             raise
+        if isinstance(exc, gexc.InvalidArgument):
+            # The store is fine; this one write is not (e.g. over the 1 MiB document limit).
+            raise StoreRejected(f"Firestore refused the write while {what}: {_short(exc)}") from exc
         raise StoreUnavailable(f"Firestore error while {what}: {_short(exc)}") from exc
 
 

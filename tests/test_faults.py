@@ -370,11 +370,6 @@ class TestOperationsServiceFaults:
         assert lock_doc(db)["held"] is False
         assert run_doc(db, out.run_id)["status"] == "completed"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: shared/resume/engine.py _IO.save_checkpoint: a checkpoint over Firestore's "
-        "1 MiB document limit fails the whole run (StoreUnavailable) instead of the operation",
-    )
     def test_oversized_checkpoint_fails_the_operation_not_the_run(
         self, db, configure, pipeline_file, two_clients
     ) -> None:

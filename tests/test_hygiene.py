@@ -126,11 +126,6 @@ def test_sendgrid_failure_scenario_has_no_secret_in_logs_or_record(
     assert hits(stored) == []  # ...without the key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an operation error quoting a secret is stored and mailed unmasked: "
-    "shared/resume/engine.py one_line()/report rendering never apply log.mask",
-)
 def test_operation_error_quoting_a_secret_is_masked_in_report_and_record(
     db, configure, pipeline_file, apps, capsys, tmp_path
 ) -> None:

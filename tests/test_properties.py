@@ -87,11 +87,6 @@ class TestRequestValidation:
         response = trigger.post("/", data=json.dumps(body), headers=SECRET)
         _clean(response, {200, 400, 409})
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: shared/validation.py trigger_options accepts clientIds Firestore rejects "
-        "('.', '..', '__x__'); the run takes the lock and fails with 500 instead of a 400",
-    )
     @pytest.mark.parametrize("client_id", [".", "..", "__reserved__"])
     def test_reserved_document_id_is_400(self, trigger, db, client_id) -> None:
         """A clientId that is not a valid Firestore document id is a 400; no run starts."""
@@ -207,11 +202,6 @@ class TestPipelineValidation:
         """Any parsed-TOML-shaped data: a valid `Pipeline` or a `PipelineError` naming the file."""
         _parses_or_pipeline_error(raw, Path("/p/pipeline.toml"))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: shared/resume/pipeline.py _parse_operation calls urlparse() unguarded; "
-        "'http://[' raises ValueError instead of PipelineError",
-    )
     @pytest.mark.parametrize("url", ["http://[", "http://[::1", "http://a]b", "http://\u2100/"])
     def test_url_that_urlparse_rejects_is_a_pipeline_error(self, url) -> None:
         """A URL `urlparse` cannot split is a pipeline error naming the field, not a crash."""

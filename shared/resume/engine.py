@@ -23,7 +23,7 @@ from shared.config import Settings
 from shared.errors import LeaseLost, OperationFailed, StoreUnavailable
 from shared.heartbeat import Heartbeat
 from shared.lock import Lease, Lock
-from shared.log import bind, get_logger
+from shared.log import bind, get_logger, mask
 from shared.resume.operations import Context, Outcome, run_http, run_python
 from shared.resume.pipeline import Operation, Pipeline
 from shared.resume.plan import ClientPlan, Planner, RunOptions, Step
@@ -56,8 +56,10 @@ class RunResult:
 
 
 def one_line(exc: BaseException | str) -> str:
+    """An error as stored, mailed and answered: one line, bounded, secrets masked (an
+    operation may quote a key in its exception)."""
     text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
-    text = " ".join(text.split())
+    text = mask(" ".join(text.split()))
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
 
 
@@ -121,7 +123,15 @@ class _Worker:
             for ref, fields in writes:
                 batch.set(ref, fields, merge=True)
 
-        self.run.lock.fenced_commit(self.run.lease, add)
+        try:
+            self.run.lock.fenced_commit(self.run.lease, add)
+        except (LeaseLost, StoreUnavailable):
+            raise
+        except Exception:
+            # Only the newest write can be at fault (the others were valid states); keep them
+            # for the next commit so an earlier outcome is not lost with it.
+            self.pending = writes[:-1]
+            raise
 
     def client(self, index: int, count: int, plan: ClientPlan) -> None:
         self.pending = []

@@ -150,8 +150,7 @@ def _parse_operation(
     url = entry.get("url")
     target = entry.get("target")
     if kind == "http":
-        parsed = urlparse(url) if isinstance(url, str) else None
-        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        if not _http_url(url):
             bad("url", f"must be an http(s) URL, got {url!r}")
         if target is not None:
             bad("target", "is only for python operations")
@@ -174,6 +173,17 @@ def _parse_operation(
         retries=int(values["retries"]),
         retry_initial_seconds=float(values["retry_initial_seconds"]),
     )
+
+
+def _http_url(url: Any) -> bool:
+    if not isinstance(url, str):
+        return False
+    try:
+        parsed = urlparse(url)
+        _ = parsed.port  # raises ValueError for a port that is not a number in range
+        return parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:  # urlparse rejects e.g. "http://["
+        return False
 
 
 def _check_target(target: str, bad: Callable[[str, str], None]) -> None:
