@@ -38,6 +38,21 @@ ExtraWrites = Callable[[WriteBatch, str | None], None]
 _ATTEMPTS = 5
 
 
+# What this process knows about locks it released last: (update time, token) per lock.
+_released: dict[tuple[str, str], tuple[dt.datetime, int]] = {}
+_released_mutex = threading.Lock()
+
+
+def _remember_released(key: tuple[str, str], update_time: dt.datetime, token: int) -> None:
+    with _released_mutex:
+        _released[key] = (update_time, token)
+
+
+def _pop_released(key: tuple[str, str]) -> tuple[dt.datetime, int] | None:
+    with _released_mutex:
+        return _released.pop(key, None)
+
+
 class NotRunning(SmartResumeError):
     """The action needs a live run and there is none."""
 
@@ -100,6 +115,7 @@ class Lock:
         self.settings = settings
         self.ref = client.collection(store.LOCKS).document(settings.lock_name)
         self.fence_ref = self.ref.collection(store.FENCE).document("current")
+        self._key = (str(client.project), self.ref._document_path)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -149,10 +165,47 @@ class Lock:
 
         Raises `LockHeld` when a live run holds it or another acquirer won the race.
         """
+        cached = _pop_released(self._key)
+        if cached is not None:
+            # This process released the lock last. If nothing has written it since (the
+            # precondition checks exactly that), it is still free with the token we left:
+            # take it without reading first, one round trip saved on every warm run.
+            update_time, token = cached
+            try:
+                return self._take(run_id, owner, extra, token + 1, update_time, None, None)
+            except (gexc.FailedPrecondition, gexc.NotFound):
+                pass  # someone wrote it since; decide on a fresh read
         state = self.read()
         if state.live:
             raise LockHeld(state.run_id, state.age_seconds or 0.0)
-        token = state.token + 1
+        previous = state.run_id if state.held else None
+        try:
+            return self._take(
+                run_id,
+                owner,
+                extra,
+                state.token + 1,
+                state.update_time if state.exists else None,
+                previous,
+                state.age_seconds if previous else None,
+            )
+        except (gexc.AlreadyExists, gexc.FailedPrecondition) as exc:
+            # Someone else committed between our read and our write: they won.
+            winner = self.read()
+            raise LockHeld(winner.run_id, winner.age_seconds or 0.0) from exc
+
+    def _take(
+        self,
+        run_id: str,
+        owner: dict[str, Any],
+        extra: ExtraWrites | None,
+        token: int,
+        update_time: dt.datetime | None,
+        previous: str | None,
+        previous_age: float | None,
+    ) -> Lease:
+        """One commit: the lock (created, or updated only if unchanged since `update_time`),
+        the fence, and the caller's writes."""
         data = {
             "runId": run_id,
             "held": True,
@@ -164,30 +217,23 @@ class Lock:
             "progress": {},
             "owner": owner,
         }
-        previous = state.run_id if state.held else None
         batch = self.client.batch()
-        if state.exists:
-            batch.update(
-                self.ref, data, option=self.client.write_option(last_update_time=state.update_time)
-            )
+        if update_time is not None:
+            option = self.client.write_option(last_update_time=update_time)
+            batch.update(self.ref, data, option=option)
         else:
             batch.create(self.ref, data)
         batch.set(self.fence_ref, {"token": token, "runId": run_id})
         if extra is not None:
             extra(batch, previous)
-        try:
-            with store.translate_errors("taking the lock"):
-                results = batch.commit(**store.commit_call(self.settings))
-        except (gexc.AlreadyExists, gexc.FailedPrecondition) as exc:
-            # Someone else committed between our read and our write: they won.
-            winner = self.read()
-            raise LockHeld(winner.run_id, winner.age_seconds or 0.0) from exc
+        with store.translate_errors("taking the lock"):
+            results = batch.commit(**store.commit_call(self.settings))
         return Lease(
             run_id=run_id,
             token=token,
             acquired_at=results[0].update_time,
             previous_run_id=previous,
-            previous_age_seconds=state.age_seconds if previous else None,
+            previous_age_seconds=previous_age,
             lock_update_time=results[0].update_time,
             fence_update_time=results[1].update_time,
         )
@@ -251,9 +297,10 @@ class Lock:
                     extra(batch, lease.run_id)
                 try:
                     with store.translate_errors("releasing the lock"):
-                        batch.commit(**store.commit_call(self.settings))
+                        results = batch.commit(**store.commit_call(self.settings))
                     # lock_update_time stays at the pre-release value, so a second release
                     # fails its precondition and finds the lock no longer ours.
+                    _remember_released(self._key, results[0].update_time, lease.token)
                     return True
                 except (gexc.FailedPrecondition, gexc.NotFound):
                     try:

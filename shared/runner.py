@@ -28,7 +28,6 @@ from shared.errors import (
 from shared.heartbeat import Heartbeat
 from shared.lock import Lock, owner_info
 from shared.log import bind, get_logger
-from shared.report import ReportInput, send_smart_resume_report, wanted
 from shared.resume.engine import RunContext, RunResult, one_line, summarize
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import Planner, RunOptions
@@ -137,6 +136,8 @@ def start_run(
 
 
 def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, deadline) -> Outcome:  # type: ignore[no-untyped-def]
+    from shared.report import ReportInput, send_smart_resume_report, wanted  # lazy: cold start
+
     run_id = lease.run_id
     started = time.monotonic()
     result: RunResult | None = None
@@ -246,6 +247,8 @@ def _failed_before_start(
     schedule_time: str | None,
 ) -> Outcome:
     """The module or pipeline would not load: record a failed run, report it, take no lock."""
+    from shared.report import ReportInput, send_smart_resume_report
+
     error = one_line(exc)
     where = "loading the resume module" if isinstance(exc, ModuleLoadError) else "the pipeline"
     log.error("run failed before starting: %s", error)

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
-import tenacity
-
 from shared import log
 from shared.config import Settings
 from shared.errors import SmartResumeError
 
 if TYPE_CHECKING:
+    import tenacity
+
     from shared.report import Message
 
 logger = log.get_logger("report")
@@ -134,6 +134,8 @@ def send_sendgrid(settings: Settings, message: Message) -> None:
         raise DeliveryError("sendgrid", None, "SENDGRID_API_KEY is not set")
     # So nothing below (our lines or a provider echo) can print the key.
     log.register_secrets(settings.secrets)
+    import tenacity  # lazy: only runs that mail through SendGrid pay for it
+
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(SENDGRID_ATTEMPTS),
         wait=tenacity.wait_random_exponential(

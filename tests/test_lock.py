@@ -280,3 +280,29 @@ class TestAdmin:
     def test_cancel_needs_a_live_run(self, lock: Lock) -> None:
         with pytest.raises(NotRunning):
             lock.request_cancel()
+
+
+class TestWarmAcquire:
+    def test_acquire_after_own_release_skips_the_read(self, lock: Lock, monkeypatch) -> None:
+        """A warm instance that released the lock last takes it again in one commit."""
+        lock.release(lock.acquire("run-1", OWNER))
+        reads: list[int] = []
+        real = Lock.read
+        monkeypatch.setattr(Lock, "read", lambda self: reads.append(1) or real(self))
+        lease = lock.acquire("run-2", OWNER)
+        assert reads == []
+        assert lease.token == 2
+        assert lock.ref.get().to_dict()["runId"] == "run-2"
+
+    def test_a_write_since_our_release_falls_back_to_reading(self, lock: Lock) -> None:
+        """If anyone wrote the lock after our release, the cached view is not trusted."""
+        lock.release(lock.acquire("run-1", OWNER))
+        lock.ref.update({"token": 7})  # another instance took and released it meanwhile
+        assert lock.acquire("run-2", OWNER).token == 8
+
+    def test_a_live_holder_since_our_release_is_respected(self, lock: Lock, db, settings) -> None:
+        lock.release(lock.acquire("run-1", OWNER))
+        lock.ref.update({"held": True, "runId": "elsewhere", "token": 2})
+        with pytest.raises(LockHeld) as err:
+            lock.acquire("run-3", OWNER)
+        assert err.value.run_id == "elsewhere"

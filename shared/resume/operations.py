@@ -12,12 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import requests
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from shared.errors import OperationFailed
 from shared.resume.pipeline import Operation
@@ -74,6 +68,9 @@ def run_http(op: Operation, io: OperationIO, body: dict[str, Any]) -> Outcome:
 def _call_with_retries(
     session: requests.Session, op: Operation, payload: dict[str, Any], io: OperationIO
 ) -> Any:
+    # Imported here, not at module level: it costs cold start and most runs never retry.
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
     retrying = Retrying(
         stop=stop_after_attempt(op.retries + 1),
         wait=wait_exponential_jitter(
