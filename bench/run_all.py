@@ -6,18 +6,21 @@ table of every target is printed (and appended).
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import _emulator as E
 import cold_start
 import contention
 import inprocess
+import lock
 import memory
 import parallel
 import per_op
 import plan_scale
 
 BENCHES = (
+    ("0. lock", lock),
     ("1. in-process vs subprocess", inprocess),
     ("2. cold start", cold_start),
     ("3. planning scale", plan_scale),
@@ -29,10 +32,16 @@ BENCHES = (
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, ~35 s")
+    parser.add_argument("--only", metavar="N", help="run only the benchmark numbered N")
+    args = parser.parse_args()
     started = time.perf_counter()
     E.emulator()
     timings = []
     for name, module in BENCHES:
+        if args.only is not None and not name.startswith(f"{args.only}."):
+            continue
         t = time.perf_counter()
         print(f"\n== {name} ==", flush=True)
         module.run()
