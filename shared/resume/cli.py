@@ -199,10 +199,9 @@ def _print_status(body: dict[str, Any], as_json: bool) -> None:
             f"{body['heartbeatAgeSeconds']:.0f}s ago, token {body['token']}"
         )
         if p:
-            print(
-                f"  at client {p.get('clientId')} ({p.get('clientIndex')}/{p.get('clientCount')})"
-                f", operation {p.get('operation')}"
-            )
+            index = p.get("clientIndex")
+            position = f"{index + 1} of {p.get('clientCount')}" if isinstance(index, int) else "?"
+            print(f"  at client {p.get('clientId')} ({position}), operation {p.get('operation')}")
     elif body["stale"]:
         print(
             f"STALE lock held by run {body['runId']} (heartbeat {body['heartbeatAgeSeconds']}s"
@@ -212,9 +211,15 @@ def _print_status(body: dict[str, Any], as_json: bool) -> None:
         print("not running")
     last = body.get("lastRun")
     if last:
+        summary = last.get("summary") or {}
+        counts = ", ".join(
+            f"{summary[k]} {k}"
+            for k in ("processed", "skipped", "failed", "deferred")
+            if k in summary
+        )
         print(
             f"last run: {last.get('runId')} {last.get('status')} at {last.get('finishedAt')}"
-            f" {last.get('summary') or ''}"
+            + (f" ({counts})" if counts else "")
         )
     for run in body.get("runs") or []:
         print(f"  {run.get('runId')}  {run.get('status'):<10} {run.get('startedAt')}")
