@@ -149,7 +149,7 @@ class TestCommands:
             "make demo",
             "make test",
             "## Performance",
-            "Figures: see bench/RESULTS.md (`make bench`)",
+            "bench/RESULTS.md",
             "run_smart_resume(run: RunContext) -> RunResult",
             "local_emulator.md",
             "TEST-PLAN.md",
