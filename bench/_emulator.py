@@ -11,9 +11,7 @@ import contextlib
 import datetime as dt
 import os
 import platform
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,33 +28,30 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "RESULTS.md"
-for _p in (str(ROOT), str(BENCH), str(ROOT / "tests")):
+for _p in (str(ROOT), str(BENCH), str(ROOT / "tests"), str(ROOT / "scripts")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
 PROJECT = "smart-resume-bench"
 SECRET = "bench-secret"
 QUICK = "--quick" in sys.argv
+
+import firestore_emulator  # noqa: E402  (found through the path set above)
+
 WORK = Path(tempfile.mkdtemp(prefix="smart-resume-bench-"))
 _emulator_host: str | None = None
 _proc: subprocess.Popen[bytes] | None = None
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return firestore_emulator.free_port()
 
 
 def _command(port: int) -> list[str]:
-    gcloud = shutil.which("gcloud")
-    if gcloud is None or shutil.which("java") is None:
-        sys.exit("the bench needs gcloud (with the Firestore emulator) and java")
-    sdk = Path(os.path.realpath(gcloud)).parent.parent
-    binary = sdk / "platform" / "cloud-firestore-emulator" / "cloud_firestore_emulator"
-    if binary.exists():
-        return [str(binary), "start", "--host=127.0.0.1", f"--port={port}"]
-    return [gcloud, "emulators", "firestore", "start", f"--host-port=127.0.0.1:{port}"]
+    try:
+        return firestore_emulator.command(port)
+    except firestore_emulator.ToolMissing as exc:
+        sys.exit(f"the bench needs the Firestore emulator: {exc}")
 
 
 def _stop() -> None:

@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _client
+import firestore_emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".demo"
@@ -41,28 +41,14 @@ class DemoError(Exception):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return firestore_emulator.free_port()
 
 
 def emulator_command(port: int) -> list[str]:
-    """The emulator binary that `gcloud emulators firestore start` wraps, else the wrapper."""
-    gcloud = shutil.which("gcloud")
-    if gcloud is None:
-        raise DemoError(
-            "gcloud is not installed: install the Google Cloud CLI and its Firestore emulator "
-            "(https://cloud.google.com/sdk/docs/install; "
-            "`gcloud components install cloud-firestore-emulator` or the apt package "
-            "google-cloud-cli-firestore-emulator)"
-        )
-    if shutil.which("java") is None:
-        raise DemoError("java is not installed: the Firestore emulator needs a Java runtime")
-    sdk = Path(os.path.realpath(gcloud)).parent.parent
-    binary = sdk / "platform" / "cloud-firestore-emulator" / "cloud_firestore_emulator"
-    if binary.exists():
-        return [str(binary), "start", "--host=127.0.0.1", f"--port={port}"]
-    return [gcloud, "emulators", "firestore", "start", f"--host-port=127.0.0.1:{port}"]
+    try:
+        return firestore_emulator.command(port)
+    except firestore_emulator.ToolMissing as exc:
+        raise DemoError(str(exc)) from None
 
 
 def functions_framework() -> str:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,31 +23,23 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import firestore_emulator  # noqa: E402
 
 PROJECT = "smart-resume-test"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return firestore_emulator.free_port()
 
 
 def _emulator_command(port: int) -> list[str]:
-    gcloud = shutil.which("gcloud")
-    if gcloud is None:
-        pytest.exit(
-            "gcloud is not installed: the Firestore emulator is needed "
-            "(install google-cloud-cli and google-cloud-cli-firestore-emulator)",
-            returncode=3,
-        )
-    if shutil.which("java") is None:
-        pytest.exit("java is not installed: the Firestore emulator needs a JRE", returncode=3)
-    sdk = Path(os.path.realpath(gcloud)).parent.parent
-    binary = sdk / "platform" / "cloud-firestore-emulator" / "cloud_firestore_emulator"
-    if binary.exists():
-        return [str(binary), "start", "--host=127.0.0.1", f"--port={port}"]
-    return [gcloud, "emulators", "firestore", "start", f"--host-port=127.0.0.1:{port}"]
+    try:
+        return firestore_emulator.command(port)
+    except firestore_emulator.ToolMissing as exc:
+        pytest.exit(str(exc), returncode=3)
+        raise
 
 
 class Emulator:
