@@ -17,27 +17,24 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# The exit codes of `python -m shared.resume`, re-exported for the scripts ("X as X").
+from shared.exit_codes import EXIT_BY_STATUS as EXIT_BY_STATUS
+from shared.exit_codes import EXIT_FAILED as EXIT_FAILED
+from shared.exit_codes import EXIT_HELP as EXIT_HELP
+from shared.exit_codes import EXIT_LOCKED, EXIT_USAGE
+from shared.exit_codes import EXIT_OK as EXIT_OK
 
 TRIGGER_PORT = 8080
 STATUS_PORT = 8081
 SECRET_VAR = "SMART_RESUME_WEBHOOK_SECRET"
 
-# The same exit codes as `python -m shared.resume`.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_PARTIAL = 0, 1, 2, 3, 4
-EXIT_BY_STATUS = {
-    "completed": EXIT_OK,
-    "duplicate": EXIT_OK,
-    "planned": EXIT_OK,
-    "partial": EXIT_PARTIAL,
-    "cancelled": EXIT_PARTIAL,
-    "locked": EXIT_LOCKED,
-    "failed": EXIT_FAILED,
-    "abandoned": EXIT_FAILED,
-}
-EXIT_HELP = "exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled."
 
 
 class UsageError(Exception):

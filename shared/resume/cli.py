@@ -15,19 +15,14 @@ from typing import Any
 from shared import log as logging_setup
 from shared.config import get_settings
 from shared.errors import ConfigError, LockHeld, PipelineError, SmartResumeError, StoreUnavailable
+from shared.exit_codes import (
+    EXIT_BY_STATUS,
+    EXIT_FAILED,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from shared.lock import NotRunning
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_PARTIAL = 0, 1, 2, 3, 4
-EXIT_BY_STATUS = {
-    "completed": EXIT_OK,
-    "duplicate": EXIT_OK,
-    "planned": EXIT_OK,
-    "partial": EXIT_PARTIAL,
-    "cancelled": EXIT_PARTIAL,
-    "locked": EXIT_LOCKED,
-    "failed": EXIT_FAILED,
-    "abandoned": EXIT_FAILED,
-}
 
 EPILOG = """exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled.
 Settings come from the environment (see the README); FIRESTORE_EMULATOR_HOST points at the
