@@ -36,7 +36,6 @@ STATUS_PORT = 8081
 SECRET_VAR = "SMART_RESUME_WEBHOOK_SECRET"
 
 
-
 class UsageError(Exception):
     """Bad flags or a missing setting: exit 2."""
 
