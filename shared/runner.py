@@ -95,7 +95,7 @@ def start_run(
     runs = Runs(client, settings)
     lock = Lock(client, settings)
     if schedule_time:
-        earlier = runs.for_schedule(schedule_time)
+        earlier = runs.for_schedule(schedule_time, trigger.get("job"))
         if earlier:
             body = {"status": "duplicate", "runId": earlier.get("runId")}
             return Outcome("duplicate", 200, body, earlier.get("runId"))

@@ -18,6 +18,7 @@ from shared import store
 from shared.config import Settings
 
 FINISHED = ("completed", "partial", "failed", "cancelled", "abandoned")
+SAME_SECOND_SLACK = 10  # runs that may share a start second, read beyond the limit to order
 MAX_STORED_RESULTS = 2000  # a Firestore document holds at most 1 MiB
 
 
@@ -36,6 +37,12 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     return value
+
+
+def _started(run: dict[str, Any]) -> tuple[str, dt.datetime]:
+    started = run.get("startedAt")
+    stamp = started if isinstance(started, dt.datetime) else dt.datetime.min.replace(tzinfo=dt.UTC)
+    return (str(run.get("runId", ""))[:15], stamp)
 
 
 class Runs:
@@ -137,8 +144,8 @@ class Runs:
             snap = self.ref(run_id).get(**store.call(self.settings))
         return snap.to_dict() if snap.exists else None
 
-    def for_schedule(self, schedule_time: str) -> dict[str, Any] | None:
-        """The earlier run of this Scheduler tick on this lock that did not fail, if any."""
+    def for_schedule(self, schedule_time: str, job: str | None = None) -> dict[str, Any] | None:
+        """The earlier run of this Scheduler tick (and job) on this lock that did not fail."""
         query = (
             self.collection.where(filter=firestore.FieldFilter("scheduleTime", "==", schedule_time))
             .where(filter=firestore.FieldFilter("lockName", "==", self.settings.lock_name))
@@ -146,15 +153,34 @@ class Runs:
         )
         with store.translate_errors("looking up the schedule tick"):
             docs = [d.to_dict() for d in query.stream(**store.call(self.settings))]
-        return next((d for d in docs if d.get("status") != "failed"), None)
+        return next(
+            (
+                d
+                for d in docs
+                if d.get("status") != "failed" and (d.get("trigger") or {}).get("job") == job
+            ),
+            None,
+        )
+
+    def _newest(self, limit: int) -> list[dict[str, Any]]:
+        """This lock's runs, newest first. Run ids start with their UTC start time, so ordering
+        by document id is ordering by start; an equality filter plus `__name__` order needs no
+        composite index in production."""
+        query = (
+            self.collection.where(
+                filter=firestore.FieldFilter("lockName", "==", self.settings.lock_name)
+            )
+            .order_by("__name__", direction="DESCENDING")
+            .limit(limit + SAME_SECOND_SLACK)
+        )
+        with store.translate_errors("listing runs"):
+            runs = [d.to_dict() for d in query.stream(**store.call(self.settings))]
+        # Ids have one-second resolution; within a second, the start time decides.
+        return sorted(runs, key=_started, reverse=True)[:limit]
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
-        query = self.collection.order_by("startedAt", direction="DESCENDING").limit(limit)
-        with store.translate_errors("listing runs"):
-            return [d.to_dict() for d in query.stream(**store.call(self.settings))]
+        return self._newest(limit)
 
     def last_finished(self) -> dict[str, Any] | None:
-        query = self.collection.order_by("finishedAt", direction="DESCENDING").limit(1)
-        with store.translate_errors("reading the last run"):
-            docs = [d.to_dict() for d in query.stream(**store.call(self.settings))]
-        return docs[0] if docs and docs[0].get("finishedAt") else None
+        """The newest run of this lock that has ended (a run in progress is skipped)."""
+        return next((r for r in self._newest(10) if r.get("status") in FINISHED), None)

@@ -169,3 +169,16 @@ class TestActions:
             FIRESTORE_EMULATOR_HOST=f"127.0.0.1:{free_port()}", SMART_RESUME_RPC_TIMEOUT_SECONDS="1"
         )
         assert status_fn.get("/", headers=SECRET).status_code == 503
+
+
+def test_runs_of_another_lock_are_not_shown(status_fn, db, configure) -> None:
+    """Two streams in one database: each status function shows its own lock's runs."""
+    seed_clients(db, 1)
+    other = configure(SMART_RESUME_LOCK_NAME="stream-2")
+    other_run = start_run(other, db, RunOptions(), trigger={"source": "test"}).run_id
+    mine = configure(SMART_RESUME_LOCK_NAME="smart-resume")
+    my_run = start_run(mine, db, RunOptions(), trigger={"source": "test"}).run_id
+    body = status_fn.get("/?runs=5", headers=SECRET).get_json()
+    assert [r["runId"] for r in body["runs"]] == [my_run]
+    assert body["lastRun"]["runId"] == my_run
+    assert other_run != my_run

@@ -166,6 +166,15 @@ class TestRuns:
         other_tick = {"X-CloudScheduler-ScheduleTime": "2026-11-28T09:00:00Z"}
         assert post(trigger, headers=other_tick).get_json()["status"] == "completed"
 
+    def test_same_tick_of_another_job_is_not_a_duplicate(self, trigger, db) -> None:
+        seed_clients(db, 1)
+        tick = "2026-11-28T06:00:00Z"
+        a = {"X-CloudScheduler-ScheduleTime": tick, "X-CloudScheduler-JobName": "job-a"}
+        b = {"X-CloudScheduler-ScheduleTime": tick, "X-CloudScheduler-JobName": "job-b"}
+        assert post(trigger, headers=a).get_json()["status"] == "completed"
+        assert post(trigger, headers=a).get_json()["status"] == "duplicate"
+        assert post(trigger, headers=b).get_json()["status"] == "completed"
+
     def test_failed_run_of_a_tick_may_be_retried(self, trigger, db, configure) -> None:
         tick = {"X-CloudScheduler-ScheduleTime": "2026-11-28T06:00:00Z"}
         configure(SMART_RESUME_MODULE="json")
