@@ -61,8 +61,12 @@ def _document_id(value: str) -> bool:
     )
 
 
-def trigger_options(body: dict[str, Any], known_operations: tuple[str, ...]) -> RunOptions:
-    """The trigger body as `RunOptions`; unknown keys, wrong types and unknown names are 400s."""
+def trigger_options(body: dict[str, Any], known_operations: tuple[str, ...] | None) -> RunOptions:
+    """The trigger body as `RunOptions`; unknown keys, wrong types and unknown names are 400s.
+
+    `known_operations` is None when the pipeline itself cannot be loaded: then the names are
+    not checked, and the run fails on the pipeline, with its error recorded and reported.
+    """
     unknown = sorted(set(body) - set(TRIGGER_KEYS))
     if unknown:
         # Never echo the names back: they are caller input.
@@ -84,11 +88,11 @@ def trigger_options(body: dict[str, Any], known_operations: tuple[str, ...]) -> 
             raise InvalidRequest("'operations' must be an array of strings")
         if not operations:
             raise InvalidRequest("'operations' must name at least one operation")
-        unknown_ops = [o for o in operations if o not in known_operations]
+        known = known_operations if known_operations is not None else tuple(operations)
+        unknown_ops = [o for o in operations if o not in known]
         if unknown_ops:
             raise InvalidRequest(
-                f"'operations' has {len(unknown_ops)} unknown name(s); "
-                f"known: {', '.join(known_operations)}"
+                f"'operations' has {len(unknown_ops)} unknown name(s); known: {', '.join(known)}"
             )
     stream = body.get("stream")
     if stream is not None and not 0 <= stream < 2**31:

@@ -202,6 +202,24 @@ class TestRuns:
         lock = db.document("locks/smart-resume").get()
         assert not lock.exists or lock.to_dict()["held"] is False
 
+    def test_broken_pipeline_is_a_failed_run_with_a_report(
+        self, trigger, db, pipeline_file
+    ) -> None:
+        """A pipeline that does not load fails the run (recorded, reported), takes no lock."""
+        path = pipeline_file('[[operation]]\nname = "a"\nkind = "ftp"\n')
+        response = post(trigger, {"operations": ["a"]})
+        assert response.status_code == 500
+        body = response.get_json()
+        assert body["status"] == "failed"
+        assert str(path) in body["error"]
+        assert "field 'kind'" in body["error"]
+        record = db.document(f"runs/{body['runId']}").get().to_dict()
+        assert (record["status"], record["report"]["status"]) == ("failed", "sent")
+        assert not db.document("locks/smart-resume").get().exists
+        dry = post(trigger, {"dryRun": True})
+        assert dry.status_code == 500
+        assert "field 'kind'" in dry.get_json()["error"]
+
     def test_custom_module_and_reload(self, trigger, db, configure, tmp_path, monkeypatch) -> None:
         """SMART_RESUME_RELOAD_MODULE=1 picks up a changed module without a restart."""
         monkeypatch.syspath_prepend(str(tmp_path))

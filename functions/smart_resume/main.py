@@ -55,20 +55,17 @@ def smart_resume(request: Request) -> Response:
 
 
 def _trigger(request: Request, settings) -> Response:  # type: ignore[no-untyped-def]
-    pipeline: Pipeline | None
+    pipeline: Pipeline | None = None
+    pipeline_error: PipelineError | None = None
     try:
         pipeline = load_pipeline(settings.pipeline_path)
     except PipelineError as exc:
-        pipeline, pipeline_error = None, exc
+        pipeline_error = exc  # the run records and reports it; names cannot be checked
     try:
         body = read_json(request)
-        options = trigger_options(body, pipeline.names if pipeline else ())
+        options = trigger_options(body, pipeline.names if pipeline else None)
     except InvalidRequest as exc:
-        if pipeline is None and "operations" in str(exc.detail):
-            pass  # the broken pipeline is the real problem; the run reports it below
-        else:
-            return invalid(exc)
-        options = trigger_options({k: v for k, v in body.items() if k != "operations"}, ())
+        return invalid(exc)
     client = get_client(settings)
     if options.dry_run:
         if pipeline is None:
