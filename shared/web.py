@@ -6,6 +6,7 @@ Checks run in the contract's order and each failure maps to one status here, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Request, Response, jsonify
@@ -13,8 +14,8 @@ from flask import Request, Response, jsonify
 from shared import log as logging_setup
 from shared.auth import Unauthorized, verify
 from shared.config import Settings, get_settings
-from shared.errors import ConfigError, InvalidRequest
-from shared.log import get_logger
+from shared.errors import ConfigError, InvalidRequest, StoreUnavailable
+from shared.log import bind, get_logger
 from shared.validation import BodyTooLarge
 
 log = get_logger("http")
@@ -49,6 +50,31 @@ def admit(request: Request, methods: tuple[str, ...]) -> Settings | Response:
     except Unauthorized:
         return reply({"error": "unauthorized"}, 401)
     return settings
+
+
+def serve(
+    request: Request,
+    methods: tuple[str, ...],
+    what: str,
+    handle: Callable[[Settings], Response],
+) -> Response:
+    """Admit the request, then run `handle` with named errors mapped to statuses here, once
+    for both functions: invalid input 400/413, store unreachable 503, anything else a 500
+    without a trace."""
+    settings = admit(request, methods)
+    if isinstance(settings, Response):
+        return settings
+    with bind(trace=trace_of(request, settings)):
+        try:
+            return handle(settings)
+        except InvalidRequest as exc:
+            return invalid(exc)
+        except StoreUnavailable as exc:
+            log.error("store unavailable: %s", exc)
+            return reply({"error": "store unavailable"}, 503)
+        except Exception:
+            log.exception("unexpected error in %s", what)
+            return reply({"error": "internal error"}, 500)
 
 
 def invalid(exc: InvalidRequest) -> Response:

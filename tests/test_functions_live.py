@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import seed_clients
+from faults_helpers import wait_for
 
 FAST = {
     "SMART_RESUME_HEARTBEAT_SECONDS": "0.2",
@@ -29,16 +30,6 @@ def _slow_service(ops, pages: int, delay: float) -> str:
 
 def _pipeline(pipeline_file, url: str) -> None:
     pipeline_file(f'[[operation]]\nname = "work"\nkind = "http"\nurl = "{url}"\n')
-
-
-def _wait(predicate, timeout: float = 20.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.mark.slow
@@ -85,8 +76,8 @@ def test_status_during_and_after_a_run(function_process, ops, pipeline_file, db)
     status = function_process("smart_resume_status", **FAST)
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(trigger.post, {})
-        during = _wait(lambda: (s := status.get().json())["running"] and s["progress"] and s)
-        during = _wait(lambda: (s := status.get().json())["progress"].get("clientId") and s)
+        during = wait_for(lambda: (s := status.get().json())["running"] and s["progress"] and s)
+        during = wait_for(lambda: (s := status.get().json())["progress"].get("clientId") and s)
         assert during["runId"]
         assert during["heartbeatAgeSeconds"] < 1.5
         assert during["progress"]["operation"] == "work"
@@ -109,14 +100,14 @@ def test_sigkill_mid_run_is_taken_over_and_resumed_from_checkpoint(
     victim = function_process("smart_resume", **FAST)
     with ThreadPoolExecutor(1) as pool:
         pool.submit(victim.post, {})
-        _wait(lambda: len(ops.calls("/work")) >= 3)
+        wait_for(lambda: len(ops.calls("/work")) >= 3)
         victim.signal(signal.SIGKILL)
     killed_run = db.document("locks/smart-resume").get().to_dict()["runId"]
     saved = db.document("clients/c00000/operations/work").get().to_dict()["checkpoint"]
     assert saved and saved["page"] >= 2
     survivor = function_process("smart_resume", **FAST)
     # Retry until the killed run's lease (1.5 s) expires; until then the answer is 409.
-    answer = _wait(lambda: (r := survivor.post({})).status_code == 200 and r.json(), step=0.3)
+    answer = wait_for(lambda: (r := survivor.post({})).status_code == 200 and r.json(), pause=0.3)
     assert answer["status"] == "completed"
     assert db.document(f"runs/{killed_run}").get().to_dict()["status"] == "abandoned"
     new_run_calls = [c for c in ops.calls("/work") if c["runId"] == answer["runId"]]
@@ -135,7 +126,7 @@ def test_cancel_and_unlock_through_the_status_function(function_process, ops, pi
     status = function_process("smart_resume_status", **FAST)
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(trigger.post, {})
-        _wait(lambda: status.get().json()["running"])
+        wait_for(lambda: status.get().json()["running"])
         assert status.post({"action": "cancel"}).status_code == 202
         assert run.result().json()["status"] == "cancelled"
     state = db.document("clients/c00000/operations/work").get().to_dict()
@@ -143,7 +134,7 @@ def test_cancel_and_unlock_through_the_status_function(function_process, ops, pi
     # A live run refuses a plain unlock; force releases it and the run answers abandoned.
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(trigger.post, {})
-        _wait(lambda: status.get().json()["running"])
+        wait_for(lambda: status.get().json()["running"])
         assert status.post({"action": "unlock"}).status_code == 409
         assert status.post({"action": "unlock", "force": True}).status_code == 200
         answer = run.result()

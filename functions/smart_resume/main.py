@@ -19,15 +19,12 @@ for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[
         sys.path.insert(0, str(_root))
         break
 
-from shared.errors import InvalidRequest, PipelineError, StoreUnavailable  # noqa: E402
-from shared.log import bind, get_logger  # noqa: E402
+from shared.errors import PipelineError  # noqa: E402
 from shared.resume.pipeline import Pipeline, load_pipeline  # noqa: E402
 from shared.runner import plan_run, start_run  # noqa: E402
 from shared.store import get_client  # noqa: E402
 from shared.validation import read_json, trigger_options  # noqa: E402
-from shared.web import admit, invalid, reply, trace_of  # noqa: E402
-
-log = get_logger("trigger")
+from shared.web import reply, serve  # noqa: E402
 
 
 @functions_framework.http
@@ -40,18 +37,7 @@ def smart_resume(request: Request) -> Response:
     Returns:
         The run's outcome as JSON (see CONTRACT section 2 for every status).
     """
-    settings = admit(request, ("POST",))
-    if isinstance(settings, Response):
-        return settings
-    with bind(trace=trace_of(request, settings)):
-        try:
-            return _trigger(request, settings)
-        except StoreUnavailable as exc:
-            log.error("store unavailable: %s", exc)
-            return reply({"error": "store unavailable"}, 503)
-        except Exception:
-            log.exception("unexpected error in the trigger")
-            return reply({"error": "internal error"}, 500)
+    return serve(request, ("POST",), "the trigger", lambda settings: _trigger(request, settings))
 
 
 def _trigger(request: Request, settings) -> Response:  # type: ignore[no-untyped-def]
@@ -61,11 +47,8 @@ def _trigger(request: Request, settings) -> Response:  # type: ignore[no-untyped
         pipeline = load_pipeline(settings.pipeline_path)
     except PipelineError as exc:
         pipeline_error = exc  # the run records and reports it; names cannot be checked
-    try:
-        body = read_json(request)
-        options = trigger_options(body, pipeline.names if pipeline else None)
-    except InvalidRequest as exc:
-        return invalid(exc)
+    body = read_json(request)
+    options = trigger_options(body, pipeline.names if pipeline else None)
     client = get_client(settings)
     if options.dry_run:
         if pipeline is None:

@@ -19,14 +19,12 @@ for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[
         break
 
 from shared import status  # noqa: E402
-from shared.errors import InvalidRequest, LockHeld, StoreUnavailable  # noqa: E402
+from shared.errors import InvalidRequest, LockHeld  # noqa: E402
 from shared.lock import NotRunning  # noqa: E402
-from shared.log import bind, get_logger  # noqa: E402
 from shared.store import get_client  # noqa: E402
 from shared.validation import read_json, runs_param  # noqa: E402
-from shared.web import admit, invalid, reply, trace_of  # noqa: E402
+from shared.web import reply, serve  # noqa: E402
 
-log = get_logger("status")
 ACTIONS = ("cancel", "unlock")
 
 
@@ -40,24 +38,15 @@ def smart_resume_status(request: Request) -> Response:
     Returns:
         JSON as in CONTRACT section 3.
     """
-    settings = admit(request, ("GET", "POST"))
-    if isinstance(settings, Response):
-        return settings
-    with bind(trace=trace_of(request, settings)):
-        try:
-            client = get_client(settings)
-            if request.method == "GET":
-                runs = runs_param(request.args.get("runs"))
-                return reply(status.snapshot(settings, client, runs), 200)
-            return _action(request, settings, client)
-        except InvalidRequest as exc:
-            return invalid(exc)
-        except StoreUnavailable as exc:
-            log.error("store unavailable: %s", exc)
-            return reply({"error": "store unavailable"}, 503)
-        except Exception:
-            log.exception("unexpected error in the status function")
-            return reply({"error": "internal error"}, 500)
+    return serve(request, ("GET", "POST"), "the status function", lambda s: _answer(request, s))
+
+
+def _answer(request: Request, settings) -> Response:  # type: ignore[no-untyped-def]
+    client = get_client(settings)
+    if request.method == "GET":
+        runs = runs_param(request.args.get("runs"))
+        return reply(status.snapshot(settings, client, runs), 200)
+    return _action(request, settings, client)
 
 
 def _action(request: Request, settings, client) -> Response:  # type: ignore[no-untyped-def]
