@@ -6,11 +6,21 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 FUNCTIONS=(smart_resume smart_resume_status)
-# Extra seconds the trigger may live after its time budget: finish the operation in flight,
-# release the lock, send the report.
-TIMEOUT_MARGIN_SECONDS=300
+# Seconds a run needs after its time budget: finish the operation in flight, release the
+# lock, send the report. The trigger's timeout is budget + this margin, and the Scheduler's
+# attempt deadline equals that timeout so that it covers the whole run.
+TIMEOUT_MARGIN_SECONDS=120
+# Hard limits: an HTTP function's timeout, and Cloud Scheduler's attempt deadline (the lower,
+# so it bounds budget + margin).
 MAX_FUNCTION_TIMEOUT_SECONDS=3600
 MAX_ATTEMPT_DEADLINE_SECONDS=1800
+# Composite indexes on collection group `clients` (fields, all ascending): the "due" query,
+# the same per stream, and per shard (for the shard feature).
+CLIENT_INDEXES=("active nextDueAt" "active stream nextDueAt" "active shard nextDueAt")
+# Large fields never queried, as collection-group:field; their single-field indexes are
+# disabled (cheaper writes, no index-entry limits). `claim` on `clients` is queried: indexed.
+INDEX_EXEMPTIONS=(runs:results runs:trigger runs:summary operations:checkpoint operations:counts
+    locks:progress locks:owner)
 # Short settings names in deploy.env and the SMART_RESUME_* variable each one sets.
 SHORT_NAMES=(LOCK_NAME STREAM TIME_BUDGET_SECONDS EMAIL_TRANSPORT EMAIL_FROM EMAIL_TO)
 REQUIRED=(PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NAME
@@ -21,7 +31,8 @@ usage() {
 Usage: ./deploy.sh [deploy|stage] [--dry-run] [--build-dir DIR] [--env-file FILE]
 
 Commands:
-  deploy   (default) stage, deploy both functions, create or update the Scheduler job
+  deploy   (default) stage, create the Firestore indexes (an existing one is kept), deploy
+           both functions, create or update the Scheduler job
   stage    only build build/smart_resume/ and build/smart_resume_status/: each bundle holds
            its main.py, shared/, the pipeline file, the local packages its python operations
            name, and requirements.txt
@@ -108,8 +119,6 @@ config_default() {
 
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
-min() { if (($1 < $2)); then echo "$1"; else echo "$2"; fi; }
-
 load_env_file "$ENV_FILE"
 
 PROBLEMS=()
@@ -151,6 +160,9 @@ if [[ $COMMAND == deploy ]]; then
     SCHEDULER_JOB=${SCHEDULER_JOB:-smart-resume}
     SCHEDULER_LOCATION=${SCHEDULER_LOCATION:-${REGION:-}}
     ALLOW_UNAUTHENTICATED=${ALLOW_UNAUTHENTICATED:-0}
+    TRIGGER_CONCURRENCY=${TRIGGER_CONCURRENCY:-4}
+    TRIGGER_MEMORY=${TRIGGER_MEMORY:-512Mi}
+    DATABASE=${DATABASE:-(default)}
 
     # Pinned versions only: `latest` would change what runs without a deploy.
     for name in WEBHOOK_SECRET_VERSION SENDGRID_SECRET_VERSION; do
@@ -165,17 +177,46 @@ if [[ $COMMAND == deploy ]]; then
             "without it Cloud Run refuses the Scheduler's calls"
     fi
 
+    # Concurrency >= 2 lets a second request reach the code (409 while a run holds the lock)
+    # instead of Cloud Run's own 429; Cloud Functions gen2 needs 1 vCPU for it.
+    if [[ ! $TRIGGER_CONCURRENCY =~ ^[1-9][0-9]{0,3}$ ]] ||
+        ((TRIGGER_CONCURRENCY < 2 || TRIGGER_CONCURRENCY > 1000)); then
+        problem "TRIGGER_CONCURRENCY=$TRIGGER_CONCURRENCY must be a whole number from 2 to 1000" \
+            "(with 1, Cloud Run answers a second request with 429 before the code sees it)"
+    fi
+    memory_mi=0
+    if [[ $TRIGGER_MEMORY =~ ^([1-9][0-9]{0,5})(Mi|Gi)$ ]]; then
+        memory_mi=${BASH_REMATCH[1]}
+        [[ ${BASH_REMATCH[2]} == Gi ]] && memory_mi=$((memory_mi * 1024))
+    fi
+    if ((memory_mi < 512 || memory_mi > 4096)); then
+        problem "TRIGGER_MEMORY=$TRIGGER_MEMORY must be from 512Mi to 4Gi, written like 512Mi" \
+            "or 1Gi (the trigger runs with 1 vCPU)"
+    fi
+    if [[ ! $DATABASE =~ ^(\(default\)|[a-z][a-z0-9-]{2,61}[a-z0-9])$ ]]; then
+        problem "DATABASE=$DATABASE must be (default) or a Firestore database id" \
+            "(4 to 63 lowercase letters, digits and hyphens, starting with a letter)"
+    fi
+
     budget=${SMART_RESUME_TIME_BUDGET_SECONDS:-$(config_default SMART_RESUME_TIME_BUDGET_SECONDS)}
     max_run=${SMART_RESUME_MAX_RUN_SECONDS:-$(config_default SMART_RESUME_MAX_RUN_SECONDS)}
     if ! is_count "$budget"; then
         problem "SMART_RESUME_TIME_BUDGET_SECONDS=$budget must be a whole number of seconds"
         budget=0
-    elif ((budget + 60 > MAX_FUNCTION_TIMEOUT_SECONDS)); then
-        problem "SMART_RESUME_TIME_BUDGET_SECONDS=$budget leaves under 60 s before the" \
-            "${MAX_FUNCTION_TIMEOUT_SECONDS} s function timeout"
-    elif is_count "$max_run" && ((budget >= max_run)); then
-        problem "SMART_RESUME_TIME_BUDGET_SECONDS ($budget) must be shorter than" \
-            "SMART_RESUME_MAX_RUN_SECONDS ($max_run), or a running lock would look stale"
+    else
+        # The Scheduler's attempt deadline (at most 1800 s) must cover budget + margin; the
+        # function timeout (at most 3600 s) is then within its limit too.
+        longest=$((MAX_ATTEMPT_DEADLINE_SECONDS - TIMEOUT_MARGIN_SECONDS))
+        if ((${#budget} > 6 || budget > longest)); then
+            problem "TIME_BUDGET_SECONDS (SMART_RESUME_TIME_BUDGET_SECONDS)=$budget is too long:" \
+                "budget + ${TIMEOUT_MARGIN_SECONDS} s to finish must fit Cloud Scheduler's" \
+                "${MAX_ATTEMPT_DEADLINE_SECONDS} s attempt deadline (and the function's" \
+                "${MAX_FUNCTION_TIMEOUT_SECONDS} s timeout), so at most $longest"
+        fi
+        if is_count "$max_run" && ((budget >= max_run)); then
+            problem "SMART_RESUME_TIME_BUDGET_SECONDS ($budget) must be shorter than" \
+                "SMART_RESUME_MAX_RUN_SECONDS ($max_run), or a running lock would look stale"
+        fi
     fi
     if [[ -n ${SMART_RESUME_STREAM:-} && ! $SMART_RESUME_STREAM =~ ^[0-9]+$ ]]; then
         problem "SMART_RESUME_STREAM=$SMART_RESUME_STREAM must be a whole number"
@@ -352,6 +393,21 @@ run_masked() {
     return "$status"
 }
 
+# create_index COMMAND...: an index that exists already (or is still being built) is kept, so
+# a deploy can be repeated.
+create_index() {
+    local output status=0
+    show "$@"
+    ((DRY_RUN)) && return 0
+    output=$("$@" 2>&1) || status=$?
+    if ((status)) && [[ $output == *ALREADY_EXISTS* || $output == *"already exists"* ]]; then
+        note "  (the index exists already: kept)"
+        return 0
+    fi
+    [[ -z $output ]] || printf '%s\n' "$output" >&2
+    return "$status"
+}
+
 # capture VAR DRY_RUN_VALUE COMMAND...: VAR gets the command's output (a placeholder in a dry run).
 capture() {
     local var=$1 placeholder=$2
@@ -392,14 +448,35 @@ auth_flag=--no-allow-unauthenticated
 [[ $ALLOW_UNAUTHENTICATED == 1 ]] && auth_flag=--allow-unauthenticated
 common=(--gen2 --runtime=python312 "--region=$REGION" "--project=$PROJECT_ID" --trigger-http
     "--service-account=$SERVICE_ACCOUNT" "--set-secrets=$secrets" "$(env_vars_flag)")
-timeout=$(min $((budget + TIMEOUT_MARGIN_SECONDS)) "$MAX_FUNCTION_TIMEOUT_SECONDS")
-deadline=$(min $((budget + 60)) "$MAX_ATTEMPT_DEADLINE_SECONDS")
+# Checked above: budget + margin <= the attempt deadline limit <= the function timeout limit.
+timeout=$((budget + TIMEOUT_MARGIN_SECONDS))
+deadline=$timeout
 
 ((DRY_RUN)) && echo "# dry run: these are the commands a deploy runs; none is run"
 
+# Firestore indexes first, so the functions never query without them. Creating an index that
+# exists is kept as success and an exemption update is idempotent: a deploy can be repeated.
+for index in "${CLIENT_INDEXES[@]}"; do
+    read -ra fields <<<"$index"
+    field_configs=()
+    for field in "${fields[@]}"; do
+        field_configs+=("--field-config=field-path=$field,order=ascending")
+    done
+    create_index gcloud firestore indexes composite create --collection-group=clients \
+        --query-scope=collection "${field_configs[@]}" "--database=$DATABASE" \
+        "--project=$PROJECT_ID" --async
+done
+for exemption in "${INDEX_EXEMPTIONS[@]}"; do
+    run gcloud firestore indexes fields update "${exemption#*:}" \
+        "--collection-group=${exemption%%:*}" --disable-indexes "--database=$DATABASE" \
+        "--project=$PROJECT_ID" --async
+done
+
+# The trigger: one instance (one run at a time), but several requests per instance, so that
+# a request during a run reaches the code (409) instead of Cloud Run's 429.
 run gcloud functions deploy "$FUNCTION_NAME" "${common[@]}" --entry-point=smart_resume \
-    "--source=$BUILD_DIR/smart_resume" "--timeout=${timeout}s" --max-instances=1 --concurrency=1 \
-    "$auth_flag"
+    "--source=$BUILD_DIR/smart_resume" "--timeout=${timeout}s" --max-instances=1 \
+    "--concurrency=$TRIGGER_CONCURRENCY" --cpu=1 "--memory=$TRIGGER_MEMORY" "$auth_flag"
 run gcloud functions deploy "$STATUS_FUNCTION_NAME" "${common[@]}" \
     --entry-point=smart_resume_status "--source=$BUILD_DIR/smart_resume_status" \
     --no-allow-unauthenticated

@@ -2,8 +2,8 @@
 
 Starts the Firestore emulator and both functions (each in its own process group), seeds the
 demo clients, triggers a run over HTTP with the webhook secret while watching the status
-function, prints the summary and the report's path, triggers again to show everything skipped
-as fresh, prints the plan, and stops everything it started, also on Ctrl-C or an error.
+function, prints the summary and the report's path, triggers again to show that nothing is due (so
+nothing is read), prints the plan, and stops everything it started, also on Ctrl-C or an error.
 Needs gcloud (with the Firestore emulator), Java and this repository's .venv.
 """
 
@@ -239,12 +239,12 @@ def run_demo(args: argparse.Namespace, services: Services) -> int:
     if not report.exists():
         raise DemoError(f"the report {report} was not written; see .demo/smart_resume.log")
 
-    step("Triggering again: every operation succeeded within fresh_hours, so all are skipped")
+    step("Triggering again: everything succeeded within fresh_hours, so nothing is due or read")
     http_status, second = watch_run(trigger, status, {})
     print_summary(http_status, second)
     summary = second.get("summary") or {}
     if second.get("status") != "completed" or summary.get("processed"):
-        raise DemoError(f"the second run did not skip everything: {second}")
+        raise DemoError(f"the second run found work although nothing was due: {second}")
 
     step("What the next run would do: python -m shared.resume plan")
     print("  " + cli(env, "plan").strip().replace("\n", "\n  "))

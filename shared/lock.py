@@ -7,13 +7,13 @@ conditional commits decide among 20 contenders in ~0.1 s with exactly one winner
 
 Staleness is judged by the server's clock (the snapshot's `read_time`), never the local one.
 
-Fencing: the lock document changes on every heartbeat, so it cannot serve as a write
-precondition for the engine's state writes. A second, small document (`locks/{name}/fence/current`)
-holds the token and run id and changes only on acquire and unlock. A fenced write is one batch
-commit: the state write plus a no-op update of the fence document preconditioned on the update
-time seen at acquire. Firestore keeps a document's update time when a write does not change it,
-so the commit lands only while nobody has taken the lock since: one round trip, no transaction,
-and nothing for the heartbeat to wait on.
+Fencing: the lock document changes on every heartbeat, so it cannot serve as a precondition for
+the engine's state writes. A second, small document (`locks/{name}/fence/current`) holds the
+token and run id and changes only on acquire and unlock; runs read it (never write it) when they
+claim a client, see `fence.py`.
+
+Outcomes that are unknown (a deadline passed, the answer was lost) are settled by reading back:
+an acquire that landed is kept and used, a release that landed is reported as landed.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from google.cloud.firestore_v1.batch import WriteBatch
 
 from shared import store
 from shared.config import Settings
-from shared.errors import LeaseLost, LockHeld, SmartResumeError
+from shared.errors import LeaseLost, LockHeld, SmartResumeError, StoreUnavailable
+from shared.log import get_logger
 
 ExtraWrites = Callable[[WriteBatch, str | None], None]
+log = get_logger("lock")
 _ATTEMPTS = 5
 
 
@@ -173,26 +175,46 @@ class Lock:
             update_time, token = cached
             try:
                 return self._take(run_id, owner, extra, token + 1, update_time, None, None)
-            except (gexc.FailedPrecondition, gexc.NotFound):
-                pass  # someone wrote it since; decide on a fresh read
-        state = self.read()
-        if state.live:
-            raise LockHeld(state.run_id, state.age_seconds or 0.0)
-        previous = state.run_id if state.held else None
-        try:
-            return self._take(
-                run_id,
-                owner,
-                extra,
-                state.token + 1,
-                state.update_time if state.exists else None,
-                previous,
-                state.age_seconds if previous else None,
-            )
-        except (gexc.AlreadyExists, gexc.FailedPrecondition) as exc:
-            # Someone else committed between our read and our write: they won.
-            winner = self.read()
-            raise LockHeld(winner.run_id, winner.age_seconds or 0.0) from exc
+            except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
+                pass  # someone wrote it since, or the answer was lost: decide on a fresh read
+        for _ in range(_ATTEMPTS):
+            state = self.read()
+            if state.held and state.run_id == run_id:
+                return self._lease_from(state)  # an earlier attempt of ours landed after all
+            if state.live:
+                raise LockHeld(state.run_id, state.age_seconds or 0.0)
+            previous = state.run_id if state.held else None
+            try:
+                return self._take(
+                    run_id,
+                    owner,
+                    extra,
+                    state.token + 1,
+                    state.update_time if state.exists else None,
+                    previous,
+                    state.age_seconds if previous else None,
+                )
+            except (gexc.AlreadyExists, gexc.FailedPrecondition) as exc:
+                # Someone committed between our read and our write: they won, unless "someone"
+                # is an earlier attempt of ours whose answer was lost.
+                winner = self.read()
+                if winner.held and winner.run_id == run_id:
+                    return self._lease_from(winner)
+                raise LockHeld(winner.run_id, winner.age_seconds or 0.0) from exc
+            except StoreUnavailable:
+                # The commit may or may not have landed: read back and decide on what is there.
+                continue
+        raise StoreUnavailable("could not settle whether the lock was taken")
+
+    def _lease_from(self, state: LockState) -> Lease:
+        """The lease of a take whose answer was lost, rebuilt from the lock document."""
+        log.warning("the lock was taken although the answer was lost; using it")
+        return Lease(
+            run_id=state.run_id or "",
+            token=state.token,
+            acquired_at=state.acquired_at or state.read_time or dt.datetime.now(dt.UTC),
+            lock_update_time=state.update_time,
+        )
 
     def _take(
         self,
@@ -273,8 +295,16 @@ class Lock:
                     lease.cancel_requested = state.cancel_requested
             raise LeaseLost("could not renew the lease: the lock keeps changing")
 
-    def release(self, lease: Lease, extra: ExtraWrites | None = None) -> bool:
+    def release(
+        self,
+        lease: Lease,
+        extra: ExtraWrites | None = None,
+        landed: Callable[[], bool] | None = None,
+    ) -> bool:
         """Give the lock back if it is still ours; `extra` writes land in the same commit.
+
+        `landed` tells, by reading back, whether a commit whose answer was lost in fact
+        landed (the run record says so), so a lost answer is never reported as a failure.
 
         Returns False, writing nothing, when the lock is no longer ours (released already, taken
         over, force-unlocked, deleted): never an error that hides the run's result, and never a
@@ -302,7 +332,10 @@ class Lock:
                     # fails its precondition and finds the lock no longer ours.
                     _remember_released(self._key, results[0].update_time, lease.token)
                     return True
-                except (gexc.FailedPrecondition, gexc.NotFound):
+                except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
+                    # Refused, or an unknown outcome: what is stored now decides.
+                    if landed is not None and landed():
+                        return True  # the commit landed; only its answer was lost
                     try:
                         state = self._owned(lease)
                     except LeaseLost:
@@ -362,24 +395,3 @@ class Lock:
             except gexc.FailedPrecondition:
                 continue
         raise NotRunning("the lock kept changing; try again")
-
-    # -- fencing -----------------------------------------------------------------------------
-
-    def fence(self, batch: WriteBatch, lease: Lease) -> None:
-        """Add the fencing precondition to `batch`: it commits only while `lease` is current."""
-        batch.update(
-            self.fence_ref,
-            {"token": lease.token},
-            option=self.client.write_option(last_update_time=lease.fence_update_time),
-        )
-
-    def fenced_commit(self, lease: Lease, write: Callable[[WriteBatch], None]) -> list[Any]:
-        """Commit the writes that `write` adds, only while `lease` still holds the lock."""
-        batch = self.client.batch()
-        write(batch)
-        self.fence(batch, lease)
-        try:
-            with store.translate_errors("saving state"):
-                return batch.commit(**store.commit_call(self.settings))
-        except (gexc.FailedPrecondition, gexc.NotFound) as exc:
-            raise LeaseLost(f"run {lease.run_id} lost its lease; write refused") from exc

@@ -7,11 +7,13 @@ lock it took (or, having lost it, writes nothing more) and sends at most one rep
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +25,7 @@ from shared.errors import (
     LockHeld,
     ModuleLoadError,
     PipelineError,
+    StoreRejected,
     StoreUnavailable,
 )
 from shared.heartbeat import Heartbeat
@@ -30,7 +33,7 @@ from shared.lock import Lock, owner_info
 from shared.log import bind, get_logger
 from shared.resume.engine import RunContext, RunResult, one_line, summarize
 from shared.resume.pipeline import Pipeline, load_pipeline
-from shared.resume.plan import Planner, RunOptions
+from shared.resume.plan import RunOptions
 from shared.runs import Runs, jsonable, new_run_id
 
 log = get_logger("runner")
@@ -48,6 +51,22 @@ class Outcome:
     report: dict[str, Any] | None = field(default=None, compare=False)
 
 
+_runs_mutex = threading.Lock()
+_runs_in_progress = 0
+
+
+@contextlib.contextmanager
+def _in_progress() -> Iterator[None]:
+    global _runs_in_progress
+    with _runs_mutex:
+        _runs_in_progress += 1
+    try:
+        yield
+    finally:
+        with _runs_mutex:
+            _runs_in_progress -= 1
+
+
 def load_entry_point(settings: Settings) -> EntryPoint:
     """Import the resume module and return its `run_smart_resume`.
 
@@ -56,11 +75,14 @@ def load_entry_point(settings: Settings) -> EntryPoint:
     """
     name = settings.module
     try:
-        if settings.reload_module:
-            for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-                del sys.modules[loaded]
-            importlib.invalidate_caches()
-        module = importlib.import_module(name)
+        with _runs_mutex:
+            # The trigger takes concurrent requests (a second one gets 409 or a dry run's
+            # plan): never swap the modules out from under a run in progress in this process.
+            if settings.reload_module and _runs_in_progress == 0:
+                for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                    del sys.modules[loaded]
+                importlib.invalidate_caches()
+            module = importlib.import_module(name)
     except Exception as exc:
         raise ModuleLoadError(
             f"cannot import {name}: {type(exc).__name__}: {one_line(exc)}"
@@ -74,8 +96,15 @@ def load_entry_point(settings: Settings) -> EntryPoint:
 def plan_run(
     settings: Settings, client: firestore.Client, options: RunOptions, pipeline: Pipeline
 ) -> Outcome:
-    """A dry run: the plan, with no lock taken and nothing written."""
-    plans = Planner(client, settings, pipeline).plan(options)
+    """A dry run: every selected active client's plan (due or not, with when it is due), with
+    no lock taken and nothing written."""
+    import datetime as dt
+
+    from shared.resume.due import Selection
+
+    selection = Selection(client, settings, pipeline, options)
+    pages = selection.one() if options.client_id else selection.all_pages()
+    plans = selection.plans(pages, dt.datetime.now(dt.UTC))
     body = {"status": "planned", "plan": [p.as_dict() for p in plans]}
     return Outcome("planned", 200, body)
 
@@ -131,8 +160,12 @@ def start_run(
                 lease.previous_run_id,
                 lease.previous_age_seconds or 0,
             )
+            _revoke(settings, client, lease.previous_run_id)
         log.info("run started", fields={"token": lease.token, "lock": settings.lock_name})
-        return _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, deadline)
+        with _in_progress():
+            return _run_locked(
+                settings, client, lock, lease, runs, entry, pipeline, options, deadline
+            )
 
 
 def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, deadline) -> Outcome:  # type: ignore[no-untyped-def]
@@ -164,10 +197,11 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         except Exception as exc:
             status, error, where = "failed", one_line(exc), "resume module"
             log.exception("run failed: %s", error)
-        if hb.lost.is_set():
-            status = "abandoned"
     if status == "abandoned":
         return _abandoned(run_id)
+    # A heartbeat that flagged the lease lost (renewal refused, or the store silent for a
+    # lease) does not by itself mean another run took over: the release below is
+    # preconditioned on our lease, so it lands only if the lock is still ours.
     summary = result.summary if result else summarize([], 0, time.monotonic() - started)
     summary["durationSeconds"] = round(time.monotonic() - started, 3)
     results = result.results if result else []
@@ -198,19 +232,34 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         "error": None,
     }
     claimed = True
-    try:
-        released = lock.release(
-            lease,
-            extra=lambda batch, _: runs.finish(
-                batch,
-                run_id,
-                status=status,
-                summary=summary,
-                results=results,
-                error=error,
-                report=claim,
-            ),
+    inline, omitted = runs.store_results(run_id, results)
+
+    def finish(batch: Any, _: Any, inline: list[dict[str, Any]] = inline) -> None:
+        runs.finish(
+            batch,
+            run_id,
+            status=status,
+            summary=summary,
+            results=inline,
+            total=len(results),
+            omitted=omitted,
+            error=error,
+            report=claim,
         )
+
+    def landed() -> bool:
+        record = runs.get(run_id, fields=["status"]) or {}
+        return record.get("status") == status
+
+    try:
+        try:
+            released = lock.release(lease, extra=finish, landed=landed)
+        except StoreRejected as exc:
+            # The record itself was refused (a value Firestore cannot store): never strand
+            # the lock over it. Release again with the summary only.
+            log.error("the run record was refused (%s); releasing with the summary only", exc)
+            omitted = len(results)
+            released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
     except StoreUnavailable as exc:
         # The lock stays held and goes stale; the next trigger takes it over. The report
         # below still tries to go out: an outage is exactly what the operator must hear of.
@@ -229,6 +278,19 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         return Outcome("failed", 500, body, run_id, report)
     body = {"status": status, "runId": run_id, "summary": jsonable(summary)}
     return Outcome(status, 200, body, run_id, report)
+
+
+def _revoke(settings: Settings, client: firestore.Client, run_id: str) -> None:
+    """Close the open client claims of the run we took over, so it lands no further write."""
+    from shared.fence import revoke
+
+    try:
+        closed = revoke(client, settings, run_id)
+    except StoreUnavailable as exc:
+        log.error("could not revoke the claims of run %s: %s", run_id, exc)
+        return
+    if closed:
+        log.warning("revoked %d client claims of run %s", closed, run_id)
 
 
 def _abandoned(run_id: str) -> Outcome:

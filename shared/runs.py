@@ -19,7 +19,56 @@ from shared.config import Settings
 
 FINISHED = ("completed", "partial", "failed", "cancelled", "abandoned")
 SAME_SECOND_SLACK = 10  # runs that may share a start second, read beyond the limit to order
-MAX_STORED_RESULTS = 2000  # a Firestore document holds at most 1 MiB
+RESULTS = "results"  # subcollection of a run: the results that do not fit its document
+#: Bytes of results kept in the run document itself, and per page document: well under
+#: Firestore's 1 MiB per document, with room for the summary and the rest of the record.
+RECORD_RESULT_BYTES = 512 * 1024
+PAGE_RESULT_BYTES = 768 * 1024
+MAX_PAGES = 40
+#: What status reads of a run: everything but the per-client results.
+SUMMARY_FIELDS = [
+    "runId",
+    "status",
+    "lockName",
+    "startedAt",
+    "finishedAt",
+    "trigger",
+    "scheduleTime",
+    "stream",
+    "summary",
+    "error",
+    "report",
+    "tookOver",
+]
+
+
+def stored_size(value: Any) -> int:
+    """Firestore's storage size of a value (strings as UTF-8 bytes + 1; see its docs)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass")) + 1
+    if isinstance(value, dict):
+        return sum(stored_size(k) + stored_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(stored_size(v) for v in value)
+    if value is None or isinstance(value, bool):
+        return 1
+    return 8
+
+
+def split_by_bytes(
+    results: list[dict[str, Any]], first: int, rest: int
+) -> list[list[dict[str, Any]]]:
+    """Results in chunks: the first under `first` bytes, the others under `rest` each."""
+    chunks: list[list[dict[str, Any]]] = [[]]
+    budget, used = first, 0
+    for entry in results:
+        size = stored_size(entry)
+        if used + size > budget and chunks[-1]:
+            chunks.append([])
+            budget, used = rest, 0
+        chunks[-1].append(entry)
+        used += size
+    return chunks
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
@@ -102,13 +151,22 @@ class Runs:
         results: list[dict[str, Any]],
         error: str | None,
         report: dict[str, Any] | None = None,
+        total: int | None = None,
+        omitted: int = 0,
     ) -> None:
-        stored = results[:MAX_STORED_RESULTS]
+        """The end of the run, in the release commit. `results` are those kept in the record
+        (see `store_results`); the summary counts all `total` of them."""
+        total = len(results) if total is None else total
         fields: dict[str, Any] = {
             "status": status,
             "finishedAt": firestore.SERVER_TIMESTAMP,
-            "summary": {**summary, "resultsStored": len(stored)},
-            "results": stored,
+            "summary": {
+                **summary,
+                "resultsStored": len(results),
+                "resultsPaged": total - len(results) - omitted,
+                "resultsOmitted": omitted,
+            },
+            "results": results,
             "error": error,
         }
         if report is not None:
@@ -137,11 +195,36 @@ class Runs:
                 **store.commit_call(self.settings),
             )
 
+    def store_results(
+        self, run_id: str, results: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Keep the run record under 1 MiB whatever the results: the first ~512 KiB stay in
+        it, the rest go to `runs/{runId}/results/{page}` documents. Returns the results for
+        the record and how many could not be stored at all (counted as omitted)."""
+        chunks = split_by_bytes(results, RECORD_RESULT_BYTES, PAGE_RESULT_BYTES)
+        inline, pages = chunks[0], chunks[1:]
+        omitted = sum(len(p) for p in pages[MAX_PAGES:])
+        for number, page in enumerate(pages[:MAX_PAGES], start=1):
+            ref = self.ref(run_id).collection(RESULTS).document(f"{number:04d}")
+            data = {"runId": run_id, "page": number, "results": page}
+            try:
+                store.retrying(
+                    self.settings,
+                    "storing a page of results",
+                    lambda ref=ref, data=data: ref.set(data, **store.commit_call(self.settings)),
+                )
+            except Exception as exc:  # a page lost is counted, never the run's end
+                omitted += len(page)
+                from shared.log import get_logger
+
+                get_logger("runs").error("could not store results page %d: %s", number, exc)
+        return inline, omitted
+
     # -- reads ---------------------------------------------------------------------------------
 
-    def get(self, run_id: str) -> dict[str, Any] | None:
+    def get(self, run_id: str, fields: list[str] | None = None) -> dict[str, Any] | None:
         with store.translate_errors("reading a run"):
-            snap = self.ref(run_id).get(**store.call(self.settings))
+            snap = self.ref(run_id).get(field_paths=fields, **store.call(self.settings))
         return snap.to_dict() if snap.exists else None
 
     def for_schedule(self, schedule_time: str, job: str | None = None) -> dict[str, Any] | None:
@@ -149,6 +232,7 @@ class Runs:
         query = (
             self.collection.where(filter=firestore.FieldFilter("scheduleTime", "==", schedule_time))
             .where(filter=firestore.FieldFilter("lockName", "==", self.settings.lock_name))
+            .select(["runId", "status", "trigger"])
             .limit(20)
         )
         with store.translate_errors("looking up the schedule tick"):
@@ -171,6 +255,7 @@ class Runs:
                 filter=firestore.FieldFilter("lockName", "==", self.settings.lock_name)
             )
             .order_by("__name__", direction="DESCENDING")
+            .select(SUMMARY_FIELDS)
             .limit(limit + SAME_SECOND_SLACK)
         )
         with store.translate_errors("listing runs"):

@@ -9,6 +9,7 @@ from google.cloud import firestore
 from shared.config import Settings, describe
 from shared.lock import Lock, LockState
 from shared.log import get_logger
+from shared.quarantine import failing
 from shared.runs import Runs, jsonable
 
 log = get_logger("status")
@@ -40,6 +41,7 @@ def snapshot(
     }
     if runs is not None:
         body["runs"] = jsonable(records.recent(runs))
+    body.update(failing(settings, client, settings.stream))
     return body
 
 
@@ -68,6 +70,10 @@ def unlock(settings: Settings, client: firestore.Client, force: bool) -> dict[st
     if not before.held:
         return {"status": "not held", "changed": False}
     log.warning("lock %s %s (was run %s)", settings.lock_name, how, before.run_id)
+    if before.run_id:
+        from shared.fence import revoke
+
+        revoke(client, settings, before.run_id)  # its in-flight clients land nothing more
     return {
         "status": "unlocked",
         "changed": True,

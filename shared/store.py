@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import random
 import threading
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
@@ -25,18 +27,25 @@ CLIENTS = "clients"
 OPERATIONS = "operations"
 RUNS = "runs"
 FENCE = "fence"  # subcollection of a lock document; see lock.py for why it exists
+META = "meta"  # subcollection of a lock document: what the due-work selection remembers
 
 _client_lock = threading.Lock()
+T = TypeVar("T")
+
+
+#: Errors after which the same request may succeed: contention (aborted), overload (resource
+#: exhausted / too many requests), and a server that did not answer in time.
+TRANSIENT = (
+    gexc.Aborted,
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.InternalServerError,
+    gexc.TooManyRequests,
+)
 
 
 def _transient(exc: Exception) -> bool:
-    return isinstance(
-        exc,
-        gexc.ServiceUnavailable
-        | gexc.DeadlineExceeded
-        | gexc.InternalServerError
-        | gexc.TooManyRequests,
-    )
+    return isinstance(exc, TRANSIENT)
 
 
 @functools.cache
@@ -58,6 +67,69 @@ def commit_call(settings: Settings) -> dict[str, Any]:
     return {"timeout": settings.rpc_timeout_seconds, "retry": None}
 
 
+def retrying(settings: Settings, what: str, attempt: Callable[[], T]) -> T:
+    """Run `attempt` (one write whose repetition is harmless: a blind set, a commit whose
+    preconditions a landed first try would still satisfy) again after transient errors, with
+    capped exponential backoff, for at most the RPC deadline; then fail as `StoreUnavailable`.
+
+    Conditional commits that a landed first try would *break* must not come here: their
+    callers read back instead (see `Lock.acquire` and `Lock.release`).
+    """
+    deadline = time.monotonic() + settings.rpc_timeout_seconds
+    delay = 0.05
+    while True:
+        with translate_errors(what):
+            try:
+                return attempt()
+            except TRANSIENT:
+                if time.monotonic() + delay >= deadline:
+                    raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 1.0)
+
+
+def read_then_commit(
+    client: firestore.Client,
+    settings: Settings,
+    what: str,
+    body: Callable[[firestore.Transaction], None],
+) -> list[Any]:
+    """One read-write transaction with a bounded deadline on every RPC.
+
+    The library's own `Transaction` begins and commits with its default retry and timeout (an
+    unreachable store blocks for minutes), so we drive the three RPCs ourselves: begin, the
+    reads `body` makes with `transaction=`, and the commit of the writes it adds. Contention
+    (`Aborted`) is retried within the RPC deadline; other errors roll back and raise.
+    """
+    api = client._firestore_api
+    kwargs = {"metadata": client._rpc_metadata, "timeout": settings.rpc_timeout_seconds}
+    database = client._database_string
+
+    def attempt() -> list[Any]:
+        tx = client.transaction()
+        tx._id = api.begin_transaction(
+            request={"database": database}, retry=None, **kwargs
+        ).transaction
+        try:
+            body(tx)
+            if not tx._write_pbs:
+                return []
+            response = api.commit(
+                request={"database": database, "writes": tx._write_pbs, "transaction": tx._id},
+                retry=None,
+                **kwargs,
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                api.rollback(
+                    request={"database": database, "transaction": tx._id}, retry=None, **kwargs
+                )
+            raise
+        return list(response.write_results)
+
+    return retrying(settings, what, attempt)
+
+
 @functools.cache
 def _client(project: str | None, emulator_host: str | None) -> firestore.Client:
     # emulator_host is part of the key only so a test that moves the emulator gets a new client;
@@ -77,7 +149,7 @@ def translate_errors(what: str) -> Iterator[None]:
     """Turn transport failures into `StoreUnavailable` with a one-line message."""
     try:
         yield
-    except (gexc.RetryError, gexc.ServiceUnavailable, gexc.DeadlineExceeded) as exc:
+    except (gexc.RetryError, *TRANSIENT) as exc:
         raise StoreUnavailable(f"Firestore unavailable while {what}: {_short(exc)}") from exc
     except gexc.GoogleAPICallError as exc:
         if isinstance(exc, gexc.FailedPrecondition | gexc.AlreadyExists | gexc.NotFound):

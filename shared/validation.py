@@ -49,7 +49,7 @@ def _type_name(value: Any) -> str:
     }.get(type(value), "value")
 
 
-def _document_id(value: str) -> bool:
+def document_id(value: str) -> bool:
     """Firestore's rules for a document id: not empty, no '/', not '.' or '..', not `__x__`,
     at most 1500 bytes."""
     return (
@@ -61,7 +61,11 @@ def _document_id(value: str) -> bool:
     )
 
 
-def trigger_options(body: dict[str, Any], known_operations: tuple[str, ...] | None) -> RunOptions:
+def trigger_options(
+    body: dict[str, Any],
+    known_operations: tuple[str, ...] | None,
+    configured_stream: int | None = None,
+) -> RunOptions:
     """The trigger body as `RunOptions`; unknown keys, wrong types and unknown names are 400s.
 
     `known_operations` is None when the pipeline itself cannot be loaded: then the names are
@@ -80,7 +84,7 @@ def trigger_options(body: dict[str, Any], known_operations: tuple[str, ...] | No
             want = {str: "a string", list: "an array", bool: "true or false", int: "a whole number"}
             raise InvalidRequest(f"'{key}' must be {want[expected]}, got {_type_name(value)}")
     client_id = body.get("clientId")
-    if client_id is not None and not _document_id(client_id):
+    if client_id is not None and not document_id(client_id):
         raise InvalidRequest("'clientId' is not a valid Firestore document id")
     operations = body.get("operations")
     if operations is not None:
@@ -97,6 +101,13 @@ def trigger_options(body: dict[str, Any], known_operations: tuple[str, ...] | No
     stream = body.get("stream")
     if stream is not None and not 0 <= stream < 2**31:
         raise InvalidRequest("'stream' must be between 0 and 2147483647")
+    if stream is not None and configured_stream is not None and stream != configured_stream:
+        # The lock of this deployment covers its own stream only: another stream's clients
+        # would run beside that stream's own deployment.
+        raise InvalidRequest(
+            f"'stream' must be {configured_stream}, the stream this deployment "
+            "(SMART_RESUME_STREAM) and its lock cover"
+        )
     return RunOptions(
         client_id=client_id,
         operations=tuple(operations) if operations else None,

@@ -75,3 +75,25 @@ def wait_for_stop(ctx: Any) -> dict[str, Any]:
             event.set()
         time.sleep(0.05)
     return {"done": False}
+
+
+def saver(ctx: Any) -> dict[str, Any]:
+    """Saves each checkpoint of BEHAVIOUR['saves'] in turn, then reports not done."""
+    record(ctx)
+    for checkpoint in BEHAVIOUR.get("saves", []):
+        ctx.save_checkpoint(checkpoint)
+    return {"done": False}
+
+
+def long_error(ctx: Any) -> None:
+    """Fails with a 500-character error (the engine stores at most that)."""
+    record(ctx)
+    raise ValueError("x" * 600)
+
+
+def gate(ctx: Any) -> None:
+    """Signals BEHAVIOUR['entered'], then waits for BEHAVIOUR['release'] (both Events)."""
+    record(ctx)
+    BEHAVIOUR["entered"].set()
+    if not BEHAVIOUR["release"].wait(30):
+        raise RuntimeError("never released")

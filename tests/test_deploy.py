@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,6 +40,35 @@ OLD_SECRET = "s3cr3t-old-value"
 URL = "https://smart-resume-abc123-ew.a.run.app"
 #: Path parts that must never reach a deployed bundle.
 FORBIDDEN = {"__pycache__", ".venv", "tests", ".pytest_cache", ".git", "build"}
+#: The settings this change added to deploy.sh, each documented in deploy.env.example.
+NEW_SETTINGS = ("TRIGGER_CONCURRENCY", "TRIGGER_MEMORY", "DATABASE")
+#: The Firestore index commands a deploy with the default settings runs, in order.
+INDEX_COMMANDS = [
+    *(
+        "gcloud firestore indexes composite create --collection-group=clients "
+        "--query-scope=collection "
+        + " ".join(f"--field-config=field-path={f},order=ascending" for f in fields)
+        + " '--database=(default)' --project=my-project --async"
+        for fields in (
+            ("active", "nextDueAt"),
+            ("active", "stream", "nextDueAt"),
+            ("active", "shard", "nextDueAt"),
+        )
+    ),
+    *(
+        f"gcloud firestore indexes fields update {field} --collection-group={group} "
+        "--disable-indexes '--database=(default)' --project=my-project --async"
+        for group, field in (
+            ("runs", "results"),
+            ("runs", "trigger"),
+            ("runs", "summary"),
+            ("operations", "checkpoint"),
+            ("operations", "counts"),
+            ("locks", "progress"),
+            ("locks", "owner"),
+        )
+    ),
+]
 
 
 def free_port() -> int:
@@ -83,6 +116,79 @@ def command(stdout: str, start: str) -> str:
     return found[0]
 
 
+def dry_run(path: str, build: Path, env: dict[str, str] | None = None) -> str:
+    """The dry run's output with the example settings (and `env` over them); it must succeed."""
+    result = run_deploy(
+        "--dry-run", "--env-file", str(EXAMPLE), "--build-dir", str(build), path=path, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# --- the real gcloud parser ----------------------------------------------------------------
+
+GCLOUD = shutil.which("gcloud")
+needs_gcloud = pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI is not installed")
+#: What gcloud says when a command has parsed and passed its local checks and first needs
+#: credentials. With an empty configuration and no credentials in the environment it stops
+#: there, before any API call: the real parser accepted every flag and value.
+PARSED = "You do not currently have an active account selected"
+_parsed: dict[str, str | None] = {}
+_parsed_lock = threading.Lock()
+
+
+def gcloud_rejection(printed: str, scratch: Path) -> str | None:
+    """None when the real gcloud parses `printed` (a command as deploy.sh prints it), else why
+    not. Runs with a fresh configuration and a minimal environment: no account, no project, no
+    credentials, no metadata-server probe, no prompt, so nothing reaches the network."""
+    with _parsed_lock:
+        if printed in _parsed:
+            return _parsed[printed]
+    args = shlex.split(printed)
+    assert args[0] == "gcloud", printed
+    home = scratch / f"gcloud-{abs(hash(printed))}"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "CLOUDSDK_CONFIG": str(home / "config"),
+        "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+        "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
+        "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true",
+        "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
+    }
+    result = subprocess.run(
+        [str(GCLOUD), *args[1:]],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    why = None
+    if result.returncode != 1 or PARSED not in result.stderr:
+        why = f"{printed}\n  exit {result.returncode}: {result.stderr.strip()}"
+    with _parsed_lock:
+        _parsed[printed] = why
+    return why
+
+
+@pytest.fixture(scope="module")
+def gcloud_scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One build folder and gcloud homes for the parser checks, so that a command printed the
+    same way by several tests is parsed once."""
+    return tmp_path_factory.mktemp("gcloud-parser")
+
+
+def assert_gcloud_parses(printed: list[str], scratch: Path) -> None:
+    """Every command passes the real gcloud argument parser (checked four at a time)."""
+    assert printed
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        rejected = [w for w in pool.map(lambda c: gcloud_rejection(c, scratch), printed) if w]
+    assert not rejected, "\n".join(rejected)
+
+
 class TestDryRun:
     def test_example_config_shows_both_functions_and_the_job(
         self, path_without_gcloud: str, tmp_path: Path
@@ -110,9 +216,11 @@ class TestDryRun:
             "--service-account=smart-resume@my-project.iam.gserviceaccount.com",
             "--set-secrets=SMART_RESUME_WEBHOOK_SECRET=smart-resume-webhook:1,"
             "SENDGRID_API_KEY=smart-resume-sendgrid:1",
-            "--timeout=1800s",
+            "--timeout=1620s",
             "--max-instances=1",
-            "--concurrency=1",
+            "--concurrency=4",
+            "--cpu=1",
+            "--memory=512Mi",
             "--no-allow-unauthenticated",
         ):
             assert f" {flag} " in f" {trigger} ", flag
@@ -145,7 +253,7 @@ class TestDryRun:
                 "--time-zone=Europe/Paris",
                 "--uri=https://europe-west1-my-project.cloudfunctions.net/smart-resume",
                 "--http-method=POST",
-                "--attempt-deadline=1560s",
+                "--attempt-deadline=1620s",
                 "--max-retry-attempts=0",
                 f"{header}=X-Webhook-Secret=***",
                 "--oidc-service-account-email=smart-resume-scheduler@my-project.iam."
@@ -192,33 +300,105 @@ class TestDryRun:
         assert "europe-west1" not in result.stdout
 
     @pytest.mark.parametrize(
-        ("budget", "max_run", "timeout", "deadline"),
-        [("600", "", "900s", "660s"), ("3000", "3400", "3300s", "1800s")],
+        ("budget", "max_run", "seconds"),
+        [("60", "", 180), ("600", "", 720), ("1500", "", 1620), ("1680", "3400", 1800)],
     )
-    def test_the_budget_sets_timeout_and_attempt_deadline(
-        self,
-        path_without_gcloud: str,
-        tmp_path: Path,
-        budget: str,
-        max_run: str,
-        timeout: str,
-        deadline: str,
+    def test_timeout_and_attempt_deadline_are_budget_plus_the_finishing_margin(
+        self, path_without_gcloud: str, tmp_path: Path, budget: str, max_run: str, seconds: int
     ) -> None:
-        """The trigger timeout is budget + 300 s and the attempt deadline budget + 60 s, capped."""
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={"TIME_BUDGET_SECONDS": budget, "SMART_RESUME_MAX_RUN_SECONDS": max_run},
+        """The trigger may run budget + 120 s, and the Scheduler waits exactly as long."""
+        out = dry_run(
+            path_without_gcloud,
+            tmp_path,
+            {"TIME_BUDGET_SECONDS": budget, "SMART_RESUME_MAX_RUN_SECONDS": max_run},
         )
-        assert result.returncode == 0, result.stderr
-        trigger = command(result.stdout, "gcloud functions deploy smart-resume ")
-        assert f" --timeout={timeout} " in trigger
-        job = command(result.stdout, "gcloud scheduler jobs create http")
-        assert f"--attempt-deadline={deadline}" in job
+        trigger = command(out, "gcloud functions deploy smart-resume ")
+        assert f" --timeout={seconds}s " in f" {trigger} "
+        for verb in ("create", "update"):
+            job = command(out, f"gcloud scheduler jobs {verb} http")
+            assert f" --attempt-deadline={seconds}s " in f" {job} "
+            assert " --max-retry-attempts=0 " in f" {job} "
+
+    @pytest.mark.parametrize("name", ["TIME_BUDGET_SECONDS", "SMART_RESUME_TIME_BUDGET_SECONDS"])
+    @pytest.mark.parametrize("budget", ["1681", "3000", "99999999999999999999"])
+    def test_a_budget_beyond_the_attempt_deadline_limit_is_refused(
+        self, path_without_gcloud: str, tmp_path: Path, name: str, budget: str
+    ) -> None:
+        """Budget + 120 s over Cloud Scheduler's 1800 s: one line naming the setting and both
+        limits, and no command, in a dry run as in a deploy."""
+        for args in (("--dry-run",), ()):
+            result = run_deploy(
+                *args,
+                "--env-file",
+                str(EXAMPLE),
+                "--build-dir",
+                str(tmp_path),
+                path=path_without_gcloud,
+                # The example sets TIME_BUDGET_SECONDS: cleared, unless it is the one tested.
+                env={
+                    "TIME_BUDGET_SECONDS": "",
+                    name: budget,
+                    "SMART_RESUME_MAX_RUN_SECONDS": "99999",
+                },
+            )
+            assert result.returncode == 2, result.stderr
+            assert "gcloud" not in result.stdout
+            lines = [line for line in result.stderr.splitlines() if "1800 s" in line]
+            assert len(lines) == 1, result.stderr
+            for word in ("TIME_BUDGET_SECONDS", "SMART_RESUME_TIME_BUDGET_SECONDS", "3600 s"):
+                assert word in lines[0]
+
+    @needs_gcloud
+    def test_the_trigger_lets_a_second_request_reach_the_code(
+        self, path_without_gcloud: str, gcloud_scratch: Path
+    ) -> None:
+        """One instance, but concurrency 4 with 1 vCPU and 512Mi, which gcloud accepts with
+        --gen2: a request during a run gets the code's 409, not Cloud Run's 429."""
+        trigger = command(
+            dry_run(path_without_gcloud, gcloud_scratch / "build"),
+            "gcloud functions deploy smart-resume ",
+        )
+        flags = trigger.split()
+        for flag in ("--gen2", "--max-instances=1", "--concurrency=4", "--cpu=1", "--memory=512Mi"):
+            assert flag in flags, flag
+        assert not [f for f in flags if f.startswith("--concurrency=") and f != "--concurrency=4"]
+        assert_gcloud_parses([trigger], gcloud_scratch)
+
+    @needs_gcloud
+    @pytest.mark.parametrize(
+        ("concurrency", "memory"), [("2", "1Gi"), ("1000", "4Gi"), ("16", "768Mi")]
+    )
+    def test_trigger_concurrency_and_memory_are_settings(
+        self, path_without_gcloud: str, gcloud_scratch: Path, concurrency: str, memory: str
+    ) -> None:
+        """TRIGGER_CONCURRENCY and TRIGGER_MEMORY reach the trigger only, and gcloud takes them."""
+        out = dry_run(
+            path_without_gcloud,
+            gcloud_scratch / "build",
+            {"TRIGGER_CONCURRENCY": concurrency, "TRIGGER_MEMORY": memory},
+        )
+        trigger = command(out, "gcloud functions deploy smart-resume ")
+        assert f" --concurrency={concurrency} --cpu=1 --memory={memory} " in trigger
+        status = command(out, "gcloud functions deploy smart-resume-status ")
+        assert "--concurrency" not in status and "--memory" not in status
+        assert_gcloud_parses([trigger], gcloud_scratch)
+
+    @needs_gcloud
+    def test_every_printed_command_passes_the_real_gcloud_parser(
+        self, path_without_gcloud: str, gcloud_scratch: Path
+    ) -> None:
+        """Each command of the dry run (indexes, functions, job) parses with the real gcloud."""
+        # The check itself refuses what the real parser refuses.
+        for bad in (
+            "gcloud functions deploy f --gen2 --region=r --project=p --concurrency=0",
+            "gcloud functions deploy f --gen2 --region=r --project=p --cpu=1",
+            "gcloud firestore indexes fields update f --collection-group=g --disable-index",
+        ):
+            assert gcloud_rejection(bad, gcloud_scratch), bad
+        out = dry_run(path_without_gcloud, gcloud_scratch / "build")
+        printed = commands(out)
+        assert len(printed) == len(INDEX_COMMANDS) + 8
+        assert_gcloud_parses(printed, gcloud_scratch)
 
     def test_without_oidc_the_trigger_can_be_public(
         self, path_without_gcloud: str, tmp_path: Path
@@ -241,6 +421,39 @@ class TestDryRun:
         assert "add-invoker-policy-binding" not in out
         assert "--oidc-service-account-email" not in out
         assert "--clear-auth-token" in command(out, "gcloud scheduler jobs update http")
+
+
+class TestIndexes:
+    def test_dry_run_prints_the_indexes_before_the_functions(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """Three composite indexes on clients and seven exemptions, all before the first deploy;
+        `claim` on clients stays indexed (it is queried)."""
+        printed = commands(dry_run(path_without_gcloud, tmp_path))
+        assert printed[: len(INDEX_COMMANDS)] == INDEX_COMMANDS
+        assert printed[len(INDEX_COMMANDS)].startswith("gcloud functions deploy smart-resume ")
+        assert sum("firestore" in c for c in printed) == len(INDEX_COMMANDS)
+        assert not [c for c in printed if " claim " in f" {c} "]
+
+    @needs_gcloud
+    def test_index_commands_pass_the_real_gcloud_parser(
+        self, path_without_gcloud: str, gcloud_scratch: Path
+    ) -> None:
+        """The composite creates and the exemption updates are what gcloud accepts."""
+        printed = commands(dry_run(path_without_gcloud, gcloud_scratch / "build"))
+        indexes = [c for c in printed if c.startswith("gcloud firestore ")]
+        assert len(indexes) == len(INDEX_COMMANDS)
+        assert_gcloud_parses(indexes, gcloud_scratch)
+
+    def test_the_database_setting_applies_to_every_index(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """DATABASE names the database of all index commands."""
+        printed = commands(dry_run(path_without_gcloud, tmp_path, {"DATABASE": "reports-eu"}))
+        indexes = [c for c in printed if c.startswith("gcloud firestore ")]
+        assert len(indexes) == len(INDEX_COMMANDS)
+        assert all(" --database=reports-eu " in c for c in indexes)
+        assert "(default)" not in "\n".join(printed)
 
 
 class TestSettingsErrors:
@@ -290,6 +503,42 @@ class TestSettingsErrors:
         assert "SMART_RESUME_TIME_BUDGET is not a smart-resume setting" in result.stderr
         assert "must be shorter than SMART_RESUME_MAX_RUN_SECONDS (1800)" in result.stderr
 
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("TRIGGER_CONCURRENCY", "1"),
+            ("TRIGGER_CONCURRENCY", "0"),
+            ("TRIGGER_CONCURRENCY", "1001"),
+            ("TRIGGER_CONCURRENCY", "04"),
+            ("TRIGGER_CONCURRENCY", "four"),
+            ("TRIGGER_CONCURRENCY", "99999999999999999999"),
+            ("TRIGGER_MEMORY", "256Mi"),
+            ("TRIGGER_MEMORY", "8Gi"),
+            ("TRIGGER_MEMORY", "512MB"),
+            ("TRIGGER_MEMORY", "lots"),
+            ("DATABASE", "Default"),
+            ("DATABASE", "db"),
+            ("DATABASE", "(default) --async"),
+        ],
+    )
+    def test_bad_trigger_and_database_settings_are_refused(
+        self, path_without_gcloud: str, tmp_path: Path, name: str, value: str
+    ) -> None:
+        """A concurrency of 1 (Cloud Run's 429 again), too little memory for 1 vCPU, or a
+        database id Firestore would refuse stop the deploy before any command."""
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={name: value},
+        )
+        assert result.returncode == 2
+        assert "gcloud" not in result.stdout
+        assert f"{name}={value} must be" in result.stderr
+
     def test_missing_gcloud_is_a_clear_error(
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
@@ -311,6 +560,41 @@ class TestSettingsErrors:
         help_text = run_deploy("--help", path=path_without_gcloud)
         assert help_text.returncode == 0
         assert "stage" in help_text.stdout and "--dry-run" in help_text.stdout
+        assert "Firestore indexes" in help_text.stdout
+
+
+class TestExample:
+    def test_every_setting_is_documented(self) -> None:
+        """Each setting deploy.sh reads (the new ones included) has a line in the example."""
+        script = SCRIPT.read_text()
+        read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):?[-+=]", script))
+        for array in ("SHORT_NAMES", "REQUIRED"):
+            match = re.search(rf"^{array}=\(([^)]*)\)", script, re.M)
+            assert match, array
+            read |= set(match.group(1).split())
+        read = {n for n in read if not n.startswith("SMART_RESUME_")} | set(NEW_SETTINGS)
+        documented = set(re.findall(r"^#?([A-Z][A-Z0-9_]*)=", EXAMPLE.read_text(), re.M))
+        assert read - documented == set()
+
+    def test_the_example_shows_the_defaults(self, path_without_gcloud: str, tmp_path: Path) -> None:
+        """Uncommenting the example's new settings changes no command: they are the defaults."""
+        text = EXAMPLE.read_text()
+        for name in NEW_SETTINGS:
+            text, n = re.subn(rf"^#({name}=)", r"\1", text, flags=re.M)
+            assert n == 1, name
+        uncommented = tmp_path / "uncommented.env"
+        uncommented.write_text(text)
+        build = tmp_path / "build"
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(uncommented),
+            "--build-dir",
+            str(build),
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 0, result.stderr
+        assert commands(result.stdout) == commands(dry_run(path_without_gcloud, build))
 
 
 FAKE_GCLOUD = """\
@@ -329,6 +613,11 @@ elif args[:3] == ["scheduler", "jobs", "describe"]:
 elif args[:2] == ["scheduler", "jobs"]:
     # gcloud echoes the job it wrote, headers included.
     print("httpTarget:\\n  headers:\\n    " + [a for a in args if "Webhook" in a][0])
+elif args[:4] == ["firestore", "indexes", "composite", "create"]:
+    error = os.environ.get("FAKE_INDEX_ERROR")
+    if error:
+        sys.exit("ERROR: (gcloud.firestore.indexes.composite.create) " + error)
+    print("Create request issued", file=sys.stderr)
 """
 
 
@@ -345,7 +634,13 @@ class TestDeploy:
         gcloud.chmod(gcloud.stat().st_mode | stat.S_IXUSR)
         return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", tmp_path / "gcloud.log"
 
-    def deploy(self, fake_gcloud: tuple[str, Path], tmp_path: Path, job_exists: bool):
+    def deploy(
+        self,
+        fake_gcloud: tuple[str, Path],
+        tmp_path: Path,
+        job_exists: bool,
+        env: dict[str, str] | None = None,
+    ):
         path, log = fake_gcloud
         result = run_deploy(
             "deploy",
@@ -354,7 +649,11 @@ class TestDeploy:
             "--build-dir",
             str(tmp_path / "build"),
             path=path,
-            env={"FAKE_GCLOUD_LOG": str(log), "FAKE_JOB_EXISTS": "1" if job_exists else "0"},
+            env={
+                "FAKE_GCLOUD_LOG": str(log),
+                "FAKE_JOB_EXISTS": "1" if job_exists else "0",
+                **(env or {}),
+            },
         )
         calls = [json.loads(line) for line in log.read_text().splitlines()]
         return result, calls
@@ -365,6 +664,9 @@ class TestDeploy:
         """A first deploy creates the job with the trigger URL and the newest secret, masked."""
         result, calls = self.deploy(fake_gcloud, tmp_path, job_exists=False)
         assert result.returncode == 0, result.stderr
+        index_calls = [shlex.split(c)[1:] for c in INDEX_COMMANDS]
+        assert calls[: len(index_calls)] == index_calls
+        calls = calls[len(index_calls) :]
         assert [c[:3] for c in calls] == [
             ["functions", "deploy", "smart-resume"],
             ["functions", "deploy", "smart-resume-status"],
@@ -381,6 +683,37 @@ class TestDeploy:
         assert SECRET not in result.stdout + result.stderr
         assert "X-Webhook-Secret=***" in result.stdout
         assert (tmp_path / "build" / "smart_resume" / "main.py").is_file()
+
+    def test_an_existing_index_does_not_fail_the_deploy(
+        self, fake_gcloud: tuple[str, Path], tmp_path: Path
+    ) -> None:
+        """A repeated deploy: every composite create answers ALREADY_EXISTS, and it goes on."""
+        result, calls = self.deploy(
+            fake_gcloud,
+            tmp_path,
+            job_exists=True,
+            env={"FAKE_INDEX_ERROR": "ALREADY_EXISTS: index already exists"},
+        )
+        assert result.returncode == 0, result.stderr
+        assert sum(c[:4] == ["firestore", "indexes", "composite", "create"] for c in calls) == 3
+        assert sum(c[:4] == ["firestore", "indexes", "fields", "update"] for c in calls) == 7
+        assert calls[-1][:4] == ["scheduler", "jobs", "update", "http"]
+        assert result.stderr.count("exists already") == 3
+
+    def test_an_index_error_stops_the_deploy_before_the_functions(
+        self, fake_gcloud: tuple[str, Path], tmp_path: Path
+    ) -> None:
+        """Any other answer to an index create fails the deploy, with gcloud's message."""
+        result, calls = self.deploy(
+            fake_gcloud,
+            tmp_path,
+            job_exists=True,
+            env={"FAKE_INDEX_ERROR": "PERMISSION_DENIED: The caller does not have permission"},
+        )
+        assert result.returncode != 0
+        assert "PERMISSION_DENIED" in result.stderr
+        assert len(calls) == 1
+        assert not any(c[:2] == ["functions", "deploy"] for c in calls)
 
     def test_updates_the_job_when_it_exists(
         self, fake_gcloud: tuple[str, Path], tmp_path: Path

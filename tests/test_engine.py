@@ -12,8 +12,8 @@ from conftest import seed_clients
 
 from shared import status
 from shared.resume.pipeline import load_pipeline
-from shared.resume.plan import Planner, RunOptions
-from shared.runner import start_run
+from shared.resume.plan import RunOptions
+from shared.runner import plan_run, start_run
 
 TRIGGER = {"source": "test"}
 
@@ -73,8 +73,11 @@ class TestDecisions:
         assert s["attempts"] == 1
         assert s["checkpoint"] is None
         second = run(settings, db)
-        assert second.body["summary"]["skipped"] == 4
+        assert second.body["summary"]["clients"] == 0  # nothing due: nothing even read
         assert second.body["summary"]["processed"] == 0
+        assert len(opfuncs.SEEN) == 4
+        client = run(settings, db, client_id="c00000")  # asked for by id: read, and skipped
+        assert client.body["summary"]["skipped"] == 2
         assert len(opfuncs.SEEN) == 4
 
     def test_stale_success_runs_again(self, db, configure, pipeline_file):
@@ -84,6 +87,7 @@ class TestDecisions:
         run(settings, db)
         old = dt.datetime.now(dt.UTC) - dt.timedelta(hours=25)
         db.document("clients/c00000/operations/first").update({"finishedAt": old})
+        db.document("clients/c00000").update({"nextDueAt": old + dt.timedelta(hours=24)})
         out = run(settings, db)
         assert results(db, out.run_id) == [
             ("c00000", "first", "processed"),
@@ -358,39 +362,48 @@ class TestPlanning:
         run(settings, db, client_id="c00001")
         before = self._dump(db)
         pipeline = load_pipeline(settings.pipeline_path)
-        plans = Planner(db, settings, pipeline).plan(RunOptions())
-        assert [p.client_id for p in plans][-1] == "c00001"  # fresh work sorts last
-        assert [s.decision for s in plans[-1].steps] == ["skip", "skip"]
+        plan = plan_run(settings, db, RunOptions(dry_run=True), pipeline).body["plan"]
+        fresh = next(p for p in plan if p["clientId"] == "c00001")
+        assert [s["decision"] for s in fresh["operations"]] == ["skip", "skip"]
         assert self._dump(db) == before
 
     def test_2000_clients_planned_with_batched_reads(self, db, configure, pipeline_file):
         """Reads are a page query plus one get_all per 500 clients, not one per document."""
+        from shared.resume.due import Selection
+
         pipeline_file(PY.format(first="ok", second="ok"))
         settings = configure()
         seed_clients(db, 2000)
-        planner = Planner(db, settings, load_pipeline(settings.pipeline_path))
-        plans = planner.plan(RunOptions())
+        selection = Selection(db, settings, load_pipeline(settings.pipeline_path), RunOptions())
+        plans = list(selection.plans(selection.all_pages(), dt.datetime.now(dt.UTC)))
         assert len(plans) == 2000
-        assert planner.reads == 4 + 4 + 1  # 4 full pages, 4 get_all, 1 empty last page
+        assert selection.reads.round_trips == 4 + 4 + 1  # 4 full pages, 4 get_all, 1 empty
 
 
-def test_outcome_rides_in_the_next_operations_commit(db, configure, pipeline_file, monkeypatch):
-    """Per client: one fenced commit per operation plus one, not two per operation."""
-    from shared.lock import Lock
+def test_one_commit_per_client_operation(db, configure, pipeline_file, monkeypatch):
+    """Per client: the claim carries the first `running` mark and the previous client's last
+    outcome, so a busy run commits once per client-operation (plus one final flush)."""
+    from shared.fence import Fence
 
     pipeline_file(PY.format(first="ok", second="ok"))
-    settings = configure()
+    settings = configure(SMART_RESUME_RECONCILE_HOURS="1000")
     seed_clients(db, 3)
-    commits: list[int] = []
-    real = Lock.fenced_commit
+    commits: list[str] = []
+    real_claim, real_commit = Fence.claim, Fence.commit
 
-    def counting(self, lease, write):
-        commits.append(1)
-        return real(self, lease, write)
+    def claim(self, *args, **kwargs):
+        commits.append("claim")
+        return real_claim(self, *args, **kwargs)
 
-    monkeypatch.setattr(Lock, "fenced_commit", counting)
+    def commit(self, groups):
+        commits.append("commit")
+        return real_commit(self, groups)
+
+    monkeypatch.setattr(Fence, "claim", claim)
+    monkeypatch.setattr(Fence, "commit", commit)
     out = run(settings, db)
     assert out.body["summary"]["processed"] == 6
-    assert len(commits) == 3 * (2 + 1)
+    assert commits.count("claim") == 3
+    assert len(commits) == 3 * 2 + 1
     for client_id in ("c00000", "c00001", "c00002"):
         assert state(db, client_id, "second")["status"] == "success"

@@ -229,29 +229,49 @@ class TestRenewAndFencing:
             lock.renew(old, {})
         assert lock.ref.get().to_dict()["runId"] == "run-2"
 
-    def test_fenced_write_lands_while_lease_is_current(self, lock: Lock, db) -> None:
+    def test_fenced_write_lands_while_lease_is_current(self, lock: Lock, db, settings) -> None:
+        from shared.fence import Fence, Group
+
         lease = lock.acquire("run-1", OWNER)
         lock.renew(lease, {})  # heartbeats do not disturb the fence
-        doc = db.collection("probe").document("a")
-        lock.fenced_commit(lease, lambda b: b.set(doc, {"v": 1}))
-        assert doc.get().to_dict() == {"v": 1}
+        db.document("clients/c1").set({"name": "c1", "active": True})
+        doc = db.document("clients/c1/operations/a")
+        fence = Fence(db, settings, lease)
+        claim = fence.claim("c1", [(doc, {"v": 1})])
+        assert claim is not None and doc.get().to_dict() == {"v": 1}
+        fence.commit([Group(claim, [(doc, {"v": 2})])])
+        assert doc.get().to_dict() == {"v": 2}
 
     def test_fenced_write_refused_after_takeover(self, lock: Lock, db, settings) -> None:
-        """A stale token's write is refused, and nothing of it lands."""
+        """A stale token's claim is refused, and a claim taken before the takeover is revoked
+        by it: nothing of the old run lands."""
+        from shared.fence import Fence, Group, revoke
+
         old = lock.acquire("run-1", OWNER)
+        for cid in ("c1", "c2"):
+            db.document(f"clients/{cid}").set({"name": cid, "active": True})
+        fence = Fence(db, settings, old)
+        claim = fence.claim("c1")
         _backdate(lock, heartbeatAt=dt.timedelta(seconds=settings.lease_seconds + 5))
         lock.acquire("run-2", OWNER)
-        doc = db.collection("probe").document("a")
+        assert revoke(db, settings, "run-1") == 1
+        doc = db.document("clients/c1/operations/a")
         with pytest.raises(LeaseLost):
-            lock.fenced_commit(old, lambda b: b.set(doc, {"v": 1}))
+            fence.commit([Group(claim, [(doc, {"v": 1})])])
+        with pytest.raises(LeaseLost):
+            fence.claim("c2", [(db.document("clients/c2/operations/a"), {"v": 1})])
         assert not doc.get().exists
+        assert not db.document("clients/c2/operations/a").get().exists
 
-    def test_fenced_write_refused_after_force_unlock(self, lock: Lock, db) -> None:
+    def test_fenced_write_refused_after_force_unlock(self, lock: Lock, db, settings) -> None:
+        from shared.fence import Fence
+
         old = lock.acquire("run-1", OWNER)
         lock.force_release(force=True)
-        doc = db.collection("probe").document("a")
+        db.document("clients/c1").set({"name": "c1", "active": True})
+        doc = db.document("clients/c1/operations/a")
         with pytest.raises(LeaseLost):
-            lock.fenced_commit(old, lambda b: b.set(doc, {"v": 1}))
+            Fence(db, settings, old).claim("c1", [(doc, {"v": 1})])
         assert not doc.get().exists
 
 

@@ -139,8 +139,11 @@ class TestActions:
         assert db.document("runs/run-a").get().to_dict()["status"] == "abandoned"
         from shared.errors import LeaseLost
 
+        from shared.fence import Fence
+
         with pytest.raises(LeaseLost):
-            Lock(db, settings).fenced_commit(lease, lambda b: b.set(db.document("x/y"), {}))
+            Fence(db, settings, lease).claim("c00000", [(db.document("clients/c00000/x/y"), {})])
+        assert not db.document("clients/c00000/x/y").get().exists
 
     def test_unlock_free_lock_is_200_without_change(self, status_fn, db) -> None:
         response = act(status_fn, {"action": "unlock"})

@@ -48,7 +48,7 @@ def _trigger(request: Request, settings) -> Response:  # type: ignore[no-untyped
     except PipelineError as exc:
         pipeline_error = exc  # the run records and reports it; names cannot be checked
     body = read_json(request)
-    options = trigger_options(body, pipeline.names if pipeline else None)
+    options = trigger_options(body, pipeline.names if pipeline else None, settings.stream)
     client = get_client(settings)
     if options.dry_run:
         if pipeline is None:

@@ -1,5 +1,5 @@
 """HTTP entry point `smart_resume_status`: what is running, how the last runs ended, and the
-operator's two actions, cancel and unlock.
+operator's actions: cancel, unlock, and retry (release quarantined or backed-off work).
 
 Thin by design: admit the request (method, configuration, secret), then call `shared.status`.
 """
@@ -18,14 +18,16 @@ for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[
         sys.path.insert(0, str(_root))
         break
 
-from shared import status  # noqa: E402
+from shared import quarantine, status  # noqa: E402
 from shared.errors import InvalidRequest, LockHeld  # noqa: E402
 from shared.lock import NotRunning  # noqa: E402
+from shared.resume.pipeline import load_pipeline  # noqa: E402
 from shared.store import get_client  # noqa: E402
-from shared.validation import read_json, runs_param  # noqa: E402
+from shared.validation import document_id, read_json, runs_param  # noqa: E402
 from shared.web import reply, serve  # noqa: E402
 
-ACTIONS = ("cancel", "unlock")
+ACTIONS = ("cancel", "unlock", "retry")
+FIELDS = {"action", "force", "clientId", "operation"}
 
 
 @functions_framework.http
@@ -34,7 +36,9 @@ def smart_resume_status(request: Request) -> Response:
 
     Args:
         request: GET, optionally `?runs=N`; or POST `{"action": "cancel"}` /
-            `{"action": "unlock", "force": false}`, with `X-Webhook-Secret`.
+            `{"action": "unlock", "force": false}` /
+            `{"action": "retry", "clientId": "...", "operation": "..."}`, with
+            `X-Webhook-Secret`.
     Returns:
         JSON as in CONTRACT section 3.
     """
@@ -51,12 +55,16 @@ def _answer(request: Request, settings) -> Response:  # type: ignore[no-untyped-
 
 def _action(request: Request, settings, client) -> Response:  # type: ignore[no-untyped-def]
     body = read_json(request)
-    unknown = sorted(set(body) - {"action", "force"})
+    unknown = sorted(set(body) - FIELDS)
     if unknown:
-        raise InvalidRequest("unknown field(s); allowed: action, force")
+        raise InvalidRequest(f"unknown field(s); allowed: {', '.join(sorted(FIELDS))}")
     action = body.get("action")
     if action not in ACTIONS:
         raise InvalidRequest(f"'action' must be one of {', '.join(ACTIONS)}")
+    if action == "retry":
+        return _retry(body, settings, client)
+    if "clientId" in body or "operation" in body:
+        raise InvalidRequest("'clientId' and 'operation' only go with 'retry'")
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidRequest("'force' must be true or false")
@@ -78,3 +86,19 @@ def _action(request: Request, settings, client) -> Response:  # type: ignore[no-
             "error": "the lock is live; pass force to release it anyway",
         }
         return reply(body, 409)
+
+
+def _retry(body: dict, settings, client) -> Response:  # type: ignore[no-untyped-def]
+    client_id, operation = body.get("clientId"), body.get("operation")
+    if not isinstance(client_id, str) or not document_id(client_id):
+        raise InvalidRequest("'clientId' must be a client id")
+    if operation is not None and not isinstance(operation, str):
+        raise InvalidRequest("'operation' must be a string")
+    if "force" in body:
+        raise InvalidRequest("'force' only goes with 'unlock'")
+    pipeline = load_pipeline(settings.pipeline_path)
+    try:
+        released = quarantine.release(settings, client, pipeline, client_id, operation)
+    except quarantine.UnknownClient:
+        return reply({"error": "unknown client"}, 404)
+    return reply(released, 200)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from shared.resume.engine import RunContext, RunResult, run_smart_resume
 from shared.resume.pipeline import Pipeline, load_pipeline
-from shared.resume.plan import Planner, RunOptions
+from shared.resume.plan import RunOptions
 
 __all__ = [
     "Pipeline",
-    "Planner",
     "RunContext",
     "RunOptions",
     "RunResult",

@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("cancel", help="ask the running run to stop at its next check")
     unlock = sub.add_parser("unlock", help="release a stale lock (marks its run abandoned)")
     unlock.add_argument("--force", action="store_true", help="release even a live lock")
+    retry = sub.add_parser(
+        "retry",
+        help="release a client's quarantined or backed-off operations (due on the next run)",
+    )
+    retry.add_argument("client", metavar="CLIENT", help="the client id")
+    retry.add_argument(
+        "--operation", metavar="NAME", help="only this operation (default: every one failing)"
+    )
     seed = sub.add_parser("seed-demo", help="write the demo clients and leads to Firestore")
     seed.add_argument("--clients", type=int, default=5, metavar="N", help="demo clients")
     seed.add_argument("--leads", type=int, default=60, metavar="N", help="leads per client")
@@ -149,6 +157,25 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             return EXIT_LOCKED
         print(json.dumps(result))
         return EXIT_OK
+    if args.command == "retry":
+        from shared import quarantine
+        from shared.errors import InvalidRequest
+
+        pipeline = load_pipeline(settings.pipeline_path)
+        try:
+            released = quarantine.release(settings, client, pipeline, args.client, args.operation)
+        except quarantine.UnknownClient:
+            print(f"unknown client: {args.client}", file=sys.stderr)
+            return EXIT_USAGE
+        except InvalidRequest as exc:
+            print(f"error: {exc.detail}", file=sys.stderr)
+            return EXIT_USAGE
+        names = released["operations"]
+        if names:
+            print(f"released {', '.join(names)} of {args.client}: due on the next run")
+        else:
+            print(f"nothing to release: no operation of {args.client} is failing")
+        return EXIT_OK
     if args.command == "seed-demo":
         from examples.seed import seed_demo
 
@@ -215,6 +242,16 @@ def _print_status(body: dict[str, Any], as_json: bool) -> None:
         print(
             f"last run: {last.get('runId')} {last.get('status')} at {last.get('finishedAt')}"
             + (f" ({counts})" if counts else "")
+        )
+    for item in body.get("quarantined") or []:
+        print(
+            f"QUARANTINED: {item['clientId']} {item['operation']} after {item['failures']} "
+            f"failures (since {item['since']}); release: retry {item['clientId']}"
+        )
+    for item in body.get("backedOff") or []:
+        print(
+            f"backing off: {item['clientId']} {item['operation']} after {item['failures']} "
+            f"failures, due at {item['dueAt']}"
         )
     for run in body.get("runs") or []:
         print(f"  {run.get('runId')}  {run.get('status'):<10} {run.get('startedAt')}")

@@ -3,30 +3,39 @@
 A failed client-operation is an outcome, not an error: it blocks that client's later operations
 and the run goes on. Only the engine's own failures (the store, a bug) escape as exceptions, and
 `LeaseLost` stops everything at once without another write.
+
+Clients stream through: the selection reads a page of due clients, workers run them, the next
+page is read when the queue runs low, so memory follows the page, not the number of clients.
+
+Writes per client: the claim (a transaction that also marks the first operation `running` and
+carries the previous client's last outcome), then one commit per further operation (its
+`running` mark with the previous operation's outcome), plus one per saved checkpoint. The
+client's last outcome and its due fields ride in the worker's next claim, or its final flush.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import datetime as dt
+import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.cloud import firestore
 
-from shared import store
 from shared.config import Settings
 from shared.errors import LeaseLost, OperationFailed, StoreUnavailable
+from shared.fence import Claim, ClientGone, Fence, Group
 from shared.heartbeat import Heartbeat
 from shared.lock import Lease, Lock
 from shared.log import bind, get_logger, mask
+from shared.resume.due import Reconcile, Selection, client_fields
 from shared.resume.operations import Context, Outcome, run_http, run_python
 from shared.resume.pipeline import Operation, Pipeline
-from shared.resume.plan import ClientPlan, Planner, RunOptions, Step
+from shared.resume.plan import RESUMES, ClientPlan, RunOptions, Step, failures_of
 
 log = get_logger("engine")
 MAX_ERROR = 500
@@ -45,6 +54,11 @@ class RunContext:
     options: RunOptions
     deadline: float  # time.monotonic() after which no new work starts
     run_id: str
+    started: float = field(default_factory=time.monotonic)
+
+    def now(self) -> dt.datetime:
+        """The server's clock, as of the acquire, moved on by the local monotonic clock."""
+        return self.lease.acquired_at + dt.timedelta(seconds=time.monotonic() - self.started)
 
 
 @dataclass
@@ -53,6 +67,7 @@ class RunResult:
     summary: dict[str, Any]
     results: list[dict[str, Any]]
     client_names: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # reads, commits: for benchmarks
 
 
 def one_line(exc: BaseException | str) -> str:
@@ -86,164 +101,210 @@ class _Stop:
             return "time budget"
         return None
 
+    def quiet(self) -> str | None:
+        try:
+            return self.reason()
+        except (LeaseLost, _Aborted):
+            return "stopping"
+
+
+def result(
+    plan: ClientPlan,
+    operation: str,
+    outcome: str,
+    reason: str,
+    counts: dict[str, int] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "clientId": plan.client_id,
+        "operation": operation,
+        "outcome": outcome,
+        "reason": reason,
+        "counts": counts or {},
+        "error": error,
+    }
+
 
 class _Worker:
-    """Runs one client's steps in order, writing each state through the fence."""
+    """Runs clients one after another; one per thread, so its carried group stays its own."""
 
-    def __init__(self, run: RunContext, stop: _Stop, record: Callable[[dict[str, Any]], None]):
+    def __init__(
+        self, run: RunContext, stop: _Stop, fence: Fence, record: Callable[[dict[str, Any]], None]
+    ):
         self.run = run
         self.stop = stop
+        self.fence = fence
         self.record = record
+        self.carry: Group | None = None  # the previous client's last writes
+        self.claim: Claim | None = None
         self.pending: list[tuple[firestore.DocumentReference, dict[str, Any]]] = []
 
-    def ref(self, client_id: str, operation: str) -> firestore.DocumentReference:
-        return (
-            self.run.client.collection(store.CLIENTS)
-            .document(client_id)
-            .collection(store.OPERATIONS)
-            .document(operation)
-        )
+    def ref(self, plan: ClientPlan, operation: str) -> firestore.DocumentReference:
+        return self.fence.client.document(f"clients/{plan.client_id}/operations/{operation}")
 
-    def write(
-        self, client_id: str, operation: str, fields: dict[str, Any], *, defer: bool = False
-    ) -> None:
-        """A fenced state write. An operation's outcome is deferred and rides in the commit of
-        the client's next write (the next operation's `running` mark), saving a round trip per
-        operation; `flush` commits what is left when the client is done."""
-        self.pending.append((self.ref(client_id, operation), fields))
-        if not defer:
-            self.flush()
+    # -- writing ---------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        if not self.pending:
+    def write(self, plan: ClientPlan, operation: str, fields: dict[str, Any]) -> None:
+        """Commit `fields` now, with whatever outcome is pending (one round trip)."""
+        self.pending.append((self.ref(plan, operation), fields))
+        if self.claim is None:
+            first, self.pending = self.pending, []
+            self.claim = self.fence.claim(plan.client_id, first, self.carry)
+            self.carry = None
+            if self.claim is None:
+                raise ClientGone(plan.client_id)
             return
         writes, self.pending = self.pending, []
+        self.fence.commit([Group(self.claim, writes)])
 
-        def add(batch: Any) -> None:
-            for ref, fields in writes:
-                batch.set(ref, fields, merge=True)
+    def defer(self, plan: ClientPlan, operation: str, fields: dict[str, Any]) -> None:
+        """An outcome: it rides in the next commit (the next `running` mark, or the claim of
+        the worker's next client), saving a round trip per operation."""
+        self.pending.append((self.ref(plan, operation), fields))
 
-        try:
-            self.run.lock.fenced_commit(self.run.lease, add)
-        except (LeaseLost, StoreUnavailable):
-            raise
-        except Exception:
-            # Only the newest write can be at fault (the others were valid states); keep them
-            # for the next commit so an earlier outcome is not lost with it.
-            self.pending = writes[:-1]
-            raise
+    def close(self, plan: ClientPlan) -> None:
+        """The client is done: its last writes and due fields wait for the next claim."""
+        if self.claim is None:
+            return
+        fields = client_fields(plan, self.run.pipeline, self.run.now())
+        fields["claim.open"] = False
+        self.carry = Group(self.claim, self.pending, fields)
+        self.claim, self.pending = None, []
 
-    def client(self, index: int, count: int, plan: ClientPlan) -> None:
-        self.pending = []
-        try:
-            self._client(index, count, plan)
-        except LeaseLost:
-            raise  # a run that lost its lease writes nothing more
-        except BaseException:
-            # Record the outcomes already reached before giving up on this client.
-            with contextlib.suppress(Exception):
-                self.flush()
-            raise
-        self.flush()
+    def flush(self) -> None:
+        if self.carry is not None:
+            carry, self.carry = self.carry, None
+            self.fence.commit([carry])
 
-    def _client(self, index: int, count: int, plan: ClientPlan) -> None:
-        blocked_by: str | None = None
+    # -- running ---------------------------------------------------------------------------
+
+    def client(self, index: int, total: int, plan: ClientPlan) -> None:
+        self.claim, self.pending = None, []
         with bind(clientId=plan.client_id):
-            for step in plan.steps:
-                if step.decision == "skip":
-                    self.result(plan, step, "skipped", step.reason)
-                    continue
-                if blocked_by is not None:
-                    self.result(plan, step, "skipped", f"blocked: {blocked_by} failed")
-                    continue
-                why = self.stop.reason()
-                if why is not None:
-                    self.result(plan, step, "deferred", f"{why}: not started")
-                    continue
-                self.run.heartbeat.set_progress(
-                    clientId=plan.client_id,
-                    clientIndex=index,
-                    clientCount=count,
-                    operation=step.operation,
-                )
-                if not self.step(plan, step):
-                    blocked_by = step.operation
+            try:
+                self._steps(index, total, plan)
+            except ClientGone:
+                log.warning("client document deleted during the run; its work stops")
+                self.claim, self.pending = None, []
+                return
+            except (LeaseLost, _Aborted):
+                self.claim = self.carry = None  # a run that lost its lease writes nothing more
+                raise
+            except BaseException:
+                # Keep the outcomes already reached: they go out with the final flush.
+                self.close(plan)
+                raise
+            self.close(plan)
 
-    def result(
-        self,
-        plan: ClientPlan,
-        step: Step,
-        outcome: str,
-        reason: str,
-        counts: dict[str, int] | None = None,
-        error: str | None = None,
-    ) -> None:
-        self.record(
-            {
-                "clientId": plan.client_id,
-                "operation": step.operation,
-                "outcome": outcome,
-                "reason": reason,
-                "counts": counts or {},
-                "error": error,
-            }
-        )
+    def _steps(self, index: int, total: int, plan: ClientPlan) -> None:
+        if plan.invalid_operations:
+            log.warning("'operations' is not a list of operation names: nothing run for it")
+        for name in plan.unknown_operations:
+            log.warning("lists an operation that is not in the pipeline: %s", name[:100])
+            self.record(
+                result(plan, name[:200], "skipped", "unknown operation: not in the pipeline")
+            )
+        blocked_by: str | None = None
+        for step in plan.steps:
+            if step.decision == "skip":
+                self.record(result(plan, step.operation, "skipped", step.reason))
+                if step.blocks and blocked_by is None:
+                    blocked_by = f"{step.operation} is {step.reason.split(' ', 1)[0]}"
+                continue
+            if blocked_by is not None:
+                self.record(result(plan, step.operation, "skipped", f"blocked: {blocked_by}"))
+                continue
+            why = self.stop.reason()
+            if why is not None:
+                self.record(result(plan, step.operation, "deferred", f"{why}: not started"))
+                continue
+            self.run.heartbeat.set_progress(
+                clientId=plan.client_id,
+                clientIndex=index,
+                clientCount=total,
+                operation=step.operation,
+            )
+            if not self.step(plan, step):
+                blocked_by = f"{step.operation} failed"
+
+    def _load(self, plan: ClientPlan, step: Step) -> dict[str, Any]:
+        """The whole state (checkpoint included) of a step that resumes; read when it starts."""
+        state = step.state or {}
+        if state.get("status") not in RESUMES:
+            return {}
+        from shared import store
+
+        with store.translate_errors("loading a checkpoint"):
+            snap = self.ref(plan, step.operation).get(**store.call(self.run.settings))
+        return (snap.to_dict() or {}) if snap.exists else {}
 
     def step(self, plan: ClientPlan, step: Step) -> bool:
         """Run one operation; False if it failed (so the client's later steps are blocked)."""
         op = self.run.pipeline.get(step.operation)
         assert op is not None
         state = step.state or {}
-        # Partial, cut off (still "running" after a crash) or failed: all resume from the last
-        # saved checkpoint. Only success clears it.
-        resuming = state.get("status") != "success" and isinstance(state.get("checkpoint"), dict)
-        io = _IO(self, plan.client_id, op.name, state.get("checkpoint") if resuming else None)
-        if resuming:
-            io.counts = dict(state.get("counts") or {})
-        base_counts = dict(io.counts)
+        attempts = state.get("attempts")
         self.write(
-            plan.client_id,
+            plan,
             op.name,
             {
                 "status": "running",
                 "runId": self.run.run_id,
                 "startedAt": firestore.SERVER_TIMESTAMP,
                 "finishedAt": None,
-                "checkpoint": io.checkpoint,
-                "counts": io.counts,
                 "error": None,
-                "attempts": firestore.Increment(1),
+                "attempts": (attempts if isinstance(attempts, int) else 0) + 1,
             },
         )
+        # Partial, cut off (still "running" after a crash) or failed: all resume from the last
+        # saved checkpoint. Only success clears it.
+        full = self._load(plan, step)
+        checkpoint = full.get("checkpoint") if isinstance(full.get("checkpoint"), dict) else None
+        io = _IO(self, plan, op.name, checkpoint)
+        if checkpoint is not None and isinstance(full.get("counts"), dict):
+            io.counts = dict(full["counts"])
+        base_counts = dict(io.counts)
+        now = self.run.now
         with bind(operation=op.name):
             try:
                 outcome = self.execute(op, plan, io)
-            except (LeaseLost, StoreUnavailable, _Aborted):
+            except (LeaseLost, StoreUnavailable, _Aborted, ClientGone):
                 raise
             except Exception as exc:
                 error = one_line(exc)
                 if not isinstance(exc, OperationFailed):
                     error = f"{type(exc).__name__}: {error}"
                 log.warning("operation failed: %s", error)
-                self.write(
-                    plan.client_id,
-                    op.name,
-                    {
-                        "status": "failed",
-                        "finishedAt": firestore.SERVER_TIMESTAMP,
-                        "error": error,
-                        "counts": io.counts,
-                    },
-                    defer=True,
+                failures = failures_of(state) + 1
+                quarantined = 0 < op.quarantine_after <= failures
+                fields: dict[str, Any] = {
+                    "status": "quarantined" if quarantined else "failed",
+                    "finishedAt": firestore.SERVER_TIMESTAMP,
+                    "error": error,
+                    "counts": io.counts,
+                    "failures": failures,
+                }
+                if quarantined:
+                    fields["quarantinedAt"] = firestore.SERVER_TIMESTAMP
+                    log.error("quarantined after %d failures in a row", failures)
+                self.defer(plan, op.name, fields)
+                plan.states[op.name] = {
+                    "status": fields["status"],
+                    "finishedAt": now(),
+                    "failures": failures,
+                    **({"quarantinedAt": now()} if quarantined else {}),
+                }
+                reason = step.reason + (
+                    f"; quarantined after {failures} failures in a row" if quarantined else ""
                 )
-                self.result(
-                    plan, step, "failed", step.reason, _delta(io.counts, base_counts), error
-                )
+                counts = _delta(io.counts, base_counts)
+                self.record(result(plan, op.name, "failed", reason, counts, error))
                 return False
         run_counts = _delta(io.counts, base_counts)
         if outcome.done:
-            self.write(
-                plan.client_id,
+            self.defer(
+                plan,
                 op.name,
                 {
                     "status": "success",
@@ -251,14 +312,16 @@ class _Worker:
                     "checkpoint": None,
                     "counts": io.counts,
                     "error": None,
+                    "failures": 0,
+                    "quarantinedAt": None,
                 },
-                defer=True,
             )
-            self.result(plan, step, "processed", step.reason, run_counts)
+            plan.states[op.name] = {"status": "success", "finishedAt": now(), "failures": 0}
+            self.record(result(plan, op.name, "processed", step.reason, run_counts))
             return True
-        why = self.stop.reason() or "operation reported not done"
-        self.write(
-            plan.client_id,
+        why = self.stop.quiet() or "operation reported not done"
+        self.defer(
+            plan,
             op.name,
             {
                 "status": "partial",
@@ -266,9 +329,10 @@ class _Worker:
                 "checkpoint": io.checkpoint,
                 "counts": io.counts,
             },
-            defer=True,
         )
-        self.result(plan, step, "deferred", f"{why}: resumes from its checkpoint", run_counts)
+        plan.states[op.name] = {**state, "status": "partial", "finishedAt": now()}
+        reason = f"{why}: resumes from its checkpoint"
+        self.record(result(plan, op.name, "deferred", reason, run_counts))
         return True
 
     def execute(self, op: Operation, plan: ClientPlan, io: _IO) -> Outcome:
@@ -292,18 +356,17 @@ class _IO:
     """The checkpoint, counts and stop signal of one client-operation."""
 
     def __init__(
-        self, worker: _Worker, client_id: str, operation: str, checkpoint: dict[str, Any] | None
+        self, worker: _Worker, plan: ClientPlan, operation: str, checkpoint: dict[str, Any] | None
     ) -> None:
         self.worker = worker
-        self.client_id = client_id
+        self.plan = plan
         self.operation = operation
         self.checkpoint = checkpoint
         self.counts: dict[str, int] = {}
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.worker.write(
-            self.client_id, self.operation, {"checkpoint": checkpoint, "counts": self.counts}
-        )
+        fields = {"checkpoint": checkpoint, "counts": dict(self.counts)}
+        self.worker.write(self.plan, self.operation, fields)
         self.checkpoint = checkpoint
 
     def count(self, name: str, n: int = 1) -> None:
@@ -311,10 +374,7 @@ class _IO:
 
     def should_stop(self) -> bool:
         # Operations only learn "stop"; the engine re-checks and raises after they return.
-        try:
-            return self.worker.stop.reason() is not None
-        except (LeaseLost, _Aborted):
-            return True
+        return self.worker.stop.quiet() is not None
 
 
 def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -338,79 +398,133 @@ def summarize(results: list[dict[str, Any]], clients: int, duration: float) -> d
     return summary
 
 
-def execute(run: RunContext, plans: list[ClientPlan]) -> RunResult:
-    """Run the plan; raises `LeaseLost` (stop at once) or store errors (the run failed)."""
+def _not_started(plan: ClientPlan, why: str) -> list[dict[str, Any]]:
+    return [
+        result(plan, s.operation, "skipped", s.reason)
+        if s.decision == "skip"
+        else result(plan, s.operation, "deferred", f"{why}: not started")
+        for s in plan.steps
+    ]
+
+
+def execute(
+    run: RunContext, plans: Iterator[ClientPlan], fence: Fence, total: int | None = None
+) -> RunResult:
+    """Run the plans as they stream in; raises `LeaseLost` (stop at once) or store errors."""
     started = time.monotonic()
     stop = _Stop(run)
-    results_by_client: dict[int, list[dict[str, Any]]] = {}
+    results: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
     mutex = threading.Lock()
     failure: list[BaseException] = []
+    work: queue.Queue[tuple[int, ClientPlan] | None] = queue.Queue(run.settings.concurrency * 2)
+    count = 0
 
-    def work(index: int, plan: ClientPlan) -> None:
-        collected: list[dict[str, Any]] = []
+    def record(entry: dict[str, Any]) -> None:
+        with mutex:
+            results.append(entry)
+
+    def worker_loop() -> None:
+        worker = _Worker(run, stop, fence, record)
         try:
-            if not failure:
-                _Worker(run, stop, collected.append).client(index, len(plans), plan)
-        except _Aborted:
-            pass
+            while True:
+                item = work.get()
+                if item is None:
+                    break
+                if failure:
+                    continue
+                index, plan = item
+                try:
+                    worker.client(index, max(total or 0, index + 1), plan)
+                except _Aborted:
+                    pass
+                except BaseException as exc:
+                    with mutex:
+                        failure.append(exc)
+                    stop.aborted.set()  # the other workers stop at their next check
+            if not failure or not isinstance(failure[0], LeaseLost):
+                worker.flush()
         except BaseException as exc:
             with mutex:
                 failure.append(exc)
-            stop.aborted.set()  # the other workers stop at their next check
-            raise
-        finally:
-            with mutex:
-                results_by_client[index] = collected
+            stop.aborted.set()
 
-    if run.settings.concurrency == 1:
-        for index, plan in enumerate(plans):
-            work(index, plan)
-    else:
-        with ThreadPoolExecutor(run.settings.concurrency, "smart-resume-worker") as pool:
-            futures = [
-                pool.submit(contextvars.copy_context().run, work, i, p) for i, p in enumerate(plans)
-            ]
-            for future in futures:
-                future.exception()
-        if failure:
-            raise failure[0]
-    results = [r for i in range(len(plans)) for r in results_by_client.get(i, [])]
-    summary = summarize(results, len(plans), time.monotonic() - started)
+    threads = [
+        threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(worker_loop,),
+            name=f"smart-resume-worker-{i}",
+            daemon=True,
+        )
+        for i in range(run.settings.concurrency)
+    ]
+    for thread in threads:
+        thread.start()
+    stopped_early = False
+    try:
+        for plan in plans:
+            names[plan.client_id] = plan.name
+            count += 1
+            why = stop.quiet()
+            if why is not None or failure:
+                stopped_early = True
+                for entry in _not_started(plan, why or "stopping"):
+                    record(entry)
+                if failure:
+                    break
+                continue
+            work.put((count - 1, plan))
+    finally:
+        for _ in threads:
+            work.put(None)
+        for thread in threads:
+            thread.join()
+    if failure:
+        raise failure[0]
+    summary = summarize(results, count, time.monotonic() - started)
     status = "completed"
-    if summary["deferred"]:
+    if summary["deferred"] or stopped_early:
         deferred = [r["reason"] for r in results if r["outcome"] == "deferred"]
-        status = "cancelled" if any(d.startswith("cancelled") for d in deferred) else "partial"
+        cancelled = run.heartbeat.cancel_requested.is_set()
+        status = (
+            "cancelled"
+            if cancelled or any(d.startswith("cancelled") for d in deferred)
+            else "partial"
+        )
     elif run.heartbeat.cancel_requested.is_set():
         status = "cancelled"
-    return RunResult(
-        status=status,
-        summary=summary,
-        results=results,
-        client_names={p.client_id: p.name for p in plans},
-    )
+    return RunResult(status=status, summary=summary, results=results, client_names=names)
 
 
 def run_smart_resume(run: RunContext) -> RunResult:
-    """The resume module's entry point: plan, then execute, holding no state between runs."""
-    planner = Planner(run.client, run.settings, run.pipeline)
-    plans = planner.plan(run.options)
+    """The resume module's entry point: select what is due, run it as it streams in."""
+    selection = Selection(run.client, run.settings, run.pipeline, run.options)
+    fence = Fence(run.client, run.settings, run.lease)
+    cutoff = run.now()
+    if run.options.client_id:
+        pages = selection.one()
+    else:
+        reconcile = Reconcile(selection, fence)
+        why = reconcile.reason(cutoff)
+        if why is not None:
+            log.info("full pass over the active clients: %s", why)
+            seen, repaired = reconcile.run(cutoff, lambda: _Stop(run).quiet() is not None)
+            log.info("full pass: %d active clients, %d due times repaired", seen, repaired)
+        pages = selection.due_pages(cutoff)
+    plans = selection.plans(pages, cutoff)
+    total = 1 if run.options.client_id else selection.count_due(cutoff)
+    result_ = execute(run, plans, fence, total)
+    result_.stats = {
+        "documentsRead": selection.reads.documents,
+        "readRoundTrips": selection.reads.round_trips,
+        "commits": fence.commits,
+        "writesByDocument": fence.writes,
+    }
     log.info(
-        "planned %d clients, %d operations to run",
-        len(plans),
-        sum(1 for p in plans for s in p.steps if s.decision == "run"),
+        "ran %d clients: %d processed, %d failed, %d deferred",
+        result_.summary["clients"],
+        result_.summary["processed"],
+        result_.summary["failed"],
+        result_.summary["deferred"],
     )
-    result = execute(run, plans)
-    for plan in plans:
-        for name in plan.unknown_operations:
-            result.results.append(
-                {
-                    "clientId": plan.client_id,
-                    "operation": name,
-                    "outcome": "skipped",
-                    "reason": "unknown operation: not in the pipeline",
-                    "counts": {},
-                    "error": None,
-                }
-            )
-            result.summary["skipped"] += 1
-    return result
+    return result_

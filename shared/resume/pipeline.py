@@ -7,7 +7,9 @@ client three hours in.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import re
 import tomllib
 from collections.abc import Callable
@@ -20,8 +22,16 @@ from shared.errors import PipelineError
 
 KINDS = ("http", "python")
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
-TOP_KEYS = {"fresh_hours", "operation"}
+#: Timing settings a file may set for all operations and each operation may override.
+TIMING = {
+    # name: (type, default, low, high)
+    "fresh_hours": (float, 24.0, 0.0, 1e6),
+    "retry_backoff_seconds": (float, 900.0, 0.0, 86400.0),
+    "quarantine_after": (int, 6, 0, 1000),
+}
+TOP_KEYS = {"operation", *TIMING}
 OP_KEYS = {
+    *TIMING,
     "name",
     "kind",
     "url",
@@ -45,6 +55,9 @@ class Operation:
     max_calls: int = 100
     retries: int = 3
     retry_initial_seconds: float = 0.5
+    fresh_hours: float = 24.0
+    retry_backoff_seconds: float = 900.0
+    quarantine_after: int = 6
 
     def function(self) -> Callable[..., Any]:
         """Resolve a python operation's `module:function` (imported on use, not at load)."""
@@ -66,6 +79,16 @@ class Pipeline:
     def get(self, name: str) -> Operation | None:
         return next((op for op in self.operations if op.name == name), None)
 
+    @property
+    def fingerprint(self) -> str:
+        """What decides when work is due: the operations in order and their timing settings.
+        When it changes, every client's `nextDueAt` is recomputed on the next tick."""
+        timing = [
+            [op.name, op.fresh_hours, op.retry_backoff_seconds, op.quarantine_after]
+            for op in self.operations
+        ]
+        return hashlib.sha256(json.dumps(timing).encode()).hexdigest()[:16]
+
 
 def load_pipeline(path: Path) -> Pipeline:
     """Read and validate `path`; raise `PipelineError` listing every problem found."""
@@ -84,10 +107,7 @@ def parse_pipeline(raw: dict[str, Any], path: Path) -> Pipeline:
     problems: list[str] = []
     for key in sorted(set(raw) - TOP_KEYS):
         problems.append(f"unknown top-level key {key!r}")
-    fresh = raw.get("fresh_hours", 24)
-    if isinstance(fresh, bool) or not isinstance(fresh, int | float) or not 0 < fresh < 1e6:
-        problems.append(f"fresh_hours must be a positive number, got {fresh!r}")
-        fresh = 24
+    defaults = _timing(raw, {k: v[1] for k, v in TIMING.items()}, problems.append)
     entries = raw.get("operation", [])
     if not isinstance(entries, list) or not entries:
         problems.append("at least one [[operation]] is required")
@@ -95,16 +115,45 @@ def parse_pipeline(raw: dict[str, Any], path: Path) -> Pipeline:
     operations: list[Operation] = []
     seen: set[str] = set()
     for index, entry in enumerate(entries):
-        op = _parse_operation(entry, index, seen, problems)
+        op = _parse_operation(entry, index, seen, problems, defaults)
         if op is not None:
             operations.append(op)
     if problems:
         raise PipelineError(f"{path}: " + "; ".join(problems))
-    return Pipeline(path=path, fresh_hours=float(fresh), operations=tuple(operations))
+    return Pipeline(path=path, fresh_hours=defaults["fresh_hours"], operations=tuple(operations))
+
+
+def _timing(
+    table: dict[str, Any], defaults: dict[str, Any], problem: Callable[[str], None]
+) -> dict[str, Any]:
+    """`fresh_hours` (> 0), `retry_backoff_seconds` (>= 0) and `quarantine_after` (whole,
+    0 = never) from a table, falling back to `defaults`."""
+    values = dict(defaults)
+    for key, (kind_of, _, low, high) in TIMING.items():
+        if key not in table:
+            continue
+        value = table[key]
+        number = isinstance(value, int | float) if kind_of is float else isinstance(value, int)
+        positive = key == "fresh_hours"
+        if (
+            isinstance(value, bool)
+            or not number
+            or not low <= value <= high
+            or (positive and value <= 0)
+        ):
+            what = (
+                "a positive number"
+                if positive
+                else ("a number" if kind_of is float else "a whole number")
+            )
+            problem(f"{key} must be {what} from {low:g} to {high:g}, got {value!r}")
+            continue
+        values[key] = kind_of(value)
+    return values
 
 
 def _parse_operation(
-    entry: Any, index: int, seen: set[str], problems: list[str]
+    entry: Any, index: int, seen: set[str], problems: list[str], defaults: dict[str, Any]
 ) -> Operation | None:
     if not isinstance(entry, dict):
         problems.append(f"operation #{index + 1} is not a table")
@@ -161,9 +210,13 @@ def _parse_operation(
             _check_target(target, bad)
         if url is not None:
             bad("url", "is only for http operations")
+    timing = _timing(entry, defaults, lambda why: problems.append(f"{label}: {why}"))
     if len(problems) > before:
         return None
     return Operation(
+        fresh_hours=timing["fresh_hours"],
+        retry_backoff_seconds=timing["retry_backoff_seconds"],
+        quarantine_after=timing["quarantine_after"],
         name=name,
         kind=kind,
         url=url,

@@ -1,24 +1,27 @@
-"""Planning: which client-operations to run, skip or resume, and in which order. Reads only.
+"""Deciding: which client-operations run, which are skipped and why, and when each is due next.
 
-Clients are read in pages and their operation states with one batched `get_all` per page, so
-the cost is a handful of round trips per 500 clients rather than one per document.
+Pure functions of stored states, so planning, the due-time written to `clients/{id}.nextDueAt`
+and the dry run's plan can never disagree. Reading is in `due.py`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.cloud import firestore
+from shared.resume.pipeline import Operation, Pipeline
 
-from shared import store
-from shared.config import Settings
-from shared.resume.pipeline import Pipeline
-
-PAGE_SIZE = 500
-_NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+#: `nextDueAt` of a client whose remaining work is all quarantined: never, yet still a
+#: timestamp, so the client still counts among those that have a due time.
+NEVER = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
+MAX_BACKOFF_SECONDS = 86400
+#: What deciding reads of an operation state; never the checkpoint, loaded when a step starts.
+DECISION_FIELDS = ["status", "startedAt", "finishedAt", "failures", "attempts", "quarantinedAt"]
+#: States whose step resumes from a saved checkpoint (loaded when the step starts).
+RESUMES = ("partial", "failed", "running", "quarantined")
+INVALID_OPERATIONS = "invalid operations field"
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,14 @@ class Step:
     decision: str  # "run" or "skip"
     reason: str
     state: dict[str, Any] | None = None
+    blocks: bool = False  # a skip that holds back the client's later operations
+    due_at: dt.datetime | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"operation": self.operation, "decision": self.decision, "reason": self.reason}
+        out = {"operation": self.operation, "decision": self.decision, "reason": self.reason}
+        if self.due_at is not None and self.decision == "skip" and self.due_at < NEVER:
+            out["dueAt"] = _iso(self.due_at)
+        return out
 
 
 @dataclass
@@ -49,12 +57,12 @@ class ClientPlan:
     data: dict[str, Any]
     steps: list[Step] = field(default_factory=list)
     unknown_operations: list[str] = field(default_factory=list)
-
-    @property
-    def priority(self) -> dt.datetime:
-        """When this client's pending work last ran: never-run first, then oldest."""
-        stamps = [_last_touched(s.state) for s in self.steps if s.decision == "run"]
-        return min(stamps) if stamps else dt.datetime.max.replace(tzinfo=dt.UTC)
+    invalid_operations: bool = False
+    #: Every operation this client has (not only those this run selected), in pipeline order,
+    #: with its state: the next due time is computed over all of them.
+    operations: list[str] = field(default_factory=list)
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stored_due: dt.datetime | None = None  # the client's `nextDueAt` as read
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -64,17 +72,13 @@ class ClientPlan:
         }
         if self.unknown_operations:
             out["unknownOperations"] = self.unknown_operations
+        if self.invalid_operations:
+            out["invalidOperations"] = True
         return out
 
 
-def _last_touched(state: dict[str, Any] | None) -> dt.datetime:
-    if not state:
-        return _NEVER
-    for key in ("finishedAt", "startedAt"):
-        value = state.get(key)
-        if isinstance(value, dt.datetime):
-            return value
-    return _NEVER
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _fmt(value: Any) -> str:
@@ -83,121 +87,159 @@ def _fmt(value: Any) -> str:
     return "an unknown time"
 
 
-def decide(state: dict[str, Any] | None, now: dt.datetime, fresh_hours: float) -> Step:
-    """One operation's decision from its stored state (the operation name is filled in later)."""
+def failures_of(state: dict[str, Any] | None) -> int:
+    """Consecutive failures; states written before the field existed count one per failure."""
     if not state:
-        return Step("", "run", "never ran", state)
+        return 0
+    value = state.get("failures")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 1 if state.get("status") in ("failed", "quarantined") else 0
+
+
+def backoff_seconds(op: Operation, failures: int) -> float:
+    """After the k-th consecutive failure (k >= 2): retry_backoff_seconds * 2^(k-2), capped."""
+    if failures < 2:
+        return 0.0
+    return min(op.retry_backoff_seconds * 2 ** min(failures - 2, 40), MAX_BACKOFF_SECONDS)
+
+
+def _when(state: dict[str, Any]) -> dt.datetime:
+    for key in ("finishedAt", "startedAt"):
+        value = state.get(key)
+        if isinstance(value, dt.datetime):
+            return value
+    return EPOCH
+
+
+def due_at(state: dict[str, Any] | None, op: Operation) -> dt.datetime:
+    """When this operation is next due, judged from its stored state alone."""
+    if not state:
+        return EPOCH
+    status, when = state.get("status"), _when(state)
+    if status == "success":
+        return when + dt.timedelta(hours=op.fresh_hours)
+    if status == "quarantined":
+        return NEVER
+    if status == "failed":
+        return when + dt.timedelta(seconds=backoff_seconds(op, failures_of(state)))
+    return when  # partial, cut off while running, unknown: due now
+
+
+def decide(state: dict[str, Any] | None, op: Operation, now: dt.datetime) -> Step:
+    """One operation's decision from its stored state."""
+    name = op.name
+    due = due_at(state, op)
+    if not state:
+        return Step(name, "run", "never ran", state, due_at=due)
     status = state.get("status")
     finished = state.get("finishedAt")
+    resume = " from its checkpoint" if status in RESUMES else ""
     if status == "success":
-        if isinstance(finished, dt.datetime) and now - finished < dt.timedelta(hours=fresh_hours):
-            return Step("", "skip", f"succeeded at {_fmt(finished)}, within {fresh_hours:g}h")
-        return Step("", "run", f"stale success from {_fmt(finished)}", state)
+        if now < due:
+            reason = f"succeeded at {_fmt(finished)}, within {op.fresh_hours:g}h"
+            return Step(name, "skip", reason, state, due_at=due)
+        return Step(name, "run", f"stale success from {_fmt(finished)}", state, due_at=due)
+    if status == "quarantined":
+        since = state.get("quarantinedAt") or finished
+        reason = (
+            f"quarantined after {failures_of(state)} failures in a row (since {_fmt(since)}); "
+            "release it with the retry action"
+        )
+        return Step(name, "skip", reason, state, blocks=True, due_at=due)
     if status == "failed":
-        resume = " from its checkpoint" if isinstance(state.get("checkpoint"), dict) else ""
-        return Step("", "run", f"failed at {_fmt(finished)}; retrying{resume}", state)
+        k = failures_of(state)
+        if now < due:
+            reason = f"backing off after {k} failures in a row; due at {_fmt(due)}"
+            return Step(name, "skip", reason, state, blocks=True, due_at=due)
+        if k >= 2:
+            reason = f"failed {k} times in a row, last at {_fmt(finished)}; retrying{resume}"
+        else:
+            reason = f"failed at {_fmt(finished)}; retrying{resume}"
+        return Step(name, "run", reason, state, due_at=due)
     if status == "partial":
-        return Step("", "run", "partial; resumes from its checkpoint", state)
+        return Step(name, "run", "partial; resumes from its checkpoint", state, due_at=due)
     if status == "running":
         since = _fmt(state.get("startedAt"))
-        return Step("", "run", f"cut off while running since {since}; resumes", state)
-    return Step("", "run", f"unknown status {status!r}; running it", state)
+        return Step(name, "run", f"cut off while running since {since}; resumes", state, due_at=due)
+    return Step(name, "run", f"unknown status {status!r}; running it", state, due_at=due)
 
 
-class Planner:
-    """Reads clients and their operation states and decides, without writing anything."""
+def client_operations(
+    data: dict[str, Any], pipeline: Pipeline
+) -> tuple[list[str], list[str], bool]:
+    """The client's operations in pipeline order, the unknown names it lists, and whether its
+    `operations` field is unusable (then it runs nothing rather than everything)."""
+    selected = data.get("operations")
+    names = list(pipeline.names)
+    if selected is None:
+        return names, [], False
+    if not isinstance(selected, list) or not all(isinstance(n, str) for n in selected):
+        return [], [], True
+    return [n for n in names if n in selected], [n for n in selected if n not in names], False
 
-    def __init__(self, client: firestore.Client, settings: Settings, pipeline: Pipeline) -> None:
-        self.client = client
-        self.settings = settings
-        self.pipeline = pipeline
-        self.reads = 0  # round trips issued, for tests and benchmarks
 
-    def clients(self, options: RunOptions) -> Iterator[list[firestore.DocumentSnapshot]]:
-        """Active clients matching the filters, a page at a time."""
-        call = store.call(self.settings)
-        if options.client_id:
-            with store.translate_errors("reading the client"):
-                snap = self.client.collection(store.CLIENTS).document(options.client_id).get(**call)
-            self.reads += 1
-            data = snap.to_dict() if snap.exists else None
-            stream = options.stream
-            if (
-                data
-                and data.get("active") is True
-                and (stream is None or data.get("stream") == stream)
-            ):
-                yield [snap]
-            return
-        query = self.client.collection(store.CLIENTS).where(
-            filter=firestore.FieldFilter("active", "==", True)
-        )
-        if options.stream is not None:
-            query = query.where(filter=firestore.FieldFilter("stream", "==", options.stream))
-        query = query.order_by("__name__").limit(PAGE_SIZE)
-        last = None
-        while True:
-            page_query = query.start_after(last) if last is not None else query
-            with store.translate_errors("listing clients"):
-                page = list(page_query.stream(**call))
-            self.reads += 1
-            if page:
-                yield page
-            if len(page) < PAGE_SIZE:
-                return
-            last = page[-1]
+def plan_client(
+    client_id: str,
+    data: dict[str, Any],
+    states: dict[str, dict[str, Any]],
+    pipeline: Pipeline,
+    wanted: set[str] | None,
+    now: dt.datetime,
+) -> ClientPlan:
+    """A client's steps: the selected operations in order, each decided from its state."""
+    plan = ClientPlan(client_id, str(data.get("name") or client_id), data)
+    plan.operations, plan.unknown_operations, plan.invalid_operations = client_operations(
+        data, pipeline
+    )
+    plan.states = {n: s for n, s in states.items() if n in plan.operations}
+    if plan.invalid_operations:
+        names = [n for n in pipeline.names if wanted is None or n in wanted]
+        plan.steps = [Step(n, "skip", INVALID_OPERATIONS) for n in names]
+        return plan
+    for name in plan.operations:
+        if wanted is not None and name not in wanted:
+            continue
+        op = pipeline.get(name)
+        assert op is not None
+        plan.steps.append(decide(plan.states.get(name), op, now))
+    return plan
 
-    def plan(self, options: RunOptions, now: dt.datetime | None = None) -> list[ClientPlan]:
-        """Every selected client's steps, oldest work first."""
-        plans: list[ClientPlan] = []
-        wanted = set(options.operations) if options.operations else None
-        for page in self.clients(options):
-            plans.extend(self._plan_page(page, wanted, now))
-        plans.sort(key=lambda p: (p.priority, p.client_id))
-        return plans
 
-    def _plan_page(
-        self,
-        page: list[firestore.DocumentSnapshot],
-        wanted: set[str] | None,
-        now: dt.datetime | None,
-    ) -> list[ClientPlan]:
-        plans: list[ClientPlan] = []
-        refs = []
-        for snap in page:
-            data = snap.to_dict() or {}
-            plan = ClientPlan(snap.id, str(data.get("name") or snap.id), data)
-            selected = data.get("operations")
-            names = list(self.pipeline.names)
-            if isinstance(selected, list):
-                plan.unknown_operations = [str(n) for n in selected if n not in names]
-                names = [n for n in names if n in selected]
-            if wanted is not None:
-                names = [n for n in names if n in wanted]
-            plan.steps = [Step(n, "run", "") for n in names]
-            refs.extend(self._state_ref(snap.id, n) for n in names)
-            plans.append(plan)
-        states: dict[str, dict[str, Any]] = {}
-        read_time = None
-        if refs:
-            with store.translate_errors("reading operation states"):
-                for snap in self.client.get_all(refs, **store.call(self.settings)):
-                    read_time = read_time or snap.read_time
-                    if snap.exists:
-                        states[snap.reference.path] = snap.to_dict()
-            self.reads += 1
-        clock = now or read_time or dt.datetime.now(dt.UTC)
-        for plan in plans:
-            for step in plan.steps:
-                state = states.get(self._state_ref(plan.client_id, step.operation).path)
-                decided = decide(state, clock, self.pipeline.fresh_hours)
-                step.decision, step.reason, step.state = decided.decision, decided.reason, state
-        return plans
+def next_due(plan: ClientPlan, pipeline: Pipeline, now: dt.datetime) -> dt.datetime:
+    """The earliest moment one of the client's operations can run: an operation that failed or
+    is quarantined holds back the ones after it until it is due itself."""
+    if plan.invalid_operations:
+        return now
+    earliest, gate = NEVER, EPOCH
+    for name in plan.operations:
+        op = pipeline.get(name)
+        assert op is not None
+        state = plan.states.get(name)
+        due = due_at(state, op)
+        earliest = min(earliest, max(due, gate))
+        if state and state.get("status") in ("failed", "quarantined"):
+            gate = max(gate, due)
+    return earliest
 
-    def _state_ref(self, client_id: str, operation: str) -> firestore.DocumentReference:
-        return (
-            self.client.collection(store.CLIENTS)
-            .document(client_id)
-            .collection(store.OPERATIONS)
-            .document(operation)
-        )
+
+def failing(plan: ClientPlan, pipeline: Pipeline) -> dict[str, dict[str, Any]]:
+    """The client's operations that failed last time (backing off or quarantined), as stored
+    on the client document so status can list them without reading every state."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in plan.operations:
+        state = plan.states.get(name) or {}
+        k = failures_of(state)
+        if state.get("status") not in ("failed", "quarantined") or k < 1:
+            continue
+        op = pipeline.get(name)
+        assert op is not None
+        quarantined = state.get("status") == "quarantined"
+        due = due_at(state, op)
+        out[name] = {
+            "state": "quarantined" if quarantined else "backoff",
+            "failures": k,
+            "since": (state.get("quarantinedAt") if quarantined else None) or _when(state),
+            "dueAt": None if quarantined else due,
+        }
+    return out

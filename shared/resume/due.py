@@ -1,0 +1,265 @@
+"""Selecting the work of a tick: the clients whose `nextDueAt` has passed, and nothing else.
+
+A tick reads the due clients oldest first, a page at a time, with their operation states
+(decision fields only), so its cost follows the work that is due and its memory one page. With
+nothing due it reads a handful of documents whatever the number of clients.
+
+`nextDueAt` is written by the engine with each client's states. What the engine did not write
+is caught by a full pass over the active clients (which repairs every `nextDueAt`): it runs when
+the pipeline's timing changed (its fingerprint), when the number of active clients changed (one
+cheap aggregation query per tick), and at least every SMART_RESUME_RECONCILE_HOURS. A change
+that leaves the count the same (a client added while another is deactivated, or a client's own
+`operations` list edited) waits for that periodic pass.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from google.cloud import firestore
+
+from shared import store
+from shared.config import Settings
+from shared.resume.pipeline import Pipeline
+from shared.resume.plan import (
+    DECISION_FIELDS,
+    ClientPlan,
+    RunOptions,
+    failing,
+    next_due,
+    plan_client,
+)
+
+PAGE_SIZE = 200  # due clients per page: memory stays one page, round trips stay few
+FULL_PAGE_SIZE = 500
+
+
+@dataclass
+class Reads:
+    """Documents read (as billed: a query with no result costs one, a count one per 1,000
+    entries) and round trips, for tests and benchmarks."""
+
+    documents: int = 0
+    round_trips: int = 0
+
+    def add(self, documents: int) -> None:
+        self.documents += max(documents, 1)
+        self.round_trips += 1
+
+
+class Selection:
+    """Reads clients and their decision fields; writes nothing itself."""
+
+    def __init__(
+        self,
+        client: firestore.Client,
+        settings: Settings,
+        pipeline: Pipeline,
+        options: RunOptions,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.pipeline = pipeline
+        self.options = options
+        self.wanted = set(options.operations) if options.operations else None
+        self.reads = Reads()
+        self.exhausted = True  # False when the caller stopped before the last due client
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _active(self) -> firestore.Query:
+        query = self.client.collection(store.CLIENTS).where(
+            filter=firestore.FieldFilter("active", "==", True)
+        )
+        if self.options.stream is not None:
+            query = query.where(filter=firestore.FieldFilter("stream", "==", self.options.stream))
+        return query
+
+    def count_active(self) -> int:
+        with store.translate_errors("counting active clients"):
+            result = self._active().count().get(**store.call(self.settings))
+        count = int(result[0][0].value)
+        self.reads.add(math.ceil(count / 1000))
+        return count
+
+    def count_due(self, cutoff: dt.datetime) -> int:
+        """How many clients are due: the progress bar's length (one read per 1,000)."""
+        query = self._active().where(filter=firestore.FieldFilter("nextDueAt", "<=", cutoff))
+        with store.translate_errors("counting due clients"):
+            result = query.count().get(**store.call(self.settings))
+        count = int(result[0][0].value)
+        self.reads.add(math.ceil(count / 1000))
+        return count
+
+    def _pages(self, query: firestore.Query, size: int) -> Iterator[list[Any]]:
+        query = query.limit(size)
+        last = None
+        while True:
+            page_query = query.start_after(last) if last is not None else query
+            with store.translate_errors("listing clients"):
+                page = list(page_query.stream(**store.call(self.settings)))
+            self.reads.add(len(page))
+            if page:
+                yield page
+            if len(page) < size:
+                return
+            last = page[-1]
+
+    def due_pages(self, cutoff: dt.datetime) -> Iterator[list[Any]]:
+        """Active clients due at `cutoff`, longest waiting first."""
+        query = self._active().where(filter=firestore.FieldFilter("nextDueAt", "<=", cutoff))
+        yield from self._pages(query.order_by("nextDueAt"), PAGE_SIZE)
+
+    def all_pages(self) -> Iterator[list[Any]]:
+        """Every active client, by id."""
+        yield from self._pages(self._active().order_by("__name__"), FULL_PAGE_SIZE)
+
+    def one(self) -> Iterator[list[Any]]:
+        assert self.options.client_id
+        ref = self.client.collection(store.CLIENTS).document(self.options.client_id)
+        with store.translate_errors("reading the client"):
+            snap = ref.get(**store.call(self.settings))
+        self.reads.add(1)
+        data = snap.to_dict() if snap.exists else None
+        stream = self.options.stream
+        if data and data.get("active") is True and (stream is None or data.get("stream") == stream):
+            yield [snap]
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def state_ref(self, client_id: str, operation: str) -> firestore.DocumentReference:
+        return (
+            self.client.collection(store.CLIENTS)
+            .document(client_id)
+            .collection(store.OPERATIONS)
+            .document(operation)
+        )
+
+    def plan_page(self, page: list[Any], now: dt.datetime) -> list[ClientPlan]:
+        """Plans for a page of client snapshots: one batched read of their decision fields."""
+        refs = [self.state_ref(snap.id, name) for snap in page for name in self.pipeline.names]
+        states: dict[str, dict[str, Any]] = {}
+        if refs:
+            with store.translate_errors("reading operation states"):
+                found = self.client.get_all(
+                    refs, field_paths=DECISION_FIELDS, **store.call(self.settings)
+                )
+                for snap in found:
+                    if snap.exists:
+                        states[snap.reference.path] = snap.to_dict() or {}
+            self.reads.add(len(states))
+        plans = []
+        for snap in page:
+            own = {
+                name: states[path]
+                for name in self.pipeline.names
+                if (path := self.state_ref(snap.id, name).path) in states
+            }
+            plan = plan_client(snap.id, snap.to_dict() or {}, own, self.pipeline, self.wanted, now)
+            stored = (snap.to_dict() or {}).get("nextDueAt")
+            plan.data = {k: v for k, v in plan.data.items() if k != "claim"}
+            plan.stored_due = stored if isinstance(stored, dt.datetime) else None
+            plans.append(plan)
+        return plans
+
+    def plans(self, pages: Iterator[list[Any]], now: dt.datetime) -> Iterator[ClientPlan]:
+        for page in pages:
+            yield from self.plan_page(page, now)
+
+
+def client_fields(plan: ClientPlan, pipeline: Pipeline, now: dt.datetime) -> dict[str, Any]:
+    """What the client document says about its work: when it is next due and what is failing."""
+    failures = failing(plan, pipeline)
+    return {
+        "nextDueAt": next_due(plan, pipeline, now),
+        "failing": failures,
+        "failingCount": len(failures),
+        "quarantinedCount": sum(1 for f in failures.values() if f["state"] == "quarantined"),
+    }
+
+
+def _same(stored: dict[str, Any], fields: dict[str, Any]) -> bool:
+    return all(stored.get(k) == v for k, v in fields.items())
+
+
+class Reconcile:
+    """When a full pass is due, and the pass itself: every active client's due fields repaired,
+    in transactions that read the lock's fence (so a run that lost its lock writes nothing)."""
+
+    def __init__(self, selection: Selection, fence: Any) -> None:
+        self.selection = selection
+        self.fence = fence
+        sel = selection
+        name = "due" if sel.options.stream is None else f"due-stream-{sel.options.stream}"
+        self.ref = (
+            sel.client.collection(store.LOCKS)
+            .document(sel.settings.lock_name)
+            .collection(store.META)
+            .document(name)
+        )
+        self.active: int | None = None
+
+    def reason(self, now: dt.datetime) -> str | None:
+        """Why a full pass must run on this tick, or None."""
+        sel = self.selection
+        with store.translate_errors("reading the due-work state"):
+            snap = self.ref.get(**store.call(sel.settings))
+        sel.reads.add(1)
+        meta = snap.to_dict() if snap.exists else None
+        self.active = sel.count_active()
+        if not meta:
+            return "first tick of due-work selection"
+        if meta.get("fingerprint") != sel.pipeline.fingerprint:
+            return "the pipeline's operations or timing changed"
+        if meta.get("activeCount") != self.active:
+            return f"active clients changed from {meta.get('activeCount')} to {self.active}"
+        at = meta.get("reconciledAt")
+        hours = sel.settings.reconcile_hours
+        if not isinstance(at, dt.datetime) or now - at >= dt.timedelta(hours=hours):
+            return f"no full pass for {hours:g}h"
+        return None
+
+    def run(self, now: dt.datetime, should_stop: Any) -> tuple[int, int]:
+        """Repair every active client's due fields; returns (clients read, repaired). Records
+        the pass only when it went through every client."""
+        sel = self.selection
+        seen = repaired = 0
+        for page in sel.all_pages():
+            if should_stop():
+                return seen, repaired
+            changes = []
+            for plan in sel.plan_page(page, now):
+                seen += 1
+                fields = client_fields(plan, sel.pipeline, now)
+                snap = next(s for s in page if s.id == plan.client_id)
+                if not _same(snap.to_dict() or {}, fields):
+                    changes.append((snap.reference, fields))
+            if changes:
+                self._write(changes)
+                repaired += len(changes)
+        meta = {
+            "fingerprint": sel.pipeline.fingerprint,
+            "activeCount": self.active if self.active is not None else seen,
+            "reconciledAt": now,
+            "lockName": sel.settings.lock_name,
+            "stream": sel.options.stream,
+        }
+        self.fence.transaction("recording the full pass", lambda tx: tx.set(self.ref, meta))
+        return seen, repaired
+
+    def _write(self, changes: list[tuple[firestore.DocumentReference, dict[str, Any]]]) -> None:
+        def body(tx: Any) -> None:
+            refs = [ref for ref, _ in changes]
+            found = self.selection.client.get_all(
+                refs, field_paths=["active"], transaction=tx, **store.call(self.selection.settings)
+            )
+            exists = {s.reference.path for s in found if s.exists}
+            for ref, fields in changes:
+                if ref.path in exists:  # a client deleted meanwhile is not written back
+                    tx.update(ref, fields)
+
+        self.fence.transaction("repairing due times", body)
