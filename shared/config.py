@@ -23,6 +23,12 @@ TRANSPORTS = ("sendgrid", "ses", "log", "outbox")
 EMAIL_ON = ("always", "failure")
 LOG_FORMATS = ("text", "json")
 
+#: The longest timeout Cloud Functions (2nd gen) allows an HTTP function: a run cannot outlive it.
+PLATFORM_TIMEOUT_SECONDS = 3600
+#: What a run needs after its time budget: the operation in flight stops at its next check, the
+#: lock is released, the run record written and the report mailed (email timeout and retries).
+FINISH_MARGIN_SECONDS = 120
+
 #: Every variable smart-resume reads, with its default as documented (None: unset).
 #: The README's configuration table is checked against this mapping by a test.
 VARIABLES: dict[str, str | None] = {
@@ -32,6 +38,7 @@ VARIABLES: dict[str, str | None] = {
     "SMART_RESUME_LEASE_SECONDS": "300",
     "SMART_RESUME_MAX_RUN_SECONDS": "1800",
     "SMART_RESUME_TIME_BUDGET_SECONDS": "1500",
+    "SMART_RESUME_RECONCILE_HOURS": "24",
     "SMART_RESUME_PIPELINE": "pipeline.toml",
     "SMART_RESUME_MODULE": "shared.resume",
     "SMART_RESUME_RELOAD_MODULE": "0",
@@ -65,6 +72,7 @@ class Settings:
     lease_seconds: float
     max_run_seconds: float
     time_budget_seconds: float
+    reconcile_hours: float
     pipeline_path: Path
     module: str
     reload_module: bool
@@ -116,12 +124,16 @@ class _Reader:
 
     def seconds(self, name: str) -> float:
         """A positive, finite number; NaN on error, so cross-checks on it stay quiet."""
+        return self.positive(name, "seconds")
+
+    def positive(self, name: str, unit: str) -> float:
+        """A positive, finite number of `unit`; NaN on error, so cross-checks on it stay quiet."""
         before = len(self.problems)
-        value = self.parse(name, float, "a number of seconds", math.nan)
+        value = self.parse(name, float, f"a number of {unit}", math.nan)
         if len(self.problems) > before:
             return math.nan
         if not 0 < value < math.inf:
-            self.problems.append(f"{name} must be a positive number of seconds, got {value:g}")
+            self.problems.append(f"{name} must be a positive number of {unit}, got {value:g}")
             return math.nan
         return value
 
@@ -146,6 +158,16 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
+def _header_safe(secret: str) -> bool:
+    """Whether a client can present `secret` in a header and have it match.
+
+    WSGI hands header values over decoded as Latin-1, so a secret with any non-ASCII character
+    never compares equal to what was sent, and a control character cannot travel in a header at
+    all: such a secret would refuse every request, which is better found at startup.
+    """
+    return secret.isascii() and secret.isprintable()
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build and validate settings; raise one `ConfigError` naming every bad variable."""
     r = _Reader(os.environ if env is None else env)
@@ -162,6 +184,29 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         r.problems.append(
             f"SMART_RESUME_TIME_BUDGET_SECONDS ({budget:g}) must be shorter than "
             f"SMART_RESUME_MAX_RUN_SECONDS ({max_run:g}), or a running lock would look stale"
+        )
+    # The platform kills the function at its timeout, so a run whose budget plus the finishing
+    # margin exceeds it would die before releasing its lock and sending its report.
+    if budget + FINISH_MARGIN_SECONDS > PLATFORM_TIMEOUT_SECONDS:
+        r.problems.append(
+            f"SMART_RESUME_TIME_BUDGET_SECONDS ({budget:g}) plus the {FINISH_MARGIN_SECONDS} s "
+            f"needed to finish a run exceeds the {PLATFORM_TIMEOUT_SECONDS} s limit of an HTTP "
+            "Cloud Function"
+        )
+    if max_run > PLATFORM_TIMEOUT_SECONDS:
+        r.problems.append(
+            f"SMART_RESUME_MAX_RUN_SECONDS ({max_run:g}) exceeds the {PLATFORM_TIMEOUT_SECONDS} s "
+            "limit of an HTTP Cloud Function, which no run can outlive"
+        )
+    reconcile_hours = r.positive("SMART_RESUME_RECONCILE_HOURS", "hours")
+    webhook_secrets = _split(r.env.get("SMART_RESUME_WEBHOOK_SECRET"))
+    unusable = [i for i, secret in enumerate(webhook_secrets, 1) if not _header_safe(secret)]
+    if unusable:
+        # Which one by position, never by value: this message is logged.
+        which = ", ".join(f"#{i}" for i in unusable)
+        r.problems.append(
+            f"SMART_RESUME_WEBHOOK_SECRET value {which} of {len(webhook_secrets)} contains a "
+            "non-ASCII or control character, so no request could ever match it"
         )
     concurrency = r.parse("SMART_RESUME_CONCURRENCY", int, "a whole number", 1)
     if concurrency < 1 or concurrency > 64:
@@ -201,12 +246,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     pipeline = Path(r.raw("SMART_RESUME_PIPELINE") or "pipeline.toml")
     outbox = Path(r.raw("SMART_RESUME_OUTBOX") or "outbox")
     settings = Settings(
-        webhook_secrets=_split(r.env.get("SMART_RESUME_WEBHOOK_SECRET")),
+        webhook_secrets=webhook_secrets,
         lock_name=lock_name,
         heartbeat_seconds=heartbeat,
         lease_seconds=lease,
         max_run_seconds=max_run,
         time_budget_seconds=budget,
+        reconcile_hours=reconcile_hours,
         pipeline_path=pipeline if pipeline.is_absolute() else PROJECT_ROOT / pipeline,
         module=module,
         reload_module=r.parse("SMART_RESUME_RELOAD_MODULE", _flag, "0 or 1", False),

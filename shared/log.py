@@ -1,9 +1,12 @@
 """Structured logging: one JSON object per line for Cloud Logging, one readable line locally.
 
 Context (`runId`, `clientId`, `operation`, `component`, trace) lives in a contextvar so every
-line logged during a run carries it without threading it through every call. A filter masks every
-configured secret wherever it would appear, because a leaked webhook secret or API key in a log
-sink is as bad as one in a response.
+line logged during a run carries it without threading it through every call. The formatters mask
+every configured secret wherever it would appear, because a leaked webhook secret or API key in a
+log sink is as bad as one in a response. A secret is masked in the values before they are encoded
+(JSON escapes `"`, `\\` and control characters, `repr()` escapes quotes and backslashes, so the
+encoded line no longer holds the secret as written) and, as a second net, in its escaped forms in
+the finished line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
     "smart_resume_log_context", default=None
 )
 _secrets: tuple[str, ...] = ()
+#: Every form a registered secret can take in a line, longest first.
+_forms: tuple[str, ...] = ()
 _secrets_lock = threading.Lock()
 
 _SEVERITY = {
@@ -38,21 +43,66 @@ TRACE_KEY = "logging.googleapis.com/trace"
 MASK = "***"
 
 
+def _encoded_forms(secret: str) -> set[str]:
+    """The secret as written, and as JSON (either `ensure_ascii`) or `repr()` would escape it.
+
+    A provider's error body may echo a key inside its own JSON, and a container logged with
+    `%s` shows its strings through `repr()`; each form is masked like the secret itself.
+    """
+    forms = {
+        secret,
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        repr(secret)[1:-1],
+    }
+    # repr() escapes a quote only when the whole string holds both kinds; cover that too.
+    forms.add(secret.replace("\\", "\\\\").replace("'", "\\'"))
+    return forms
+
+
 def register_secrets(values: Iterable[str | None]) -> None:
     """Remember values that must be masked in every log line from now on."""
-    global _secrets
+    global _secrets, _forms
     with _secrets_lock:
         merged = set(_secrets) | {v for v in values if v and len(v) >= 4}
         # Longest first, so a secret that contains another is masked whole.
         _secrets = tuple(sorted(merged, key=len, reverse=True))
+        forms = set().union(*(_encoded_forms(s) for s in _secrets)) if _secrets else set()
+        _forms = tuple(sorted(forms, key=len, reverse=True))
 
 
 def mask(text: str) -> str:
-    """Replace every registered secret in `text`."""
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
+    """Replace every registered secret in `text`, as written or escaped."""
+    for form in _forms:
+        if form in text:
+            text = text.replace(form, MASK)
     return text
+
+
+def _masked(value: Any) -> Any:
+    """`value` with every string inside it masked, keys included, before anything encodes it.
+
+    Other objects are left as they are: what they print as is masked in the finished line.
+    """
+    if isinstance(value, str):
+        return mask(value)
+    if type(value) is dict:
+        return {_masked(k): _masked(v) for k, v in value.items()}
+    if type(value) in (list, tuple, set, frozenset):
+        return type(value)(_masked(v) for v in value)
+    return value
+
+
+def _message(record: logging.LogRecord) -> str:
+    """`record.getMessage()`, with the arguments masked before `%` formats them."""
+    if record.args:
+        args = record.args
+        masked = tuple(_masked(a) for a in args) if isinstance(args, tuple) else _masked(args)
+        try:
+            return mask(str(record.msg) % masked)
+        except (TypeError, ValueError, KeyError):
+            pass  # a malformed call: let logging format it as it always would, then mask
+    return mask(record.getMessage())
 
 
 @contextlib.contextmanager
@@ -86,7 +136,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
-            "message": record.getMessage(),
+            "message": _message(record),
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
         }
         context = getattr(record, "context", None) or {}
@@ -97,19 +147,21 @@ class JsonFormatter(logging.Formatter):
             entry.update(extra)
         if record.exc_info and record.levelno >= logging.ERROR:
             entry["exception"] = self.formatException(record.exc_info)
-        return mask(json.dumps(entry, default=str, ensure_ascii=False))
+        # Masked before encoding (escaping would hide a secret holding `"` or `\\`), then the
+        # encoded line once more for anything assembled from pieces.
+        return mask(json.dumps(_masked(entry), default=lambda o: mask(str(o)), ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
     """One readable line for a terminal: time, severity, context, message, fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        context = getattr(record, "context", None) or {}
+        context = _masked(getattr(record, "context", None) or {})
         tags = " ".join(f"{k}={context[k]}" for k in _CONTEXT_KEYS if k in context)
-        extra = getattr(record, "fields", None) or {}
+        extra = _masked(getattr(record, "fields", None) or {})
         tail = " ".join(f"{k}={v}" for k, v in extra.items())
         when = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        line = f"{when} {record.levelname:<7} {tags + ' ' if tags else ''}{record.getMessage()}"
+        line = f"{when} {record.levelname:<7} {tags + ' ' if tags else ''}{_message(record)}"
         if tail:
             line += f" ({tail})"
         if record.exc_info and record.levelno >= logging.ERROR:

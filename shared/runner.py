@@ -49,6 +49,8 @@ class Outcome:
     body: dict[str, Any]
     run_id: str | None = None
     report: dict[str, Any] | None = field(default=None, compare=False)
+    #: What the engine counted (documents read, commits, writes per document): benchmarks.
+    stats: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 _runs_mutex = threading.Lock()
@@ -205,6 +207,7 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
     summary = result.summary if result else summarize([], 0, time.monotonic() - started)
     summary["durationSeconds"] = round(time.monotonic() - started, 3)
     results = result.results if result else []
+    stats = getattr(result, "stats", None) or {}
     report_input = ReportInput(
         run_id=run_id,
         status=status,
@@ -275,9 +278,9 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
     log.info("run ended %s", status, fields={"summary": summary, "report": report.get("status")})
     if status == "failed":
         body = {"status": "failed", "runId": run_id, "error": error}
-        return Outcome("failed", 500, body, run_id, report)
+        return Outcome("failed", 500, body, run_id, report, stats)
     body = {"status": status, "runId": run_id, "summary": jsonable(summary)}
-    return Outcome(status, 200, body, run_id, report)
+    return Outcome(status, 200, body, run_id, report, stats)
 
 
 def _revoke(settings: Settings, client: firestore.Client, run_id: str) -> None:

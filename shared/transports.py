@@ -2,11 +2,19 @@
 
 Each transport is `send(settings, message) -> None` and raises `DeliveryError` on failure. The
 provider SDKs are imported inside their transport so a cold start that never mails pays nothing.
+
+Neither SendGrid's `mail/send` nor SES's `SendEmail` takes an idempotency key, so a request that
+may have been accepted is never sent again: a duplicate report is worse than a missing one (the
+run record says `failed` and why). Only what certainly did not reach the provider, or what it
+refused before processing, is retried: a connection that never carried the whole request
+(refused, connect timeout, DNS, TLS handshake), 429 and 408. A read timeout after sending, a
+connection dropped before the answer, and 5xx are "outcome unknown" and end the delivery.
 """
 
 from __future__ import annotations
 
 import email.policy
+import http.client
 import json
 import re
 import urllib.error
@@ -25,12 +33,20 @@ if TYPE_CHECKING:
 
 logger = log.get_logger("report")
 
-#: SendGrid attempts and backoff; module constants so tests can make the waits tiny.
+#: Attempts (SendGrid and SES) and backoff; module constants so tests can make the waits tiny.
 SENDGRID_ATTEMPTS = 3
 RETRY_INITIAL_SECONDS = 1.0
 RETRY_MAX_SECONDS = 8.0
-#: Statuses worth another try; anything else (400, 401, 403, 413...) will fail the same way again.
-RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: Statuses that say the request was not processed, so another try cannot send a second email:
+#: 429 (throttled before processing) and 408 (the server never received the whole request).
+#: 5xx is left out on purpose: SendGrid documents a 5xx only as "an error on a SendGrid
+#: server", not as "not accepted", and a 502/504 from a gateway says nothing about whether the
+#: backend queued the message. Without an idempotency key, retrying one risks a duplicate.
+#: Everything else (400, 401, 403, 413...) would fail the same way again.
+RETRYABLE_STATUSES = frozenset({408, 429})
+#: SES error codes for throttling, refused before anything is sent.
+SES_THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyRequestsException"})
+NOT_RETRIED = "not retried to avoid a duplicate email"
 FALLBACK_FROM = "smart-resume@localhost"
 
 
@@ -38,12 +54,20 @@ class DeliveryError(SmartResumeError):
     """A transport could not deliver the report; carries what the provider said."""
 
     def __init__(
-        self, transport: str, status: int | None, detail: str, retryable: bool = False
+        self,
+        transport: str,
+        status: int | None,
+        detail: str,
+        retryable: bool = False,
+        outcome_unknown: bool = False,
     ) -> None:
         self.transport = transport
         self.status = status
         self.detail = detail
+        #: Certainly not processed by the provider: another attempt cannot duplicate the email.
         self.retryable = retryable
+        #: The provider may have accepted it: the email may or may not go out.
+        self.outcome_unknown = outcome_unknown
         where = f"HTTP {status}" if status is not None else "no response"
         super().__init__(f"{transport}: {where}: {detail}")
 
@@ -52,7 +76,28 @@ def _scrub(settings: Settings, text: str) -> str:
     """One line, no secrets: what may be logged and stored on the run record."""
     for secret in settings.secrets:
         text = text.replace(secret, log.MASK)
-    return " ".join(text.split())[:500]
+    # The registered forms too: a provider's body may echo the key JSON-escaped.
+    return " ".join(log.mask(text).split())[:500]
+
+
+def _unknown(what: str) -> str:
+    return f"outcome unknown: {what}; {NOT_RETRIED}"
+
+
+def _after_sending(
+    exc: BaseException,
+    timeouts: tuple[type[BaseException], ...] = (TimeoutError,),
+    closes: tuple[type[BaseException], ...] = (http.client.RemoteDisconnected,),
+) -> str:
+    """Why an error raised once the request was sent leaves the outcome unknown, in words.
+
+    The exception classes differ per client library (urllib for SendGrid, botocore for SES).
+    """
+    if isinstance(exc, timeouts):
+        return "read timeout after sending"
+    if isinstance(exc, closes):
+        return "connection closed after sending, without an answer"
+    return f"{type(exc).__name__}, possibly after sending: {exc}".rstrip(": ")
 
 
 # --- SendGrid -------------------------------------------------------------------------------
@@ -95,20 +140,32 @@ def _sendgrid_attempt(settings: Settings, message: Message) -> int:
         response = sg.send(mail)
     except HTTPError as exc:
         status = int(exc.status_code)
+        detail = _scrub(settings, _sendgrid_detail(exc.body))
+        if status >= 500:
+            raise DeliveryError(
+                "sendgrid", status, _unknown(detail), outcome_unknown=True
+            ) from None
         raise DeliveryError(
-            "sendgrid",
-            status,
-            _scrub(settings, _sendgrid_detail(exc.body)),
-            retryable=status in RETRYABLE_STATUSES,
+            "sendgrid", status, detail, retryable=status in RETRYABLE_STATUSES
         ) from None
     except urllib.error.URLError as exc:
-        # A refused or unreachable host surfaces as URLError, not the client's HTTPError.
+        # urllib raises URLError only for an OSError while connecting or writing the request
+        # (`h.request`), so SendGrid never got the whole request: refused, connect timeout, DNS,
+        # TLS handshake. Safe to try again.
         raise DeliveryError(
-            "sendgrid", None, _scrub(settings, f"network error: {exc.reason}"), retryable=True
+            "sendgrid",
+            None,
+            _scrub(settings, f"network error before sending: {exc.reason}"),
+            retryable=True,
         ) from None
-    except OSError as exc:  # socket timeouts and resets; URLError is handled above
+    except (OSError, http.client.HTTPException) as exc:
+        # Raised by `getresponse()`, after the whole request went out: SendGrid may have
+        # accepted it (a read timeout, a connection dropped before the answer).
         raise DeliveryError(
-            "sendgrid", None, _scrub(settings, f"network error: {exc!r}"), retryable=True
+            "sendgrid",
+            None,
+            _scrub(settings, _unknown(_after_sending(exc))),
+            outcome_unknown=True,
         ) from None
     if not 200 <= response.status_code < 300:
         raise DeliveryError("sendgrid", response.status_code, "unexpected status", retryable=False)
@@ -118,7 +175,8 @@ def _sendgrid_attempt(settings: Settings, message: Message) -> int:
 def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     logger.warning(
-        "sendgrid attempt %d failed, retrying",
+        "%s attempt %d failed, retrying",
+        getattr(exc, "transport", "email"),
         state.attempt_number,
         fields={
             "status": getattr(exc, "status", None),
@@ -128,15 +186,11 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
     )
 
 
-def send_sendgrid(settings: Settings, message: Message) -> None:
-    """POST /v3/mail/send; retries 429, 5xx and network errors with jittered backoff."""
-    if not settings.sendgrid_api_key:
-        raise DeliveryError("sendgrid", None, "SENDGRID_API_KEY is not set")
-    # So nothing below (our lines or a provider echo) can print the key.
-    log.register_secrets(settings.secrets)
-    import tenacity  # lazy: only runs that mail through SendGrid pay for it
+def _retrying() -> tenacity.Retrying:
+    """Jittered backoff, only for a `DeliveryError` that is certainly safe to repeat."""
+    import tenacity  # lazy: only runs that mail through a provider pay for it
 
-    retrying = tenacity.Retrying(
+    return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(SENDGRID_ATTEMPTS),
         wait=tenacity.wait_random_exponential(
             multiplier=RETRY_INITIAL_SECONDS, max=RETRY_MAX_SECONDS
@@ -145,7 +199,15 @@ def send_sendgrid(settings: Settings, message: Message) -> None:
         before_sleep=_log_retry,
         reraise=True,
     )
-    status = retrying(_sendgrid_attempt, settings, message)
+
+
+def send_sendgrid(settings: Settings, message: Message) -> None:
+    """POST /v3/mail/send; retries, with jittered backoff, only what cannot send twice."""
+    if not settings.sendgrid_api_key:
+        raise DeliveryError("sendgrid", None, "SENDGRID_API_KEY is not set")
+    # So nothing below (our lines or a provider echo) can print the key.
+    log.register_secrets(settings.secrets)
+    status = _retrying()(_sendgrid_attempt, settings, message)
     logger.info(
         "sendgrid accepted the report",
         fields={"status": status, "to": ",".join(settings.email_to)},
@@ -159,24 +221,21 @@ def _utf8(data: str) -> dict[str, str]:
     return {"Data": data, "Charset": "UTF-8"}
 
 
-def send_ses(settings: Settings, message: Message) -> None:
-    """SES v2 `send_email` with a Simple message; botocore does the retrying."""
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    timeout = settings.email_timeout_seconds
-    client = boto3.client(
-        "sesv2",
-        region_name=settings.aws_region,
-        config=Config(
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": SENDGRID_ATTEMPTS, "mode": "standard"},
-        ),
+def _ses_attempt(settings: Settings, client: Any, message: Message) -> dict[str, Any]:
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        HTTPClientError,
+        ProxyConnectionError,
+        ReadTimeoutError,
+        SSLError,
     )
+
     try:
-        answer = client.send_email(
+        answer: dict[str, Any] = client.send_email(
             FromEmailAddress=settings.email_from or FALLBACK_FROM,
             Destination={"ToAddresses": list(settings.email_to)},
             Content={
@@ -189,10 +248,51 @@ def send_ses(settings: Settings, message: Message) -> None:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        detail = f"{error.get('Code', 'error')}: {error.get('Message', '')}"
-        raise DeliveryError("ses", status, _scrub(settings, detail)) from None
+        code = error.get("Code", "error")
+        detail = _scrub(settings, f"{code}: {error.get('Message', '')}")
+        if isinstance(status, int) and status >= 500:
+            raise DeliveryError("ses", status, _unknown(detail), outcome_unknown=True) from None
+        throttled = status == 429 or code in SES_THROTTLING_CODES
+        raise DeliveryError("ses", status, detail, retryable=throttled) from None
+    except (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError) as exc:
+        # Refused, unresolvable, connect timeout, proxy unreachable: no connection carried the
+        # request. Safe to try again.
+        raise DeliveryError(
+            "ses", None, _scrub(settings, f"network error before sending: {exc}"), retryable=True
+        ) from None
+    except (HTTPClientError, SSLError) as exc:
+        # A read timeout, a connection closed before the answer, a TLS error mid-exchange: the
+        # request may have arrived and been accepted.
+        what = _after_sending(exc, (ReadTimeoutError,), (ConnectionClosedError,))
+        raise DeliveryError(
+            "ses", None, _scrub(settings, _unknown(what)), outcome_unknown=True
+        ) from None
     except BotoCoreError as exc:
-        raise DeliveryError("ses", None, _scrub(settings, str(exc)), retryable=True) from None
+        # Raised before anything is sent (no credentials, bad parameters): it would fail again.
+        raise DeliveryError("ses", None, _scrub(settings, str(exc))) from None
+    return answer
+
+
+def send_ses(settings: Settings, message: Message) -> None:
+    """SES v2 `send_email` with a Simple message; retries only what cannot send twice.
+
+    botocore's own retries are off: its standard mode repeats read timeouts and 5xx, which may
+    already have sent the email.
+    """
+    import boto3
+    from botocore.config import Config
+
+    timeout = settings.email_timeout_seconds
+    client = boto3.client(
+        "sesv2",
+        region_name=settings.aws_region,
+        config=Config(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+        ),
+    )
+    answer = _retrying()(_ses_attempt, settings, client, message)
     logger.info(
         "ses accepted the report",
         fields={"messageId": answer.get("MessageId"), "region": settings.aws_region},

@@ -1,7 +1,8 @@
 """A local stand-in for SendGrid's `POST /v3/mail/send`, for the real client to talk to.
 
 It records every request, answers from a configurable status sequence (the last one repeats),
-and can be told to never answer, like a silent load balancer.
+and can be told to never answer, like a silent load balancer, or to answer only after `delay`
+seconds, like a provider that accepted the message but whose answer came too late.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ class Recorded:
 class FakeSendGrid:
     """A threaded HTTP server on 127.0.0.1; use as a context manager."""
 
-    def __init__(self, statuses: list[int] | None = None, *, silent: bool = False) -> None:
+    def __init__(
+        self, statuses: list[int] | None = None, *, silent: bool = False, delay: float = 0
+    ) -> None:
         self.statuses = list(statuses or [202])
         self.silent = silent
+        self.delay = delay
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
         self._release = threading.Event()
@@ -83,6 +87,8 @@ class FakeSendGrid:
                     self._answer(404, {"errors": [{"message": "not found"}]})
                     return
                 status = fake._next_status()
+                if fake.delay:
+                    fake._release.wait(fake.delay)
                 if status < 300:
                     self._answer(status, None)
                 else:
@@ -91,10 +97,13 @@ class FakeSendGrid:
 
             def _answer(self, status: int, body: dict[str, Any] | None) -> None:
                 data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up waiting (a `delay` past its timeout)
 
         return Handler

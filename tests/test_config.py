@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import PROJECT_ROOT, VARIABLES, describe, load_settings
+from shared.config import (
+    FINISH_MARGIN_SECONDS,
+    PLATFORM_TIMEOUT_SECONDS,
+    PROJECT_ROOT,
+    VARIABLES,
+    describe,
+    load_settings,
+)
 from shared.errors import ConfigError
 
 BASE = {"GOOGLE_CLOUD_PROJECT": "p"}
@@ -20,6 +27,7 @@ class TestDefaults:
         assert s.lock_name == "smart-resume"
         assert (s.heartbeat_seconds, s.lease_seconds) == (60, 300)
         assert (s.max_run_seconds, s.time_budget_seconds) == (1800, 1500)
+        assert s.reconcile_hours == 24
         assert s.pipeline_path == PROJECT_ROOT / "pipeline.toml"
         assert s.module == "shared.resume"
         assert s.reload_module is False
@@ -61,6 +69,7 @@ class TestParsing:
                 "SMART_RESUME_LEASE_SECONDS": "2",
                 "SMART_RESUME_MAX_RUN_SECONDS": "100",
                 "SMART_RESUME_TIME_BUDGET_SECONDS": "90",
+                "SMART_RESUME_RECONCILE_HOURS": "1.5",
                 "SMART_RESUME_PIPELINE": str(tmp_path / "p.toml"),
                 "SMART_RESUME_MODULE": "examples.custom",
                 "SMART_RESUME_RELOAD_MODULE": "1",
@@ -77,6 +86,7 @@ class TestParsing:
         assert s.lock_name == "stream-2"
         assert (s.heartbeat_seconds, s.lease_seconds, s.max_run_seconds) == (0.5, 2, 100)
         assert s.time_budget_seconds == 90
+        assert s.reconcile_hours == 1.5
         assert s.pipeline_path == tmp_path / "p.toml"
         assert s.module == "examples.custom"
         assert s.reload_module is True
@@ -108,6 +118,10 @@ class TestParsing:
             ("SMART_RESUME_SENDGRID_HOST", "api.sendgrid.com"),
             ("SMART_RESUME_RPC_TIMEOUT_SECONDS", "x"),
             ("SMART_RESUME_LOG_FORMAT", "xml"),
+            ("SMART_RESUME_RECONCILE_HOURS", "daily"),
+            ("SMART_RESUME_RECONCILE_HOURS", "0"),
+            ("SMART_RESUME_RECONCILE_HOURS", "-2"),
+            ("SMART_RESUME_RECONCILE_HOURS", "inf"),
         ],
     )
     def test_bad_value_names_the_variable(self, name: str, value: str) -> None:
@@ -140,6 +154,41 @@ class TestParsing:
         """A budget past max-run would let a healthy run look stale."""
         with pytest.raises(ConfigError, match="SMART_RESUME_TIME_BUDGET_SECONDS"):
             load_settings({**BASE, "SMART_RESUME_TIME_BUDGET_SECONDS": "1800"})
+
+    def test_budget_plus_finish_margin_fits_the_platform_timeout(self) -> None:
+        """A budget that leaves under 120 s before the 3600 s function timeout is refused."""
+        limit = PLATFORM_TIMEOUT_SECONDS - FINISH_MARGIN_SECONDS
+        fits = {"SMART_RESUME_MAX_RUN_SECONDS": "3600"}
+        assert load_settings({**BASE, **fits, "SMART_RESUME_TIME_BUDGET_SECONDS": str(limit)})
+        with pytest.raises(ConfigError) as err:
+            load_settings({**BASE, **fits, "SMART_RESUME_TIME_BUDGET_SECONDS": str(limit + 1)})
+        (problem,) = err.value.problems
+        assert "SMART_RESUME_TIME_BUDGET_SECONDS" in problem
+        assert "3600 s" in problem
+
+    def test_max_run_fits_the_platform_timeout(self) -> None:
+        """No run outlives the 3600 s limit of an HTTP function, so a longer max run is refused."""
+        assert load_settings({**BASE, "SMART_RESUME_MAX_RUN_SECONDS": "3600"})
+        with pytest.raises(ConfigError) as err:
+            load_settings({**BASE, "SMART_RESUME_MAX_RUN_SECONDS": "3601"})
+        (problem,) = err.value.problems
+        assert "SMART_RESUME_MAX_RUN_SECONDS" in problem
+        assert "3600 s" in problem
+
+    def test_platform_limits_are_reported_together(self) -> None:
+        """Both variables over the limit: one error naming both."""
+        with pytest.raises(ConfigError) as err:
+            load_settings(
+                {
+                    **BASE,
+                    "SMART_RESUME_TIME_BUDGET_SECONDS": "3500",
+                    "SMART_RESUME_MAX_RUN_SECONDS": "7200",
+                }
+            )
+        text = str(err.value)
+        assert len(err.value.problems) == 2
+        assert "SMART_RESUME_TIME_BUDGET_SECONDS" in text
+        assert "SMART_RESUME_MAX_RUN_SECONDS" in text
 
     @pytest.mark.parametrize("transport", ["sendgrid", "ses"])
     def test_real_transport_needs_sender_and_recipients(self, transport: str) -> None:
@@ -188,6 +237,27 @@ class TestSecrets:
         assert "hunter2-secret" not in repr(s)
         assert "SG.very-secret" not in repr(s)
         assert set(s.secrets) == {"hunter2-secret", "SG.very-secret"}
+
+    @pytest.mark.parametrize(
+        "bad",
+        ["pässwort-secret", "geheim\u2011secret", "tab\tsecret", "bell\x07secret", "del\x7fsecret"],
+    )
+    def test_webhook_secret_a_header_cannot_carry_is_refused(self, bad: str) -> None:
+        """A non-ASCII or control character could never match (WSGI decodes headers as Latin-1):
+        refused at startup, naming the variable but never printing the secret."""
+        with pytest.raises(ConfigError) as err:
+            load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": f"good-secret,{bad}"})
+        text = str(err.value) + repr(err.value)
+        assert "SMART_RESUME_WEBHOOK_SECRET" in text
+        assert "#2 of 2" in text
+        assert bad not in text
+        assert bad.strip() not in text
+        assert "secret" not in text.replace("SMART_RESUME_WEBHOOK_SECRET", "")
+
+    def test_printable_ascii_webhook_secrets_are_accepted(self) -> None:
+        """Punctuation and inner spaces are fine in a header."""
+        s = load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": 'a b"c\\d~!,x=y/z+'})
+        assert s.webhook_secrets == ('a b"c\\d~!', "x=y/z+")
 
     def test_limits_description_has_no_secret(self) -> None:
         s = load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": "abcd-secret"})

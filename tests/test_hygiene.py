@@ -3,8 +3,13 @@ line, response body and outbox file for them. The count of hits must be 0."""
 
 from __future__ import annotations
 
+import email
+import email.policy
+import html
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, seed_clients
@@ -12,7 +17,7 @@ from fake_sendgrid import FakeSendGrid
 from faults_helpers import snapshot
 from functions_framework import create_app
 
-from shared import transports
+from shared import log, transports
 
 SECRET_A = "hyg-Secret-A-7f3k9q"
 SECRET_B = "hyg-Secret-B-x2m4zp"
@@ -181,3 +186,79 @@ def test_settings_repr_hides_secrets(configure) -> None:
     settings = configure(**EMAIL, SMART_RESUME_EMAIL_TRANSPORT="log")
     assert hits(repr(settings)) == []
     assert hits(str(Path(settings.outbox))) == []
+
+
+AWKWARD_SECRET = 'hyg"Quote\\Back-Secret-3v'
+AWKWARD_KEY = 'SG.hyg"kéy\\-ünï-9p'
+
+
+CARELESS = PIPELINE + (
+    '[[operation]]\nname = "careless"\nkind = "python"\ntarget = "test_hygiene:careless"\n'
+)
+
+
+def careless(ctx: Any) -> None:
+    """An operation that logs the secrets itself, in its message, arguments and fields, then
+    fails quoting them: the log formatters are the only thing between them and the sink."""
+    key = os.environ["SENDGRID_API_KEY"]
+    header = os.environ["SMART_RESUME_WEBHOOK_SECRET"]
+    log.get_logger("careless").warning(
+        "calling with key %s and %s", key, {"header": header}, fields={"auth": [key, header]}
+    )
+    raise ValueError(f"auth failed with key {key} and header {header}")
+
+
+def awkward_hits(text: str) -> list[str]:
+    """The awkward secrets as written, or as JSON or repr() would escape them."""
+    forms = {
+        form
+        for secret in (AWKWARD_SECRET, AWKWARD_KEY)
+        for form in (
+            secret,
+            json.dumps(secret)[1:-1],
+            json.dumps(secret, ensure_ascii=False)[1:-1],
+            repr(secret)[1:-1],
+        )
+    }
+    return sorted(form for form in forms if form in text)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_secrets_with_quotes_backslashes_and_unicode_are_masked(
+    db, configure, pipeline_file, apps, capsys, tmp_path, log_format
+) -> None:
+    """Secrets holding `"`, `\\` and non-ASCII, logged and quoted by a careless operation: JSON
+    escaping and repr() must not hide them from the mask, in either log format, nor in what is
+    stored or mailed."""
+    pipeline_file(CARELESS)
+    outbox = tmp_path / "outbox"
+    configure(
+        SMART_RESUME_WEBHOOK_SECRET=AWKWARD_SECRET,
+        SENDGRID_API_KEY=AWKWARD_KEY,
+        SMART_RESUME_EMAIL_TRANSPORT="outbox",
+        SMART_RESUME_OUTBOX=str(outbox),
+        SMART_RESUME_LOG_FORMAT=log_format,
+    )
+    seed_clients(db, 1)
+    trigger, _ = apps()
+    response = trigger.post("/", headers={"X-Webhook-Secret": AWKWARD_SECRET})
+    assert response.status_code == 200
+    assert response.get_json()["summary"]["failed"] == 1
+    out = capsys.readouterr().out
+    assert "auth failed with key" in out
+    assert "calling with key" in out
+    assert awkward_hits(out) == []
+    if log_format == "json":
+        decoded = json.dumps([json.loads(line) for line in out.splitlines()], ensure_ascii=False)
+        assert awkward_hits(decoded) == []
+    mailed = [html.unescape(f.read_text()) for f in outbox.glob("*.html")]
+    for eml in outbox.glob("*.eml"):  # decoded: non-ASCII parts travel base64 or QP-encoded
+        parsed = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+        mailed += [part.get_content() for part in parsed.walk() if not part.is_multipart()]
+    assert len(mailed) == 3
+    stored = json.dumps(snapshot(db), default=str, ensure_ascii=False)
+    assert (awkward_hits("".join(mailed)), awkward_hits(stored), awkward_hits(response.text)) == (
+        [],
+        [],
+        [],
+    )

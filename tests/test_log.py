@@ -69,6 +69,65 @@ class TestJson:
         assert log.MASK in out
 
 
+AWKWARD_SECRETS = [
+    'quo"te-Secret-9d1',
+    "back\\slash-Secret-4k2",
+    "ünï-cödé-Secret-€7",
+    "both'and\"-Secret\\-x5",
+]
+
+
+def strings_in(value: object) -> list[str]:
+    """Every string (keys too) inside a parsed JSON value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*strings_in(k), *strings_in(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_in(v)]
+    return []
+
+
+def log_everywhere(secret: str) -> None:
+    """The secret in the message, its arguments, nested fields, a key, and as a provider's JSON
+    body echoes it (escaped)."""
+    logger = log.get_logger("report")
+    logger.warning("plain %s", secret, fields={"h": f"x {secret} y"})
+    logger.warning("nested %s", {"k": [secret]}, fields={"deep": {"list": [secret, (secret,)]}})
+    logger.warning("key", fields={"d": {secret: 1}})
+    logger.warning("echo %s", json.dumps({"errors": [{"message": f"bad key {secret}"}]}))
+    logger.warning(json.dumps(secret, ensure_ascii=False))
+    with log.bind(runId=f"r-{secret}"):
+        logger.warning("bound")
+
+
+@pytest.mark.parametrize("secret", AWKWARD_SECRETS)
+def test_awkward_secret_is_masked_in_json(json_lines, secret: str) -> None:
+    """A secret holding `"`, `\\` or non-ASCII is masked although JSON escapes it: no line, once
+    parsed, gives it back."""
+    log.register_secrets([secret])
+    log_everywhere(secret)
+    entries = json_lines()
+    assert len(entries) == 6
+    found = strings_in(entries)
+    escaped = json.dumps(secret)[1:-1]  # as a provider's own JSON body carries it
+    assert [s for s in found if secret in s or escaped in s] == []
+    assert sum(log.MASK in s for s in found) >= 6
+
+
+@pytest.mark.parametrize("secret", AWKWARD_SECRETS)
+def test_awkward_secret_is_masked_in_text(capsys: pytest.CaptureFixture[str], secret: str) -> None:
+    """The same in the text format, where containers print through `repr()`."""
+    log.configure("text")
+    log.register_secrets([secret])
+    log_everywhere(secret)
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 6
+    escaped = {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], secret.replace("\\", "\\\\")}
+    assert [form for form in escaped if form in out] == []
+    assert out.count(log.MASK) >= 6
+
+
 def test_text_format_is_one_readable_line(capsys: pytest.CaptureFixture[str]) -> None:
     """Locally a line shows severity, context and message."""
     log.configure("text")

@@ -138,7 +138,6 @@ class TestActions:
         assert response.get_json()["runId"] == "run-a"
         assert db.document("runs/run-a").get().to_dict()["status"] == "abandoned"
         from shared.errors import LeaseLost
-
         from shared.fence import Fence
 
         with pytest.raises(LeaseLost):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import http.client
 import socket
 import time
 
@@ -15,6 +16,8 @@ from shared.report import Message, ReportInput, send_smart_resume_report
 from shared.transports import DeliveryError
 
 API_KEY = "SG.fake-key-that-must-never-be-logged-0123456789"
+NOT_SENT_TWICE = "not retried to avoid a duplicate email"
+READ_TIMEOUT = f"outcome unknown: read timeout after sending; {NOT_SENT_TWICE}"
 SENDER = "reports@example.com"
 RECIPIENTS = "ops@example.com,oncall@example.com"
 MESSAGE = Message(
@@ -110,19 +113,31 @@ class TestSendGrid:
         assert API_KEY not in out
         assert API_KEY not in str(recorded)
 
-    @pytest.mark.parametrize("status", [429, 500, 503])
-    def test_throttling_and_server_errors_are_retried(self, sendgrid, status: int) -> None:
-        """429 and 5xx are retried with backoff and then succeed."""
+    @pytest.mark.parametrize("status", [429, 408])
+    def test_refusals_before_processing_are_retried(self, sendgrid, status: int) -> None:
+        """429 (throttled) and 408 (request never complete) were not processed: retried."""
         with FakeSendGrid([status, 202]) as fake:
             transports.send(sendgrid(fake.host), MESSAGE)
         assert len(fake.requests) == 2
 
+    @pytest.mark.parametrize("status", [500, 502, 503, 504])
+    def test_server_errors_are_not_retried(self, sendgrid, status: int) -> None:
+        """A 5xx does not say the message was refused, and mail/send has no idempotency key: one
+        request, an error saying the outcome is unknown."""
+        with FakeSendGrid([status, 202]) as fake, pytest.raises(DeliveryError) as caught:
+            transports.send(sendgrid(fake.host), MESSAGE)
+        assert len(fake.requests) == 1
+        assert caught.value.status == status
+        assert caught.value.outcome_unknown and not caught.value.retryable
+        assert str(caught.value).startswith(f"sendgrid: HTTP {status}: outcome unknown: ")
+        assert str(caught.value).endswith(NOT_SENT_TWICE)
+
     def test_retries_are_bounded(self, sendgrid) -> None:
-        """A server that keeps answering 500 gets a few attempts, then the error is raised."""
-        with FakeSendGrid([500]) as fake, pytest.raises(DeliveryError) as caught:
+        """A server that keeps answering 429 gets a few attempts, then the error is raised."""
+        with FakeSendGrid([429]) as fake, pytest.raises(DeliveryError) as caught:
             transports.send(sendgrid(fake.host), MESSAGE)
         assert len(fake.requests) == transports.SENDGRID_ATTEMPTS
-        assert caught.value.status == 500
+        assert caught.value.status == 429
 
     def test_retried_then_sent_is_recorded_sent(self, sendgrid, db, capsys) -> None:
         """A 429 followed by a 202 ends as a sent report, with the retry logged without the key."""
@@ -145,16 +160,66 @@ class TestSendGrid:
         assert run_doc(db, "r-refused")["report"]["status"] == "failed"
         assert API_KEY not in capsys.readouterr().out
 
-    def test_silent_server_times_out(self, sendgrid, db) -> None:
-        """A server that accepts but never answers costs a bounded time, and is recorded failed."""
+    def test_silent_server_times_out_once(self, sendgrid, db) -> None:
+        """A server that takes the request but never answers may have accepted it: one request,
+        a bounded time, recorded failed with the outcome unknown."""
         with FakeSendGrid(silent=True) as fake:
             started = time.monotonic()
             result = send_smart_resume_report(sendgrid(fake.host), db, report_for("r-silent"))
             elapsed = time.monotonic() - started
         assert elapsed < 10
-        assert len(fake.requests) == transports.SENDGRID_ATTEMPTS
+        assert len(fake.requests) == 1
         assert result["status"] == "failed"
-        assert run_doc(db, "r-silent")["report"]["status"] == "failed"
+        assert READ_TIMEOUT in result["error"]
+        recorded = run_doc(db, "r-silent")["report"]
+        assert recorded["status"] == "failed"
+        assert READ_TIMEOUT in recorded["error"]
+
+    def test_late_acceptance_is_not_sent_twice(self, sendgrid, db) -> None:
+        """SendGrid accepts (202) but answers after the client's timeout: the email went out, so
+        it must not be sent again; the record says failed, outcome unknown."""
+        with FakeSendGrid([202], delay=1.5) as fake:
+            result = send_smart_resume_report(sendgrid(fake.host), db, report_for("r-late"))
+            time.sleep(0.2)  # a retry, had there been one, would have arrived by now
+        assert len(fake.requests) == 1
+        assert result["status"] == "failed"
+        assert READ_TIMEOUT in run_doc(db, "r-late")["report"]["error"]
+
+    def test_connection_closed_without_an_answer_is_not_retried(
+        self, sendgrid, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The connection drops after the request went out (no status line): outcome unknown."""
+
+        def closed(self: http.client.HTTPConnection, *args: object, **kwargs: object) -> None:
+            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+
+        monkeypatch.setattr(http.client.HTTPConnection, "getresponse", closed)
+        with FakeSendGrid([202]) as fake, pytest.raises(DeliveryError) as caught:
+            transports.send(sendgrid(fake.host), MESSAGE)
+        assert len(fake.requests) == 1
+        assert caught.value.outcome_unknown and not caught.value.retryable
+        assert "connection closed after sending" in str(caught.value)
+
+    def test_connect_timeout_is_retried(self, sendgrid, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A connect timeout means nothing was sent: retried, bounded, then a network error."""
+        with FakeSendGrid([202]) as fake:
+            port = int(fake.host.rsplit(":", 1)[1])
+            real = socket.create_connection
+            tries: list[object] = []
+
+            def connect(address: tuple[str, int], *args: object, **kwargs: object) -> object:
+                if address[1] == port:
+                    tries.append(address)
+                    raise TimeoutError("timed out")
+                return real(address, *args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(socket, "create_connection", connect)
+            with pytest.raises(DeliveryError) as caught:
+                transports.send(sendgrid(fake.host), MESSAGE)
+        assert len(tries) == transports.SENDGRID_ATTEMPTS
+        assert fake.requests == []
+        assert caught.value.retryable and not caught.value.outcome_unknown
+        assert "network error before sending" in str(caught.value)
 
 
 class TestSes:
@@ -204,6 +269,114 @@ class TestSes:
         assert result["status"] == "failed"
         assert "not verified" in result["error"]
         assert run_doc(db, "r-unverified")["report"]["status"] == "failed"
+
+    @pytest.fixture
+    def sent(self, ses):
+        """A verified sender; returns what moto's backend has sent so far."""
+        import boto3
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.ses.models import ses_backends
+
+        boto3.client("sesv2", region_name="eu-west-1").create_email_identity(EmailIdentity=SENDER)
+        return lambda: list(ses_backends[DEFAULT_ACCOUNT_ID]["eu-west-1"].sent_messages)
+
+    @pytest.fixture
+    def hook(self, monkeypatch: pytest.MonkeyPatch):
+        """Install `fault(call_number)` on every SES client send_ses creates: before moto (the
+        request never reaches SES) or after it (SES accepted it, then the answer is lost)."""
+        import boto3
+
+        calls: list[int] = []
+
+        def install(fault, *, after_acceptance: bool = False) -> list[int]:
+            real = boto3.client
+
+            def handler(event_name: str = "", **kwargs: object) -> None:
+                if event_name.endswith(".SendEmail"):
+                    calls.append(len(calls) + 1)
+                    fault(len(calls))
+
+            def client(*args: object, **kwargs: object) -> object:
+                made = real(*args, **kwargs)
+                if after_acceptance:  # moto answers on `before-send`; run after it
+                    made.meta.events.register_last("before-send", handler)
+                else:
+                    made.meta.events.register_first("before-send.sesv2.SendEmail", handler)
+                return made
+
+            monkeypatch.setattr(boto3, "client", client)
+            return calls
+
+        return install
+
+    def test_read_timeout_after_acceptance_is_not_sent_twice(self, ses, db, sent, hook) -> None:
+        """SES accepted the email but the answer timed out: not retried (botocore's own retries
+        included), one email, recorded failed with the outcome unknown."""
+        from botocore.exceptions import ReadTimeoutError
+
+        def lost(_: int) -> None:
+            raise ReadTimeoutError(endpoint_url="https://email.eu-west-1.amazonaws.com")
+
+        calls = hook(lost, after_acceptance=True)
+        result = send_smart_resume_report(ses, db, report_for("r-ses-late"))
+        assert len(calls) == 1
+        assert len(sent()) == 1
+        assert result["status"] == "failed"
+        assert READ_TIMEOUT in run_doc(db, "r-ses-late")["report"]["error"]
+
+    def test_throttling_is_retried(self, ses, db, sent, hook) -> None:
+        """TooManyRequestsException (429) was refused before processing: retried, sent once."""
+        from botocore.exceptions import ClientError
+
+        def throttle(call: int) -> None:
+            if call == 1:
+                raise ClientError(
+                    {
+                        "Error": {"Code": "TooManyRequestsException", "Message": "slow down"},
+                        "ResponseMetadata": {"HTTPStatusCode": 429},
+                    },
+                    "SendEmail",
+                )
+
+        calls = hook(throttle)
+        result = send_smart_resume_report(ses, db, report_for("r-ses-429"))
+        assert result["status"] == "sent"
+        assert len(calls) == 2
+        assert len(sent()) == 1
+
+    def test_server_error_is_not_retried(self, ses, db, sent, hook) -> None:
+        """A 5xx leaves the outcome unknown: one request, recorded failed."""
+        from botocore.exceptions import ClientError
+
+        def broken(_: int) -> None:
+            raise ClientError(
+                {
+                    "Error": {"Code": "InternalFailure", "Message": "oops"},
+                    "ResponseMetadata": {"HTTPStatusCode": 500},
+                },
+                "SendEmail",
+            )
+
+        calls = hook(broken)
+        result = send_smart_resume_report(ses, db, report_for("r-ses-500"))
+        assert len(calls) == 1
+        assert result["status"] == "failed"
+        assert "outcome unknown: InternalFailure: oops" in result["error"]
+        assert NOT_SENT_TWICE in result["error"]
+
+    def test_connect_timeout_is_retried(self, ses, db, sent, hook) -> None:
+        """A connect timeout never reached SES: retried a bounded number of times, then failed."""
+        from botocore.exceptions import ConnectTimeoutError
+
+        def unreachable(_: int) -> None:
+            raise ConnectTimeoutError(endpoint_url="https://email.eu-west-1.amazonaws.com")
+
+        calls = hook(unreachable)
+        result = send_smart_resume_report(ses, db, report_for("r-ses-connect"))
+        assert len(calls) == transports.SENDGRID_ATTEMPTS
+        assert sent() == []
+        assert result["status"] == "failed"
+        assert "network error before sending" in result["error"]
 
 
 class TestOutbox:
