@@ -61,6 +61,9 @@ class ReportInput:
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     lock_name: str | None = None
+    #: Client-operations not run until an operator releases them, and those backing off.
+    quarantined: tuple[dict[str, Any], ...] = ()
+    backed_off: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -264,12 +267,30 @@ def _errors(report: ReportInput, rows: Iterable[dict[str, Any]]) -> list[str]:
     return errors
 
 
+def _failing(report: ReportInput) -> list[str]:
+    """One line per quarantined, then per backed-off client-operation."""
+    lines = [
+        f"QUARANTINED {q['clientId']} / {q['operation']}: {q.get('failures')} failures in a row "
+        f"since {q.get('since')}; release with the retry action"
+        for q in report.quarantined
+    ]
+    lines += [
+        f"backing off {b['clientId']} / {b['operation']}: {b.get('failures')} failures in a row, "
+        f"due at {b.get('dueAt')}"
+        for b in report.backed_off
+    ]
+    return lines
+
+
 def _text(report: ReportInput, rows: list[dict[str, Any]], errors: list[str]) -> str:
     lines = [f"smart-resume run {report.run_id}: {report.status.upper()}", _headline(report), ""]
     width = max(len(k) for k, _ in _facts(report))
     lines += [f"{k + ':':<{width + 1}} {v}" for k, v in _facts(report)]
     if errors:
         lines += ["", "Errors:"] + [f"- {_one_line(e)}" for e in errors]
+    failing = _failing(report)
+    if failing:
+        lines += ["", "Failing work:"] + [f"- {_one_line(f)}" for f in failing[:MAX_ROWS]]
     lines += ["", "Clients:"]
     for row in rows[:MAX_ROWS]:
         cells = [
@@ -313,6 +334,11 @@ def _html(report: ReportInput, rows: list[dict[str, Any]], errors: list[str]) ->
     if errors:
         out.append('<h3 style="margin:12px 0 4px 0;color:#b00020">Errors</h3><ul style="margin:0">')
         out += [f'<li style="margin-bottom:4px">{_e(e)}</li>' for e in errors]
+        out.append("</ul>")
+    failing = _failing(report)
+    if failing:
+        out.append('<h3 style="margin:12px 0 4px 0;color:#a15c00">Failing work</h3><ul>')
+        out += [f'<li style="margin-bottom:4px">{_e(f)}</li>' for f in failing[:MAX_ROWS]]
         out.append("</ul>")
     out.append('<h3 style="margin:12px 0 4px 0">Clients</h3>')
     out.append('<table style="border-collapse:collapse;width:100%">')
@@ -403,11 +429,14 @@ def _record(
 ) -> None:
     ref = client.collection(store.RUNS).document(run_id)
     try:
-        with store.translate_errors("recording the report"):
-            ref.update(
+        store.retrying(  # a blind update: repeating it after a lost answer is harmless
+            settings,
+            "recording the report",
+            lambda: ref.update(
                 {"report": {**record, "at": firestore.SERVER_TIMESTAMP}},
                 **store.commit_call(settings),
-            )
+            ),
+        )
     except Exception as exc:
         logger.error(
             "could not record the report on the run",

@@ -224,6 +224,7 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         lock_name=settings.lock_name,
         started_at=lease.acquired_at,
         finished_at=dt.datetime.now(dt.UTC),
+        **_failing_work(settings, client, options),
     )
     # The report is claimed (or marked skipped) in the same commit that finishes the run and
     # releases the lock: one round trip instead of three, and never a second email.
@@ -281,6 +282,20 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         return Outcome("failed", 500, body, run_id, report, stats)
     body = {"status": status, "runId": run_id, "summary": jsonable(summary)}
     return Outcome(status, 200, body, run_id, report, stats)
+
+
+def _failing_work(
+    settings: Settings, client: firestore.Client, options: RunOptions
+) -> dict[str, Any]:
+    """The quarantined and backed-off work the report names (one small query)."""
+    from shared.quarantine import failing
+
+    try:
+        found = failing(settings, client, options.stream)
+    except StoreUnavailable as exc:
+        log.warning("could not list failing work for the report: %s", exc)
+        return {}
+    return {"quarantined": tuple(found["quarantined"]), "backed_off": tuple(found["backedOff"])}
 
 
 def _revoke(settings: Settings, client: firestore.Client, run_id: str) -> None:

@@ -145,6 +145,20 @@ class TestDueSelection:
         assert out.body["summary"]["processed"] == 1
         assert client_doc(db)["nextDueAt"] < NEVER
 
+    def test_wrong_due_time_is_repaired_when_read(self, db, configure, pipeline_file):
+        """A client read as due with nothing to run gets its due time corrected, so the next
+        tick does not read it again."""
+        pipeline_file(two())
+        settings = configure()
+        seed_clients(db, 2)
+        run(settings, db)
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+        db.document("clients/c00000").update({"nextDueAt": past})
+        out = run(settings, db)
+        assert out.body["summary"] == {**out.body["summary"], "clients": 1, "processed": 0}
+        assert client_doc(db)["nextDueAt"] > dt.datetime.now(dt.UTC) + dt.timedelta(hours=23)
+        assert run(settings, db).body["summary"]["clients"] == 0
+
     def test_oldest_due_first(self, db, configure, pipeline_file):
         pipeline_file(two())
         settings = configure()
@@ -310,3 +324,16 @@ def _pipeline(settings):
 def _status_app():
     source = str(ROOT / "functions" / "smart_resume_status" / "main.py")
     return create_app(target="smart_resume_status", source=source).test_client()
+
+
+def test_report_names_quarantined_work(db, configure, pipeline_file, isolated_env):
+    """The run's report lists every quarantined client-operation, HTML-escaped."""
+    from pathlib import Path
+
+    pipeline_file(two(first="boom", top="quarantine_after = 1"))
+    settings = configure(SMART_RESUME_EMAIL_TRANSPORT="outbox")
+    seed_clients(db, 1, prefix="<b>")
+    out = run(settings, db)
+    html = (Path(isolated_env["SMART_RESUME_OUTBOX"]) / f"{out.run_id}.html").read_text()
+    assert "QUARANTINED &lt;b&gt;00000 / first: 1 failures in a row" in html
+    assert "<b>00000" not in html

@@ -35,7 +35,7 @@ from shared.log import bind, get_logger, mask
 from shared.resume.due import Reconcile, Selection, client_fields
 from shared.resume.operations import Context, Outcome, run_http, run_python
 from shared.resume.pipeline import Operation, Pipeline
-from shared.resume.plan import RESUMES, ClientPlan, RunOptions, Step, failures_of
+from shared.resume.plan import RESUMES, ClientPlan, RunOptions, Step, failures_of, next_due
 
 log = get_logger("engine")
 MAX_ERROR = 500
@@ -156,7 +156,15 @@ class _Worker:
                 raise ClientGone(plan.client_id)
             return
         writes, self.pending = self.pending, []
-        self.fence.commit([Group(self.claim, writes)])
+        try:
+            self.fence.commit([Group(self.claim, writes)])
+        except (LeaseLost, StoreUnavailable, ClientGone):
+            raise
+        except Exception:
+            # Only the newest write can be at fault (a checkpoint over 1 MiB, say): keep the
+            # outcomes before it for the next commit, so they are not lost with it.
+            self.pending = writes[:-1]
+            raise
 
     def defer(self, plan: ClientPlan, operation: str, fields: dict[str, Any]) -> None:
         """An outcome: it rides in the next commit (the next `running` mark, or the claim of
@@ -195,7 +203,21 @@ class _Worker:
                 # Keep the outcomes already reached: they go out with the final flush.
                 self.close(plan)
                 raise
+            if self.claim is None:
+                self._repair(plan)
             self.close(plan)
+
+    def _repair(self, plan: ClientPlan) -> None:
+        """A client read as due that had nothing to run: if its stored due time is simply
+        wrong (written by hand, or by an older version), correct it now rather than read the
+        client on every tick until the next full pass."""
+        now = self.run.now()
+        if plan.invalid_operations or plan.stored_due is None or plan.stored_due > now:
+            return
+        if next_due(plan, self.run.pipeline, now) <= now:
+            return
+        self.claim = self.fence.claim(plan.client_id, [], self.carry)
+        self.carry = None
 
     def _steps(self, index: int, total: int, plan: ClientPlan) -> None:
         if plan.invalid_operations:
