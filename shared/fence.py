@@ -90,13 +90,32 @@ class Fence:
             .document("current")
         )
         self.commits = 0
+        #: Writes per document of the clients in flight, and the busiest document of those
+        #: done: bounded by the number of workers, not by the number of clients.
         self.writes: Counter[str] = Counter()
+        self.busiest: tuple[str, int] = ("", 0)
         self._count_mutex = threading.Lock()
 
-    def _count(self, paths: list[str]) -> None:
+    def _count(self, paths: list[str], done: list[Group] | None = None) -> None:
         with self._count_mutex:
             self.commits += 1
             self.writes.update(paths)
+            for group in done or []:
+                if group.client_fields is None:
+                    continue  # the client is still in flight
+                for path in self._paths(group):
+                    n = self.writes.pop(path, 0)
+                    if n > self.busiest[1]:
+                        self.busiest = (path, n)
+
+    def writes_by_document(self) -> Counter[str]:
+        """Writes of the documents still in flight, plus the busiest finished one."""
+        with self._count_mutex:
+            counts = Counter(self.writes)
+            path, n = self.busiest
+            if path:
+                counts[path] = max(counts[path], n)
+            return counts
 
     def _claim_fields(self) -> dict[str, Any]:
         return {
@@ -157,7 +176,8 @@ class Fence:
             try:
                 results = store.read_then_commit(self.client, self.settings, "claiming", body)
             except gexc.FailedPrecondition:
-                assert carry is not None  # only the carried group has a precondition
+                if carry is None:  # only the carried group has a precondition
+                    raise
                 self._revalidate([carry])
                 continue
             except gexc.NotFound as exc:
@@ -165,7 +185,7 @@ class Fence:
             paths = self._paths(carry) + (
                 [ref.path] + [r.path for r, _ in writes or []] if "data" in found else []
             )
-            self._count(paths)
+            self._count(paths, [carry] if carry is not None else None)
             offset = 0
             if carry is not None:
                 carry.claim.update_time = results[len(carry.writes)].update_time
@@ -196,7 +216,7 @@ class Fence:
             except gexc.NotFound:
                 self._revalidate(groups)  # raises ClientGone for the deleted one
                 continue
-            self._count([p for g in groups for p in self._paths(g)])
+            self._count([p for g in groups for p in self._paths(g)], groups)
             index = 0
             for group in groups:
                 index += len(group.writes)

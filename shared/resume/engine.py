@@ -540,7 +540,7 @@ def run_smart_resume(run: RunContext) -> RunResult:
         "documentsRead": selection.reads.documents,
         "readRoundTrips": selection.reads.round_trips,
         "commits": fence.commits,
-        "writesByDocument": fence.writes,
+        "writesByDocument": fence.writes_by_document(),
     }
     log.info(
         "ran %d clients: %d processed, %d failed, %d deferred",
