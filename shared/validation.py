@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from flask import Request
@@ -35,6 +36,20 @@ def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, An
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
     return body
+
+
+_PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+
+
+def unknown_names(names: list[str], what: str) -> str:
+    """Name the unknown keys that are plain short identifiers (a misspelt `dryrun` is worth
+    naming); anything else is caller input that is never echoed, only counted."""
+    plain = [n for n in names if isinstance(n, str) and _PLAIN.match(n)]
+    others = len(names) - len(plain)
+    parts = [f"unknown {what} " + ", ".join(f"'{n}'" for n in plain)] if plain else []
+    if others:
+        parts.append(f"{others} {'other ' if plain else ''}unknown {what}(s)")
+    return " and ".join(parts)
 
 
 def _type_name(value: Any) -> str:
@@ -73,8 +88,9 @@ def trigger_options(
     """
     unknown = sorted(set(body) - set(TRIGGER_KEYS))
     if unknown:
-        # Never echo the names back: they are caller input.
-        raise InvalidRequest(f"{len(unknown)} unknown field(s); allowed: {', '.join(TRIGGER_KEYS)}")
+        raise InvalidRequest(
+            f"{unknown_names(unknown, 'field')}; allowed: {', '.join(TRIGGER_KEYS)}"
+        )
     for key, expected in TRIGGER_KEYS.items():
         if key not in body:
             continue

@@ -78,7 +78,9 @@ def serve(
 
 
 def invalid(exc: InvalidRequest) -> Response:
+    """400 (413 for a body too large), logged like a refused secret: the reason, never input."""
     status = 413 if isinstance(exc, BodyTooLarge) else 400
+    log.warning("refused request (%d): %s", status, exc.detail, fields={"status": status})
     return reply({"error": "invalid request", "detail": exc.detail}, status)
 
 

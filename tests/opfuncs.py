@@ -97,3 +97,15 @@ def gate(ctx: Any) -> None:
     BEHAVIOUR["entered"].set()
     if not BEHAVIOUR["release"].wait(30):
         raise RuntimeError("never released")
+
+
+def cancel_then_finish(ctx: Any) -> None:
+    """Asks for a cancel of its own run, waits for the heartbeat to see it, and finishes."""
+    from shared import status
+    from shared.config import get_settings
+    from shared.store import get_client
+
+    record(ctx)
+    settings = get_settings()
+    status.cancel(settings, get_client(settings))
+    time.sleep(BEHAVIOUR.get("wait", 0.6))

@@ -32,6 +32,7 @@ from shared.fence import Claim, ClientGone, Fence, Group
 from shared.heartbeat import Heartbeat
 from shared.lock import Lease, Lock
 from shared.log import bind, get_logger, mask
+from shared.resume import limits
 from shared.resume.due import Reconcile, Selection, client_fields
 from shared.resume.operations import Context, Outcome, run_http, run_python
 from shared.resume.pipeline import Operation, Pipeline
@@ -375,7 +376,8 @@ class _Worker:
 
 
 class _IO:
-    """The checkpoint, counts and stop signal of one client-operation."""
+    """The checkpoint, counts and stop signal of one client-operation, and the gate its calls
+    pass: the operation's limiter, shared by the run's workers, on the run's clock."""
 
     def __init__(
         self, worker: _Worker, plan: ClientPlan, operation: str, checkpoint: dict[str, Any] | None
@@ -385,6 +387,14 @@ class _IO:
         self.operation = operation
         self.checkpoint = checkpoint
         self.counts: dict[str, int] = {}
+        run = worker.run
+        self.gate = limits.Gate(
+            limits.for_run(run.run_id).limiter(run.pipeline.get(operation)),
+            limits.Budget.of(
+                run.deadline, run.settings.time_budget_seconds, run.settings.max_run_seconds
+            ),
+            self.should_stop,
+        )
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         fields = {"checkpoint": checkpoint, "counts": dict(self.counts)}
@@ -482,19 +492,19 @@ def execute(
     ]
     for thread in threads:
         thread.start()
-    stopped_early = False
+    stopped_early: str | None = None
     try:
         for plan in plans:
             names[plan.client_id] = plan.name
             count += 1
             why = stop.quiet()
             if why is not None or failure:
-                stopped_early = True
-                for entry in _not_started(plan, why or "stopping"):
+                # Budget or cancel: the due clients not read yet stay due (oldest first next
+                # tick); none of them is read just to be listed as not started.
+                stopped_early = why or "stopping"
+                for entry in _not_started(plan, stopped_early):
                     record(entry)
-                if failure:
-                    break
-                continue
+                break
             work.put((count - 1, plan))
     finally:
         for _ in threads:
@@ -504,17 +514,14 @@ def execute(
     if failure:
         raise failure[0]
     summary = summarize(results, count, time.monotonic() - started)
+    summary["calls"] = limits.finish(run.run_id)  # per operation: calls, retried, throttled
+    # `cancelled` only when the cancel stopped something: a cancel that arrives as the last
+    # operation finishes leaves a run that did everything, which is `completed`.
     status = "completed"
     if summary["deferred"] or stopped_early:
         deferred = [r["reason"] for r in results if r["outcome"] == "deferred"]
-        cancelled = run.heartbeat.cancel_requested.is_set()
-        status = (
-            "cancelled"
-            if cancelled or any(d.startswith("cancelled") for d in deferred)
-            else "partial"
-        )
-    elif run.heartbeat.cancel_requested.is_set():
-        status = "cancelled"
+        cancelled = stopped_early == "cancelled" or any(d.startswith("cancelled") for d in deferred)
+        status = "cancelled" if cancelled else "partial"
     return RunResult(status=status, summary=summary, results=results, client_names=names)
 
 
