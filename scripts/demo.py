@@ -3,8 +3,9 @@
 Starts the Firestore emulator and both functions (each in its own process group), seeds the
 demo clients, triggers a run over HTTP with the webhook secret while watching the status
 function, prints the summary and the report's path, triggers again to show that nothing is due (so
-nothing is read), prints the plan, and stops everything it started, also on Ctrl-C or an error.
-Needs gcloud (with the Firestore emulator), Java and this repository's .venv.
+nothing is read), prints the plan and how to open the console (the status function's page for a
+browser), and stops everything it started, also on Ctrl-C or an error; `--keep-running` leaves
+it all up instead. Needs gcloud (with the Firestore emulator), Java and this repository's .venv.
 """
 
 from __future__ import annotations
@@ -261,6 +262,11 @@ def run_demo(args: argparse.Namespace, services: Services) -> int:
                 time.sleep(1)
         except KeyboardInterrupt:
             print("\nstopping")
+    else:
+        print(
+            "The console (runs, progress, clients, in a browser): `.venv/bin/python "
+            "scripts/demo.py --keep-running` keeps everything up and prints its URL"
+        )
     return 0
 
 
@@ -274,7 +280,8 @@ def print_keep_running(env: dict[str, str], urls: dict[str, str]) -> None:
     )
     trigger_port = urls["smart_resume"].rsplit(":", 1)[1]
     status_port = urls["smart_resume_status"].rsplit(":", 1)[1]
-    print("\nThe services keep running (Ctrl-C stops them). In another shell:")
+    print(f"\nThe console: open {urls['smart_resume_status']}/ in a browser (secret {SECRET}).")
+    print("The services keep running (Ctrl-C stops them). In another shell:")
     print("  export " + " ".join(f"{k}={env[k]}" for k in keys))
     print(f"  .venv/bin/python scripts/trigger.py --local {trigger_port}")
     print(f"  .venv/bin/python scripts/watch.py --local {status_port}")

@@ -3,14 +3,16 @@
 `send_smart_resume_report` claims `runs/{runId}.report` with a conditional write before sending,
 so a retried or duplicated finalisation never mails twice; then it builds the message, hands it
 to the configured transport (`shared.transports`) and records how that went on the run.
+
+Here the report's content is decided (what to say, in which order, how much); the wording's
+layout lives in `shared/templates/report.txt.j2` and `report.html.j2` (autoescaped).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -19,6 +21,7 @@ from google.cloud import firestore
 from shared import store, transports
 from shared.config import Settings
 from shared.log import get_logger
+from shared.transports import Message
 
 logger = get_logger("report")
 
@@ -27,6 +30,11 @@ MAX_ERROR_CHARS = 500
 MAX_CELL_ERROR_CHARS = 300
 MAX_NAME_CHARS = 120
 CLAIM_ATTEMPTS = 5
+#: Runs in the report's bar strip (this lock's newest, this one included).
+HISTORY = 10
+STRIP_MIN_PX, STRIP_MAX_PX = 4, 40
+MAX_CALL_OPERATIONS = 50
+_CALL_KEYS = ("calls", "retried", "throttled")
 FAILURE_KINDS = frozenset({"failed", "partial", "abandoned"})
 _ORDER = {"failed": 0, "deferred": 1, "processed": 2, None: 3, "skipped": 4}
 _COLOURS = {
@@ -64,16 +72,9 @@ class ReportInput:
     #: Client-operations not run until an operator releases them, and those backing off.
     quarantined: tuple[dict[str, Any], ...] = ()
     backed_off: tuple[dict[str, Any], ...] = ()
-
-
-@dataclass(frozen=True)
-class Message:
-    """A rendered report: subject, plain text and HTML."""
-
-    subject: str
-    text: str
-    html: str
-    run_id: str = "report"
+    #: This lock's newest run records, newest first (summary fields): the bar strip. Read by
+    #: `send_smart_resume_report` when not given.
+    history: tuple[dict[str, Any], ...] = ()
 
 
 # --- building -------------------------------------------------------------------------------
@@ -91,10 +92,20 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
+def _seconds(summary: Any, started: Any, finished: Any) -> float | None:
+    value = summary.get("durationSeconds") if isinstance(summary, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(started, dt.datetime) and isinstance(finished, dt.datetime):
+        return max(0.0, (finished - started).total_seconds())
+    return None
+
+
 def _duration(report: ReportInput) -> str:
-    seconds = report.summary.get("durationSeconds")
-    if seconds is None and report.started_at and report.finished_at:
-        seconds = (report.finished_at - report.started_at).total_seconds()
+    return _span(_seconds(report.summary, report.started_at, report.finished_at))
+
+
+def _span(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
     minutes, secs = divmod(round(float(seconds)), 60)
@@ -229,6 +240,21 @@ def _impact(report: ReportInput) -> list[tuple[str, Any]]:
     return sorted(impact.items()) if isinstance(impact, dict) else []
 
 
+def _calls(report: ReportInput) -> str | None:
+    """Per operation: calls made, how many were retries, how many waited for its limits."""
+    calls = report.summary.get("calls")
+    if not isinstance(calls, dict):
+        return None
+    parts = []
+    for name, c in sorted(calls.items())[:MAX_CALL_OPERATIONS]:
+        if isinstance(c, dict):
+            n = {k: c.get(k) if isinstance(c.get(k), int) else 0 for k in _CALL_KEYS}
+            parts.append(
+                f"{name}: {n['calls']} calls, {n['retried']} retried, {n['throttled']} throttled"
+            )
+    return "; ".join(parts) or None
+
+
 def _facts(report: ReportInput) -> list[tuple[str, str]]:
     def when(value: dt.datetime | None) -> str:
         return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "unknown"
@@ -245,6 +271,9 @@ def _facts(report: ReportInput) -> list[tuple[str, str]]:
     facts.append(("Summary", counts))
     impact = _impact(report)
     facts.append(("Impact", ", ".join(f"{k}={v}" for k, v in impact) if impact else "none"))
+    calls = _calls(report)
+    if calls:
+        facts.append(("Calls", calls))
     takeover = _takeover_note(report)
     if takeover:
         facts.append(("Takeover", f"this run {takeover}; that run is marked abandoned"))
@@ -282,16 +311,42 @@ def _failing(report: ReportInput) -> list[str]:
     return lines
 
 
-def _text(report: ReportInput, rows: list[dict[str, Any]], errors: list[str]) -> str:
-    lines = [f"smart-resume run {report.run_id}: {report.status.upper()}", _headline(report), ""]
-    width = max(len(k) for k, _ in _facts(report))
-    lines += [f"{k + ':':<{width + 1}} {v}" for k, v in _facts(report)]
-    if errors:
-        lines += ["", "Errors:"] + [f"- {_one_line(e)}" for e in errors]
-    failing = _failing(report)
-    if failing:
-        lines += ["", "Failing work:"] + [f"- {_one_line(f)}" for f in failing[:MAX_ROWS]]
-    lines += ["", "Clients:"]
+_RUN_COLOURS = {**_HEAD, "cancelled": "#777777", "running": "#1565c0"}
+
+
+def _strip(report: ReportInput) -> list[dict[str, Any]]:
+    """The last runs, oldest first, as bars: height for the duration, colour for the outcome.
+    This run is drawn as the report tells it (its record may not say it all yet)."""
+    runs: list[dict[str, Any]] = []
+    for record in reversed(report.history[:HISTORY]):
+        current = record.get("runId") == report.run_id
+        status = report.status if current else str(record.get("status") or "unknown")
+        seconds = (
+            _seconds(report.summary, report.started_at, report.finished_at)
+            if current
+            else _seconds(record.get("summary"), record.get("startedAt"), record.get("finishedAt"))
+        )
+        runs.append(
+            {
+                "runId": str(record.get("runId")),
+                "status": status,
+                "seconds": seconds,
+                "current": current,
+            }
+        )
+    longest = max((r["seconds"] or 0.0 for r in runs), default=0.0) or 1.0
+    for run in runs:
+        share = (run["seconds"] or 0.0) / longest
+        run["height"] = round(STRIP_MIN_PX + (STRIP_MAX_PX - STRIP_MIN_PX) * share)
+        run["colour"] = _RUN_COLOURS.get(run["status"], "#999999")
+        run["duration"] = _span(run["seconds"])
+        run["label"] = f"{run['runId']}: {run['status']}, {run['duration']}"
+    return runs
+
+
+def _view_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows shown (at most MAX_ROWS), cut to size; `line` is the plain-text one."""
+    shown = []
     for row in rows[:MAX_ROWS]:
         cells = [
             truncate(row["client"], MAX_NAME_CHARS),
@@ -301,88 +356,61 @@ def _text(report: ReportInput, rows: list[dict[str, Any]], errors: list[str]) ->
         ]
         if row["error"]:
             cells.append(truncate(_one_line(row["error"]), MAX_CELL_ERROR_CHARS))
-        lines.append("- " + " | ".join(_one_line(c) for c in cells))
-    note = _left_out(rows)
-    if note:
-        lines.append(note)
-    lines += ["", *_hints(report)]
-    return "\n".join(lines) + "\n"
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _html(report: ReportInput, rows: list[dict[str, Any]], errors: list[str]) -> str:
-    cell = "padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top"
-    head = _HEAD.get(report.status, "#333333")
-    out = [
-        '<!DOCTYPE html><html><head><meta charset="utf-8">'
-        f"<title>{_e(build_subject(report))}</title></head>",
-        '<body style="font-family:Arial,Helvetica,sans-serif;font-size:14px;color:#222;'
-        'margin:16px">',
-        f'<h2 style="margin:0 0 4px 0;color:{head}">smart-resume {_e(report.status.upper())}</h2>',
-        f'<p style="margin:0 0 12px 0;font-size:15px">{_e(_headline(report))}</p>',
-        '<table style="border-collapse:collapse;margin-bottom:12px">',
-    ]
-    for key, value in _facts(report):
-        out.append(
-            f'<tr><th style="{cell};color:#555">{_e(key)}</th>'
-            f'<td style="{cell}">{_e(value)}</td></tr>'
+        shown.append(
+            {
+                "line": " | ".join(_one_line(c) for c in cells),
+                "client": cells[0],
+                "operation": cells[1],
+                "outcome": cells[2],
+                "reason": cells[3],
+                "error": truncate(row["error"], MAX_CELL_ERROR_CHARS),
+                "colour": _COLOURS.get(row["outcome"], "#666666"),
+            }
         )
-    out.append("</table>")
-    if errors:
-        out.append('<h3 style="margin:12px 0 4px 0;color:#b00020">Errors</h3><ul style="margin:0">')
-        out += [f'<li style="margin-bottom:4px">{_e(e)}</li>' for e in errors]
-        out.append("</ul>")
-    failing = _failing(report)
-    if failing:
-        out.append('<h3 style="margin:12px 0 4px 0;color:#a15c00">Failing work</h3><ul>')
-        out += [f'<li style="margin-bottom:4px">{_e(f)}</li>' for f in failing[:MAX_ROWS]]
-        out.append("</ul>")
-    out.append('<h3 style="margin:12px 0 4px 0">Clients</h3>')
-    out.append('<table style="border-collapse:collapse;width:100%">')
-    out.append(
-        "<tr>"
-        + "".join(
-            f'<th style="{cell};background:#f2f2f2">{h}</th>'
-            for h in ("Client", "Operation", "Outcome", "Reason", "Error")
-        )
-        + "</tr>"
-    )
-    for row in rows[:MAX_ROWS]:
-        colour = _COLOURS.get(row["outcome"], "#666666")
-        out.append(
-            "<tr>"
-            f'<td style="{cell}">{_e(truncate(row["client"], MAX_NAME_CHARS))}</td>'
-            f'<td style="{cell}">{_e(row["operation"] or "-")}</td>'
-            f'<td style="{cell};color:{colour};font-weight:bold">'
-            f"{_e(row['outcome'] or 'not run')}</td>"
-            f'<td style="{cell}">{_e(row["reason"] or "-")}</td>'
-            f'<td style="{cell};color:#b00020">'
-            f"{_e(truncate(row['error'], MAX_CELL_ERROR_CHARS))}</td>"
-            "</tr>"
-        )
-    out.append("</table>")
-    note = _left_out(rows)
-    if note:
-        out.append(f'<p style="color:#555;font-style:italic">{_e(note)}</p>')
-    out.append('<p style="color:#555;font-size:12px;margin-top:16px">')
-    out.append("<br>".join(_e(h) for h in _hints(report)))
-    out.append("</p></body></html>")
-    return "\n".join(out) + "\n"
+    return shown
 
 
 def build_message(report: ReportInput) -> Message:
-    """Render the subject, plain text and HTML of a report."""
+    """Render the subject, plain text and HTML of a report (templates, loaded on first use)."""
+    from shared import templates
+
     rows = _rows(report)
-    errors = _errors(report, rows)
+    facts = _facts(report)
+    strip = _strip(report)
+    context = {
+        "subject": build_subject(report),
+        "run_id": report.run_id,
+        "status": report.status,
+        "head": _HEAD.get(report.status, "#333333"),
+        "headline": _headline(report),
+        "facts": facts,
+        "width": max(len(k) for k, _ in facts),
+        "errors": _errors(report, rows),
+        "failing": _failing(report)[:MAX_ROWS],
+        "strip": strip,
+        "longest": _span(max((r["seconds"] or 0.0 for r in strip), default=0.0)),
+        "rows": _view_rows(rows),
+        "note": _left_out(rows),
+        "hints": _hints(report),
+        "one_line": _one_line,
+    }
     return Message(
-        subject=build_subject(report),
-        text=_text(report, rows, errors),
-        html=_html(report, rows, errors),
+        subject=context["subject"],
+        text=templates.render("report.txt.j2", **context),
+        html=templates.render("report.html.j2", **context),
         run_id=report.run_id,
     )
+
+
+def _history(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], ...]:
+    """This lock's newest runs for the bar strip (summary fields only); none if unreadable."""
+    from shared.runs import Runs
+
+    try:
+        return tuple(Runs(client, settings).recent(HISTORY))
+    except Exception as exc:
+        logger.warning("could not read the last runs for the report: %s", _one_line(exc)[:300])
+        return ()
 
 
 def wanted(settings: Settings, report: ReportInput) -> bool:
@@ -485,6 +513,8 @@ def send_smart_resume_report(
             )
         else:
             try:
+                if not report.history:
+                    report = replace(report, history=_history(settings, client))
                 message = build_message(report)
                 transports.send(settings, message)
                 record = {"status": "sent", "transport": transport, "error": None}

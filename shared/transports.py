@@ -19,6 +19,7 @@ import json
 import re
 import urllib.error
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +29,6 @@ from shared.errors import SmartResumeError
 
 if TYPE_CHECKING:
     import tenacity
-
-    from shared.report import Message
 
 logger = log.get_logger("report")
 
@@ -48,6 +47,17 @@ RETRYABLE_STATUSES = frozenset({408, 429})
 SES_THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "TooManyRequestsException"})
 NOT_RETRIED = "not retried to avoid a duplicate email"
 FALLBACK_FROM = "smart-resume@localhost"
+
+
+@dataclass(frozen=True)
+class Message:
+    """A rendered report: subject, plain text and HTML. Defined here, where it is delivered,
+    so that `shared.report` imports the transports and nothing imports back."""
+
+    subject: str
+    text: str
+    html: str
+    run_id: str = "report"
 
 
 class DeliveryError(SmartResumeError):

@@ -222,3 +222,25 @@ def function_process(isolated_env, tmp_path: Path):
     yield start
     for proc in started:
         proc.stop()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> tuple[Path, Path]:
+    """Debian's Chromium and its driver, for the console's browser tests. Like the emulator,
+    they are required, never skipped: without them the test run stops with one line."""
+    missing = [p.name for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if missing:
+        pytest.exit(
+            f"{' and '.join(missing)} not found in /usr/bin: install the Debian packages "
+            "chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
+            returncode=3,
+        )
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.exit("selenium is not installed: run `make install`", returncode=3)
+    return CHROMIUM, CHROMEDRIVER

@@ -224,9 +224,9 @@ class TestEscaping:
         page = build_message(report).html
         for raw in ("<script", "<img", "<svg", "<i>", "<u>", "<b>"):
             assert raw not in page
-        assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; Co" in page
+        assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; Co" in page
         assert "&lt;img src=x onerror=alert(1)&gt;" in page
-        assert "&quot;&gt;&lt;svg onload=x&gt;" in page
+        assert "&#34;&gt;&lt;svg onload=x&gt;" in page
 
     def test_long_errors_are_truncated_with_a_note(self) -> None:
         """A 20,000-character error is cut to the limit, saying how long it was."""
@@ -417,3 +417,169 @@ class TestNeverRaises:
         out = capsys.readouterr().out
         assert "could not claim the report" in out
         assert "could not record the report" in out
+
+
+def history(count: int, newest: str = RUN) -> tuple[dict, ...]:
+    """`count` run records of this lock, newest first (as `Runs.recent` returns them)."""
+    outcomes = ["completed", "partial", "failed", "cancelled", "abandoned"]
+    records = [
+        {
+            "runId": newest
+            if i == 0
+            else f"{START - dt.timedelta(hours=i):%Y%m%d-%H%M%S}-zz{i:02d}",
+            "status": "running" if i == 0 else outcomes[i % len(outcomes)],
+            "startedAt": START - dt.timedelta(hours=i),
+            "finishedAt": None
+            if i == 0
+            else START - dt.timedelta(hours=i) + dt.timedelta(minutes=i),
+            "summary": {} if i == 0 else {"durationSeconds": 60.0 * i},
+        }
+        for i in range(count)
+    ]
+    return tuple(records)
+
+
+def strip_lines(text: str) -> list[str]:
+    section = text.split("runs of this lock, oldest first:\n", 1)[1].split("\n\n", 1)[0]
+    return section.splitlines()
+
+
+class TestTemplates:
+    def test_every_stored_string_is_escaped(self) -> None:
+        """Names, ids, reasons, errors, failing work and the run history: all escaped in the
+        HTML part; the plain-text part carries them as they are."""
+        evil = "<script>x()</script>"
+        report = make(
+            "failed",
+            error=evil,
+            error_where=evil,
+            results=[
+                {
+                    "clientId": evil,
+                    "operation": evil,
+                    "outcome": "failed",
+                    "reason": evil,
+                    "error": evil,
+                    "counts": {evil: 1},
+                }
+            ],
+            client_names={evil: evil, "c2": 'Tom & Jerry\'s "best"'},
+            summary={"clients": 2, "failed": 1, "impact": {evil: 1}},
+            quarantined=({"clientId": evil, "operation": evil, "failures": 6, "since": evil},),
+            backed_off=({"clientId": evil, "operation": evil, "failures": 2, "dueAt": evil},),
+            history=(*history(3), {"runId": evil, "status": evil, "summary": {}}),
+            lock_name=evil,
+        )
+        message = build_message(report)
+        assert "<script" not in message.html
+        assert message.html.count("&lt;script&gt;x()&lt;/script&gt;") >= 10
+        assert "Tom &amp; Jerry&#39;s &#34;best&#34;" in message.html
+        assert evil in message.text  # plain text is not HTML: nothing to escape
+        assert "&lt;" not in message.text and "&amp;" not in message.text
+
+    def test_text_and_html_agree_on_the_counts(self) -> None:
+        """Summary counts, client rows, failing work and the run strip: the same in both."""
+        report = make(
+            quarantined=tuple(
+                {"clientId": f"q{i}", "operation": "op", "failures": 6, "since": "x"}
+                for i in range(3)
+            ),
+            backed_off=({"clientId": "b", "operation": "op", "failures": 2, "dueAt": "y"},),
+            history=history(12),
+        )
+        message = build_message(report)
+        text, page = message.text, message.html
+        for counts in ("4 clients, 12 processed, 30 skipped, 0 failed, 0 deferred",):
+            assert counts in text and counts in page
+        rows = [line for line in text.split("Clients:\n")[1].splitlines() if line.startswith("- ")]
+        assert len(rows) == page.split("<h3", 99)[-1].count("<tr><td") == 5
+        assert text.count("QUARANTINED ") == page.count("QUARANTINED ") == 3
+        assert text.count("backing off ") == page.count("backing off ") == 1
+        assert len(strip_lines(text)) == page.count('class="run"') == rp.HISTORY
+        assert "Last 10 runs of this lock" in text and "Last 10 runs</h3>" in page
+
+    def test_the_strip_shows_duration_and_outcome(self) -> None:
+        """Oldest first; this run last, drawn as the report tells it; height by duration,
+        colour by outcome; email-safe (tables, bgcolor, no CSS classes doing the work)."""
+        report = make(history=history(12))
+        lines = strip_lines(build_message(report).text)
+        assert lines[-1] == f"- {RUN} completed 12m 03s (this run)"
+        assert lines[0] == "- 20261127-210000-zz09 abandoned 9m 00s"
+        page = build_message(report).html
+        bars = re.findall(
+            r'title="([^"]+)"><table[^>]*><tr valign="bottom"><td height="(\d+)" bgcolor="(#\w+)"',
+            page,
+        )
+        assert len(bars) == 10
+        assert bars[-1] == (f"{RUN}: completed, 12m 03s", str(rp.STRIP_MAX_PX), "#1b6e20")
+        assert bars[0][1:] == (str(round(4 + 36 * 540 / 723.4)), "#b00020")
+        assert bars[-2][1:] == (str(round(4 + 36 * 60 / 723.4)), "#a15c00")  # partial
+        assert "&#9650;" in page  # this run is marked
+        assert "<style" not in page and "<svg" not in page
+
+    def test_no_history_no_strip(self) -> None:
+        message = build_message(make())
+        assert "runs of this lock" not in message.text
+        assert 'class="run"' not in message.html
+
+    def test_sending_reads_the_history(self, settings, db, monkeypatch) -> None:
+        """The report reads this lock's last runs itself (another lock's runs are not shown)."""
+        sent: list = []
+        monkeypatch.setitem(transports.TRANSPORTS, "log", lambda s, m: sent.append(m))
+        for record in history(4)[1:]:
+            db.collection("runs").document(record["runId"]).set(
+                {**record, "lockName": settings.lock_name}
+            )
+        db.collection("runs").document("20261127-000000-other").set(
+            {"runId": "20261127-000000-other", "status": "failed", "lockName": "another"}
+        )
+        db.collection("runs").document(RUN).set(
+            {"runId": RUN, "status": "completed", "lockName": settings.lock_name,
+             "startedAt": START}
+        )  # fmt: skip
+        assert send_smart_resume_report(settings, db, make())["status"] == "sent"
+        lines = strip_lines(sent[0].text)
+        assert [line.split()[1] for line in lines] == [
+            "20261128-030000-zz03",
+            "20261128-040000-zz02",
+            "20261128-050000-zz01",
+            RUN,
+        ]
+        assert "other" not in sent[0].text
+
+    def test_templates_are_autoescaping_jinja(self) -> None:
+        """One Jinja2 environment with autoescaping on, built on first use."""
+        from shared import templates
+
+        env = templates.environment()
+        assert env.autoescape is True
+        assert templates.render("report.html.j2", **_minimal()).startswith("<!DOCTYPE html>")
+
+    def test_report_and_transports_import_one_way(self) -> None:
+        """`report` imports `transports`; nothing in `transports` imports `report`."""
+        import ast
+        from pathlib import Path
+
+        tree = ast.parse(Path(transports.__file__).read_text())
+        imported = {
+            node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        } | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        assert not any("report" in name for name in imported)
+        assert rp.Message is transports.Message
+
+
+def _minimal() -> dict:
+    return {
+        "subject": "s",
+        "status": "completed",
+        "head": "#000",
+        "headline": "h",
+        "facts": [("k", "v")],
+        "errors": [],
+        "failing": [],
+        "strip": [],
+        "longest": "",
+        "rows": [],
+        "note": None,
+        "hints": [],
+    }

@@ -18,7 +18,7 @@ for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[
         sys.path.insert(0, str(_root))
         break
 
-from shared import quarantine, status  # noqa: E402
+from shared import console, health, quarantine, status  # noqa: E402
 from shared.errors import InvalidRequest, LockHeld  # noqa: E402
 from shared.lock import NotRunning  # noqa: E402
 from shared.resume.pipeline import load_pipeline  # noqa: E402
@@ -35,19 +35,32 @@ def smart_resume_status(request: Request) -> Response:
     """Answer the run's status (GET) or perform an action (POST).
 
     Args:
-        request: GET, optionally `?runs=N`; or POST `{"action": "cancel"}` /
+        request: GET, optionally `?runs=N`; `GET ?check=health` for an uptime check (200
+            when healthy, else 503, with the health object); `GET ?clients=N[&after=ID]` for
+            the console's client grid; a browser's GET for the console page itself (no secret
+            needed: it holds no data); or POST `{"action": "cancel"}` /
             `{"action": "unlock", "force": false}` /
             `{"action": "retry", "clientId": "...", "operation": "..."}`, with
             `X-Webhook-Secret`.
     Returns:
-        JSON as in CONTRACT section 3.
+        JSON as in CONTRACT section 3; the console page as in section 12.
     """
+    if console.wants_page(request):
+        return console.page()
     return serve(request, ("GET", "POST"), "the status function", lambda s: _answer(request, s))
 
 
 def _answer(request: Request, settings) -> Response:  # type: ignore[no-untyped-def]
     client = get_client(settings)
     if request.method == "GET":
+        if "check" in request.args:
+            if request.args.get("check") != "health" or len(request.args.getlist("check")) > 1:
+                raise InvalidRequest("'check' must be health")
+            body, code = health.check(settings, client)
+            return reply(body, code)
+        if "clients" in request.args:
+            limit, after = console.clients_params(request.args)
+            return reply(console.list_clients(settings, client, limit, after), 200)
         runs = runs_param(request.args.get("runs"))
         return reply(status.snapshot(settings, client, runs), 200)
     return _action(request, settings, client)

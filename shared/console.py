@@ -1,0 +1,199 @@
+"""The console (CONTRACT section 12): the page a browser gets from the status function, and the
+`?clients=N[&after=ID]` listing its client grid reads.
+
+The page holds no data, so it is served before the secret is checked; it asks for the secret
+and reads everything else as JSON from the same URL, with the `X-Webhook-Secret` header.
+
+The listing reads clients by id with a field mask and their operation states with one batched
+read of the decision fields: never whole documents, so never a checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from flask import Request, Response
+from google.cloud import firestore
+
+from shared import store
+from shared.config import Settings
+from shared.errors import InvalidRequest, PipelineError
+from shared.resume.pipeline import Pipeline, load_pipeline
+from shared.resume.plan import (
+    DECISION_FIELDS,
+    EPOCH,
+    NEVER,
+    client_operations,
+    decide,
+    failures_of,
+)
+from shared.runs import jsonable
+from shared.validation import document_id
+
+#: Query parameters that ask for JSON; a browser's GET with none of them gets the page.
+JSON_PARAMS = ("runs", "clients", "check")
+MAX_CLIENTS = 500
+#: What the listing reads of a client document.
+CLIENT_FIELDS = ["name", "active", "nextDueAt", "operations"]
+
+
+def wants_page(request: Request) -> bool:
+    """A browser's GET: `Accept` prefers text/html, and no parameter asks for JSON."""
+    if request.method != "GET" or any(p in request.args for p in JSON_PARAMS):
+        return False
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    return best == "text/html"
+
+
+def page() -> Response:
+    """The console page, whatever the secret: it holds no data."""
+    from shared.templates import console_page
+
+    body, policy = console_page()
+    response = Response(body, status=200, mimetype="text/html")
+    response.headers.update(
+        {
+            "Content-Security-Policy": policy,
+            "Cache-Control": "no-store",
+            "Vary": "Accept",
+            "X-Content-Type-Options": "nosniff",
+            "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer",
+            "Cross-Origin-Opener-Policy": "same-origin",
+        }
+    )
+    return response
+
+
+def clients_params(args: Any) -> tuple[int, str | None]:
+    """`?clients=N` (1 to 500) and the optional `after=ID`; anything else is 400."""
+    values = args.getlist("clients")
+    value = values[0] if len(values) == 1 else ""
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_CLIENTS:
+        raise InvalidRequest(f"'clients' must be a whole number from 1 to {MAX_CLIENTS}")
+    after = args.getlist("after")
+    if len(after) > 1 or (after and not document_id(after[0])):
+        raise InvalidRequest("'after' must be a client id")
+    return int(value), (after[0] if after else None)
+
+
+def list_clients(
+    settings: Settings, client: firestore.Client, limit: int, after: str | None = None
+) -> dict[str, Any]:
+    """`{"clients": [...], "next": ID or null, "operations": [pipeline names]}`, by client id."""
+    query = client.collection(store.CLIENTS)
+    if settings.stream is not None:
+        query = query.where(filter=firestore.FieldFilter("stream", "==", settings.stream))
+    query = query.order_by("__name__").select(CLIENT_FIELDS).limit(limit + 1)
+    if after is not None:
+        query = query.start_after({"__name__": after})
+    with store.translate_errors("listing clients"):
+        snaps = list(query.stream(**store.call(settings)))
+    more, snaps = len(snaps) > limit, snaps[:limit]
+    try:
+        pipeline: Pipeline | None = load_pipeline(settings.pipeline_path)
+    except PipelineError as exc:
+        pipeline, problem = None, str(exc)
+    states, now = _states(settings, client, snaps, pipeline)
+    body: dict[str, Any] = {
+        "clients": [_client(s, pipeline, states, now) for s in snaps],
+        "next": snaps[-1].id if more and snaps else None,
+        "operations": list(pipeline.names) if pipeline else [],
+    }
+    if pipeline is None:
+        body["pipelineError"] = problem
+    return body
+
+
+def _states(
+    settings: Settings,
+    client: firestore.Client,
+    snaps: list[Any],
+    pipeline: Pipeline | None,
+) -> tuple[dict[tuple[str, str], dict[str, Any]], dt.datetime]:
+    """The decision fields of every listed client's operations, in one batched read, and the
+    server's time of the reads (what due times are judged against)."""
+    now = next((s.read_time for s in snaps if s.read_time), None)
+    if pipeline is None or not snaps:
+        return {}, now or dt.datetime.now(dt.UTC)
+    refs = [
+        s.reference.collection(store.OPERATIONS).document(name)
+        for s in snaps
+        for name in client_operations(s.to_dict() or {}, pipeline)[0]
+    ]
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    if refs:
+        with store.translate_errors("reading the clients' operation states"):
+            for snap in client.get_all(refs, field_paths=DECISION_FIELDS, **store.call(settings)):
+                now = max(now, snap.read_time) if now and snap.read_time else now
+                if snap.exists:
+                    found[(snap.reference.parent.parent.id, snap.id)] = snap.to_dict() or {}
+    return found, now or dt.datetime.now(dt.UTC)
+
+
+def _client(
+    snap: Any,
+    pipeline: Pipeline | None,
+    states: dict[tuple[str, str], dict[str, Any]],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    data = snap.to_dict() or {}
+    out: dict[str, Any] = {
+        "clientId": snap.id,
+        "name": str(data.get("name") or snap.id),
+        "active": data.get("active") is True,
+        "nextDueAt": _due(data.get("nextDueAt")),
+        "operations": {},
+    }
+    if pipeline is None:
+        return out
+    names, _, invalid = client_operations(data, pipeline)
+    if invalid:
+        out["invalidOperations"] = True
+    gate = EPOCH  # a failing operation holds back the ones after it, as the engine does
+    for name in names:
+        op = pipeline.get(name)
+        assert op is not None
+        state = states.get((snap.id, name))
+        step = decide(state, op, now)
+        own = step.due_at or EPOCH
+        label = _label(state, step.decision, own, now)
+        if step.decision == "run" and gate > now:
+            label = "blocked"
+        due = max(own, gate)
+        if state and state.get("status") in ("failed", "quarantined"):
+            gate = max(gate, own)
+        out["operations"][name] = {
+            "status": state.get("status") if state else None,
+            "finishedAt": jsonable(state.get("finishedAt")) if state else None,
+            "failures": failures_of(state),
+            "nextDueAt": _due(due) if due > EPOCH else None,
+            "state": label,
+            "reason": "blocked by an earlier operation" if label == "blocked" else step.reason,
+        }
+    return out
+
+
+def _due(value: Any) -> str | None:
+    """A due time as JSON; `NEVER` (only an operator's release makes it due) is null."""
+    if not isinstance(value, dt.datetime) or value >= NEVER:
+        return None
+    return jsonable(value)  # type: ignore[no-any-return]
+
+
+def _label(state: dict[str, Any] | None, decision: str, due: dt.datetime, now: dt.datetime) -> str:
+    """One word for the grid: new, fresh, due, running, partial, backoff, retry, quarantined
+    (and `blocked`, decided by the caller)."""
+    if not state:
+        return "new"
+    status = state.get("status")
+    if status == "quarantined":
+        return "quarantined"
+    if status == "failed":
+        return "backoff" if decision == "skip" else "retry"
+    if status == "success":
+        return "fresh" if due > now else "due"
+    if status in ("running", "partial"):
+        return str(status)
+    return "due"
