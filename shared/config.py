@@ -57,6 +57,11 @@ VARIABLES: dict[str, str | None] = {
     "SMART_RESUME_RPC_TIMEOUT_SECONDS": "10",
     "SMART_RESUME_EMAIL_TIMEOUT_SECONDS": "10",
     "SMART_RESUME_LOG_FORMAT": None,
+    "SMART_RESUME_EXPECTED_EVERY_SECONDS": None,
+    "SMART_RESUME_GRACE_SECONDS": None,
+    "SMART_RESUME_STUCK_SECONDS": "900",
+    "SMART_RESUME_PING_URL": None,
+    "SMART_RESUME_SHARDS": "1",
 }
 
 T = TypeVar("T")
@@ -91,11 +96,36 @@ class Settings:
     rpc_timeout_seconds: float
     email_timeout_seconds: float
     log_format: str
+    #: How often a run is expected to end well (completed, partial or cancelled); None: never
+    #: overdue. The grace is added before a missing run counts as overdue.
+    expected_every_seconds: float | None = None
+    grace_seconds: float = 0.0
+    #: A live run whose progress has not moved for this long is stuck.
+    stuck_seconds: float = 900.0
+    #: The dead man's switch (healthchecks.io style); a secret, like the webhook secret.
+    ping_url: str | None = field(default=None, repr=False)
+    #: Shards that run in parallel, each a run with its own lock (1: no sharding).
+    shards: int = 1
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every value that must never appear in a log line, response or file."""
-        return tuple(s for s in (*self.webhook_secrets, self.sendgrid_api_key) if s)
+        return tuple(
+            s
+            for s in (*self.webhook_secrets, self.sendgrid_api_key, *_url_secrets(self.ping_url))
+            if s
+        )
+
+
+def _url_secrets(url: str | None) -> tuple[str, ...]:
+    """A ping URL, and its path on its own: the path carries the check's token, and an error
+    message that names the path without the host must not leak it either."""
+    if not url:
+        return ()
+    from urllib.parse import urlsplit
+
+    path = urlsplit(url).path.strip("/")
+    return (url, path) if len(path) >= 8 else (url,)
 
 
 class _Reader:
@@ -199,6 +229,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "limit of an HTTP Cloud Function, which no run can outlive"
         )
     reconcile_hours = r.positive("SMART_RESUME_RECONCILE_HOURS", "hours")
+    shards = r.parse("SMART_RESUME_SHARDS", int, "a whole number", 1)
+    if not 1 <= shards <= 1000:
+        r.problems.append(f"SMART_RESUME_SHARDS must be between 1 and 1000, got {shards}")
+        shards = 1
     webhook_secrets = _split(r.env.get("SMART_RESUME_WEBHOOK_SECRET"))
     unusable = [i for i, secret in enumerate(webhook_secrets, 1) if not _header_safe(secret)]
     if unusable:
@@ -243,6 +277,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not all(part.isidentifier() for part in module.split(".")):
         r.problems.append(f"SMART_RESUME_MODULE={module!r} is not a dotted module name")
 
+    expected = _expected_every(r)
+    grace = _grace(r, expected)
+    stuck = r.seconds("SMART_RESUME_STUCK_SECONDS")
+    if stuck <= heartbeat:  # False for NaN: a bad value is reported once, by name
+        # Progress is stamped by the heartbeat, so it cannot be judged finer than one beat.
+        r.problems.append(
+            f"SMART_RESUME_STUCK_SECONDS ({stuck:g}) must be longer than "
+            f"SMART_RESUME_HEARTBEAT_SECONDS ({heartbeat:g})"
+        )
+    ping_url = r.raw("SMART_RESUME_PING_URL")
+    if ping_url is not None and not _http_url(ping_url):
+        # Never echo the value: it is a secret.
+        r.problems.append("SMART_RESUME_PING_URL is not an http(s) URL with a host")
+
     pipeline = Path(r.raw("SMART_RESUME_PIPELINE") or "pipeline.toml")
     outbox = Path(r.raw("SMART_RESUME_OUTBOX") or "outbox")
     settings = Settings(
@@ -253,6 +301,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_run_seconds=max_run,
         time_budget_seconds=budget,
         reconcile_hours=reconcile_hours,
+        shards=shards,
         pipeline_path=pipeline if pipeline.is_absolute() else PROJECT_ROOT / pipeline,
         module=module,
         reload_module=r.parse("SMART_RESUME_RELOAD_MODULE", _flag, "0 or 1", False),
@@ -274,10 +323,43 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=r.choice(
             "SMART_RESUME_LOG_FORMAT", LOG_FORMATS, "json" if r.env.get("K_SERVICE") else "text"
         ),
+        expected_every_seconds=expected,
+        grace_seconds=grace,
+        stuck_seconds=stuck,
+        ping_url=ping_url,
     )
     if r.problems:
         raise ConfigError(r.problems)
     return settings
+
+
+def _expected_every(r: _Reader) -> float | None:
+    if r.raw("SMART_RESUME_EXPECTED_EVERY_SECONDS") is None:
+        return None
+    value = r.seconds("SMART_RESUME_EXPECTED_EVERY_SECONDS")
+    return None if math.isnan(value) else value
+
+
+def _grace(r: _Reader, expected: float | None) -> float:
+    """The grace before a run is overdue: as set (0 allowed), else half the expected interval."""
+    name = "SMART_RESUME_GRACE_SECONDS"
+    value = r.parse(name, float, "a number of seconds", math.nan)
+    if r.raw(name) is None or math.isnan(value):
+        return expected / 2 if expected else 0.0
+    if not 0 <= value < math.inf:
+        r.problems.append(f"{name} must be zero or a positive number of seconds, got {value:g}")
+        return 0.0
+    return value
+
+
+def _http_url(value: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and value.isprintable()
 
 
 @functools.cache

@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
+from shared import store
 from shared.config import Settings
 from shared.errors import (
     LeaseLost,
@@ -31,13 +33,19 @@ from shared.errors import (
 from shared.heartbeat import Heartbeat
 from shared.lock import Lock, owner_info
 from shared.log import bind, get_logger
+from shared.pings import RunPings, end_body, ping
 from shared.resume.engine import RunContext, RunResult, one_line, summarize
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import RunOptions
-from shared.runs import Runs, jsonable, new_run_id
+from shared.runs import FINISHED, Runs, jsonable, new_run_id
 
 log = get_logger("runner")
 EntryPoint = Callable[[RunContext], RunResult]
+#: Reports left `sending` by earlier runs that one run settles (the query's limit).
+SETTLE_LIMIT = 10
+#: A report left `sending` for longer than this is marked `lost` instead of sent: too late to
+#: be news, and more likely than not to have gone out before its sender died.
+LOST_AFTER_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,11 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
     result: RunResult | None = None
     error: str | None = None
     where: str | None = None
+    pings = RunPings(settings)
     with Heartbeat(lock, lease, settings.heartbeat_seconds, settings.lease_seconds) as hb:
+        # In the background: the run does not wait for the dead man's switch to answer.
+        pings.start(run_id, lease.token, lease.previous_run_id, lease.previous_age_seconds)
+        _settle_reports(settings, client, runs, run_id)
         try:
             result = entry(
                 RunContext(
@@ -236,7 +248,12 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         "error": None,
     }
     claimed = True
+    # The engine wrote what did not fit in memory to result pages as it went; the rest
+    # (or all of a custom module's results) is split here.
+    paged = getattr(result, "paged", 0) if result else 0
+    lost = getattr(result, "omitted", 0) if result else 0
     inline, omitted = runs.store_results(run_id, results)
+    omitted += lost
 
     def finish(batch: Any, _: Any, inline: list[dict[str, Any]] = inline) -> None:
         runs.finish(
@@ -245,7 +262,7 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
             status=status,
             summary=summary,
             results=inline,
-            total=len(results),
+            total=len(results) + paged + lost,
             omitted=omitted,
             error=error,
             report=claim,
@@ -262,7 +279,7 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
             # The record itself was refused (a value Firestore cannot store): never strand
             # the lock over it. Release again with the summary only.
             log.error("the run record was refused (%s); releasing with the summary only", exc)
-            omitted = len(results)
+            omitted = len(results) + lost
             released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
     except StoreUnavailable as exc:
         # The lock stays held and goes stale; the next trigger takes it over. The report
@@ -273,6 +290,7 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         log.error("could not record the end of the run: %s", error)
     if not released:
         return _abandoned(run_id)
+    pings.end(run_id, status, summary, error)
     report = claim
     if send:
         report = send_smart_resume_report(settings, client, report_input, claimed=claimed)
@@ -311,6 +329,95 @@ def _revoke(settings: Settings, client: firestore.Client, run_id: str) -> None:
         log.warning("revoked %d client claims of run %s", closed, run_id)
 
 
+def _settle_reports(settings: Settings, client: firestore.Client, runs: Runs, run_id: str) -> None:
+    """Send, or mark `lost` with a reason, the reports that earlier runs of this lock left
+    `sending`: their instance died between claiming the report and recording how it went.
+
+    A claim younger than the longest a send can take (`sending_grace`) may still be in flight
+    from its own run (it sends after releasing the lock) and is left alone. Never raises: the
+    run goes on whatever happens here.
+    """
+    try:
+        left = runs.reports_sending(SETTLE_LIMIT)
+    except Exception as exc:
+        log.warning("could not look for unsent reports: %s", one_line(exc))
+        return
+    for snap, record in left:
+        if snap.id == run_id:
+            continue
+        try:
+            _settle_report(settings, client, run_id, snap, record)
+        except Exception as exc:
+            log.warning("could not settle the report of run %s: %s", snap.id, one_line(exc))
+
+
+def sending_grace(settings: Settings) -> float:
+    """Seconds a report may rightly stay `sending`: every attempt of a provider's send (three,
+    each up to a connect and a read timeout) with their backoff, and a margin."""
+    return 6 * settings.email_timeout_seconds + 30
+
+
+def _settle_report(  # type: ignore[no-untyped-def]
+    settings: Settings, client: firestore.Client, run_id: str, snap, record: dict[str, Any]
+) -> None:
+    from shared.report import ReportInput, send_smart_resume_report
+
+    claim = record.get("report") or {}
+    at = claim.get("at")
+    age = (snap.read_time - at).total_seconds() if isinstance(at, dt.datetime) else None
+    if age is not None and age < sending_grace(settings):
+        return
+    lost = None
+    if record.get("status") not in FINISHED:
+        lost = "its run never finished"
+    elif claim.get("settledBy"):
+        lost = f"run {claim['settledBy']} tried to send it again and stopped before recording it"
+    elif age is not None and age > LOST_AFTER_SECONDS:
+        lost = f"left unsent for {age / 3600:.0f} h by an instance that stopped: too late to send"
+    elif age is None:
+        lost = "left unsent by an instance that stopped, at an unknown time"
+    ref = client.collection(store.RUNS).document(snap.id)
+    mark = {
+        "status": "lost" if lost else "sending",
+        "transport": claim.get("transport") if lost else settings.email_transport,
+        "at": firestore.SERVER_TIMESTAMP,
+        "error": lost,
+        "settledBy": run_id,
+    }
+    try:
+        with store.translate_errors("settling a report"):
+            ref.update(
+                {"report": mark},
+                option=client.write_option(last_update_time=snap.update_time),
+                **store.commit_call(settings),
+            )
+    except (gexc.FailedPrecondition, gexc.NotFound):
+        return  # it changed since we looked: whoever changed it owns it
+    if lost:
+        log.warning("report of run %s marked lost: %s", snap.id, lost)
+        return
+    log.warning("report of run %s was left sending by a stopped instance; sending it", snap.id)
+    took_over = record.get("tookOver")
+    started, finished = record.get("startedAt"), record.get("finishedAt")
+    send_smart_resume_report(
+        settings,
+        client,
+        ReportInput(
+            run_id=str(record.get("runId") or snap.id),
+            status=str(record.get("status")),
+            summary=record.get("summary") or {},
+            results=[r for r in record.get("results") or [] if isinstance(r, dict)],
+            client_names={},
+            error=record.get("error"),
+            takeover={"runId": took_over, "ageSeconds": None} if took_over else None,
+            started_at=started if isinstance(started, dt.datetime) else None,
+            finished_at=finished if isinstance(finished, dt.datetime) else None,
+            lock_name=settings.lock_name,
+        ),
+        claimed=True,
+    )
+
+
 def _abandoned(run_id: str) -> Outcome:
     log.error("lease lost: stopped without writing anything more")
     body = {"status": "abandoned", "runId": run_id, "error": "lease lost"}
@@ -333,6 +440,7 @@ def _failed_before_start(
     where = "loading the resume module" if isinstance(exc, ModuleLoadError) else "the pipeline"
     log.error("run failed before starting: %s", error)
     runs.record_failed(run_id, trigger=trigger, schedule_time=schedule_time, error=error)
+    ping(settings, "fail", end_body(run_id, "failed", {}, error))
     report = send_smart_resume_report(
         settings,
         client,

@@ -33,6 +33,7 @@ from shared.resume.plan import (
     next_due,
     plan_client,
 )
+from shared.resume.shards import shard_of
 
 PAGE_SIZE = 200  # due clients per page: memory stays one page, round trips stay few
 FULL_PAGE_SIZE = 500
@@ -67,17 +68,26 @@ class Selection:
         self.options = options
         self.wanted = set(options.operations) if options.operations else None
         self.reads = Reads()
-        self.exhausted = True  # False when the caller stopped before the last due client
+        # With shards, a run sees its own shard's clients only: `shard` is stored on each
+        # client for the due query, and computed from the id where it may be missing.
+        self.due_total: int | None = None  # known once the first due page is read
+        self.shards = settings.shards
+        self.shard = options.shard if settings.shards > 1 else None
 
     # -- queries ---------------------------------------------------------------------------
 
-    def _active(self) -> firestore.Query:
+    def _active(self, own_shard: bool = False) -> firestore.Query:
         query = self.client.collection(store.CLIENTS).where(
             filter=firestore.FieldFilter("active", "==", True)
         )
         if self.options.stream is not None:
             query = query.where(filter=firestore.FieldFilter("stream", "==", self.options.stream))
+        if own_shard and self.shard is not None:
+            query = query.where(filter=firestore.FieldFilter("shard", "==", self.shard))
         return query
+
+    def mine(self, client_id: str) -> bool:
+        return self.shard is None or shard_of(client_id, self.shards) == self.shard
 
     def count_active(self) -> int:
         with store.translate_errors("counting active clients"):
@@ -88,7 +98,9 @@ class Selection:
 
     def count_due(self, cutoff: dt.datetime) -> int:
         """How many clients are due: the progress bar's length (one read per 1,000)."""
-        query = self._active().where(filter=firestore.FieldFilter("nextDueAt", "<=", cutoff))
+        query = self._active(own_shard=True).where(
+            filter=firestore.FieldFilter("nextDueAt", "<=", cutoff)
+        )
         with store.translate_errors("counting due clients"):
             result = query.count().get(**store.call(self.settings))
         count = int(result[0][0].value)
@@ -111,12 +123,23 @@ class Selection:
 
     def due_pages(self, cutoff: dt.datetime) -> Iterator[list[Any]]:
         """Active clients due at `cutoff`, longest waiting first."""
-        query = self._active().where(filter=firestore.FieldFilter("nextDueAt", "<=", cutoff))
-        yield from self._pages(query.order_by("nextDueAt"), PAGE_SIZE)
+        query = self._active(own_shard=True).where(
+            filter=firestore.FieldFilter("nextDueAt", "<=", cutoff)
+        )
+        for number, page in enumerate(self._pages(query.order_by("nextDueAt"), PAGE_SIZE)):
+            if number == 0:
+                # The progress bar's length: a first page that is not full is all there is;
+                # only a longer queue costs a count (one read per 1,000).
+                self.due_total = len(page) if len(page) < PAGE_SIZE else self.count_due(cutoff)
+            yield page
 
     def all_pages(self) -> Iterator[list[Any]]:
-        """Every active client, by id."""
-        yield from self._pages(self._active().order_by("__name__"), FULL_PAGE_SIZE)
+        """Every active client of this run's shard, by id (read whole: a client's stored shard
+        may be missing or stale, so it is computed from the id)."""
+        for page in self._pages(self._active().order_by("__name__"), FULL_PAGE_SIZE):
+            own = [snap for snap in page if self.mine(snap.id)]
+            if own:
+                yield own
 
     def one(self) -> Iterator[list[Any]]:
         assert self.options.client_id
@@ -126,7 +149,12 @@ class Selection:
         self.reads.add(1)
         data = snap.to_dict() if snap.exists else None
         stream = self.options.stream
-        if data and data.get("active") is True and (stream is None or data.get("stream") == stream):
+        if (
+            data
+            and data.get("active") is True
+            and (stream is None or data.get("stream") == stream)
+            and self.mine(snap.id)
+        ):
             yield [snap]
 
     # -- planning ----------------------------------------------------------------------------
@@ -163,6 +191,7 @@ class Selection:
             stored = (snap.to_dict() or {}).get("nextDueAt")
             plan.data = {k: v for k, v in plan.data.items() if k != "claim"}
             plan.stored_due = stored if isinstance(stored, dt.datetime) else None
+            plan.shard = self.shard
             plans.append(plan)
         return plans
 
@@ -174,12 +203,15 @@ class Selection:
 def client_fields(plan: ClientPlan, pipeline: Pipeline, now: dt.datetime) -> dict[str, Any]:
     """What the client document says about its work: when it is next due and what is failing."""
     failures = failing(plan, pipeline)
-    return {
+    fields: dict[str, Any] = {
         "nextDueAt": next_due(plan, pipeline, now),
         "failing": failures,
         "failingCount": len(failures),
         "quarantinedCount": sum(1 for f in failures.values() if f["state"] == "quarantined"),
     }
+    if plan.shard is not None:
+        fields["shard"] = plan.shard
+    return fields
 
 
 def _same(stored: dict[str, Any], fields: dict[str, Any]) -> bool:
@@ -195,6 +227,8 @@ class Reconcile:
         self.fence = fence
         sel = selection
         name = "due" if sel.options.stream is None else f"due-stream-{sel.options.stream}"
+        # The number of shards is part of what due times depend on: a change reassigns.
+        self.fingerprint = f"{sel.pipeline.fingerprint}/{sel.shards}"
         self.ref = (
             sel.client.collection(store.LOCKS)
             .document(sel.settings.lock_name)
@@ -213,8 +247,8 @@ class Reconcile:
         self.active = sel.count_active()
         if not meta:
             return "first tick of due-work selection"
-        if meta.get("fingerprint") != sel.pipeline.fingerprint:
-            return "the pipeline's operations or timing changed"
+        if meta.get("fingerprint") != self.fingerprint:
+            return "the pipeline's operations or timing, or the number of shards, changed"
         if meta.get("activeCount") != self.active:
             return f"active clients changed from {meta.get('activeCount')} to {self.active}"
         at = meta.get("reconciledAt")
@@ -242,11 +276,12 @@ class Reconcile:
                 self._write(changes)
                 repaired += len(changes)
         meta = {
-            "fingerprint": sel.pipeline.fingerprint,
+            "fingerprint": self.fingerprint,
             "activeCount": self.active if self.active is not None else seen,
             "reconciledAt": now,
             "lockName": sel.settings.lock_name,
             "stream": sel.options.stream,
+            "shard": sel.shard,
         }
         self.fence.transaction("recording the full pass", lambda tx: tx.set(self.ref, meta))
         return seen, repaired

@@ -37,6 +37,7 @@ from shared.resume.due import Reconcile, Selection, client_fields
 from shared.resume.operations import Context, Outcome, run_http, run_python
 from shared.resume.pipeline import Operation, Pipeline
 from shared.resume.plan import RESUMES, ClientPlan, RunOptions, Step, failures_of, next_due
+from shared.resume.results import ResultSink
 
 log = get_logger("engine")
 MAX_ERROR = 500
@@ -69,6 +70,8 @@ class RunResult:
     results: list[dict[str, Any]]
     client_names: dict[str, str] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)  # reads, commits: for benchmarks
+    paged: int = 0  # results already written to runs/{runId}/results/{page}, not in `results`
+    omitted: int = 0  # results that could not be stored at all
 
 
 def one_line(exc: BaseException | str) -> str:
@@ -440,21 +443,21 @@ def _not_started(plan: ClientPlan, why: str) -> list[dict[str, Any]]:
 
 
 def execute(
-    run: RunContext, plans: Iterator[ClientPlan], fence: Fence, total: int | None = None
+    run: RunContext,
+    plans: Iterator[ClientPlan],
+    fence: Fence,
+    total: Callable[[], int | None] = lambda: None,
 ) -> RunResult:
     """Run the plans as they stream in; raises `LeaseLost` (stop at once) or store errors."""
     started = time.monotonic()
     stop = _Stop(run)
-    results: list[dict[str, Any]] = []
-    names: dict[str, str] = {}
+    sink = ResultSink(run.client, run.settings, run.run_id)
+    names: dict[str, str] = {}  # for the report's rows: only while results stay in memory
     mutex = threading.Lock()
     failure: list[BaseException] = []
     work: queue.Queue[tuple[int, ClientPlan] | None] = queue.Queue(run.settings.concurrency * 2)
     count = 0
-
-    def record(entry: dict[str, Any]) -> None:
-        with mutex:
-            results.append(entry)
+    record = sink.add
 
     def worker_loop() -> None:
         worker = _Worker(run, stop, fence, record)
@@ -467,7 +470,7 @@ def execute(
                     continue
                 index, plan = item
                 try:
-                    worker.client(index, max(total or 0, index + 1), plan)
+                    worker.client(index, max(total() or 0, index + 1), plan)
                 except _Aborted:
                     pass
                 except BaseException as exc:
@@ -495,7 +498,8 @@ def execute(
     stopped_early: str | None = None
     try:
         for plan in plans:
-            names[plan.client_id] = plan.name
+            if sink.inline_open:
+                names[plan.client_id] = plan.name
             count += 1
             why = stop.quiet()
             if why is not None or failure:
@@ -513,16 +517,24 @@ def execute(
             thread.join()
     if failure:
         raise failure[0]
-    summary = summarize(results, count, time.monotonic() - started)
+    sink.close()
+    summary = summarize([], count, time.monotonic() - started)
+    summary.update(sink.counts, impact=sink.impact)
     summary["calls"] = limits.finish(run.run_id)  # per operation: calls, retried, throttled
     # `cancelled` only when the cancel stopped something: a cancel that arrives as the last
     # operation finishes leaves a run that did everything, which is `completed`.
     status = "completed"
     if summary["deferred"] or stopped_early:
-        deferred = [r["reason"] for r in results if r["outcome"] == "deferred"]
-        cancelled = stopped_early == "cancelled" or any(d.startswith("cancelled") for d in deferred)
+        cancelled = stopped_early == "cancelled" or sink.cancelled
         status = "cancelled" if cancelled else "partial"
-    return RunResult(status=status, summary=summary, results=results, client_names=names)
+    return RunResult(
+        status=status,
+        summary=summary,
+        results=sink.inline,
+        client_names=names,
+        paged=sink.paged,
+        omitted=sink.omitted,
+    )
 
 
 def run_smart_resume(run: RunContext) -> RunResult:
@@ -541,8 +553,9 @@ def run_smart_resume(run: RunContext) -> RunResult:
             log.info("full pass: %d active clients, %d due times repaired", seen, repaired)
         pages = selection.due_pages(cutoff)
     plans = selection.plans(pages, cutoff)
-    total = 1 if run.options.client_id else selection.count_due(cutoff)
-    result_ = execute(run, plans, fence, total)
+    if run.options.client_id:
+        selection.due_total = 1
+    result_ = execute(run, plans, fence, lambda: selection.due_total)
     result_.stats = {
         "documentsRead": selection.reads.documents,
         "readRoundTrips": selection.reads.round_trips,

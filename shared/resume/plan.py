@@ -32,6 +32,7 @@ class RunOptions:
     operations: tuple[str, ...] | None = None
     dry_run: bool = False
     stream: int | None = None
+    shard: int | None = None  # with SMART_RESUME_SHARDS > 1: only this shard's clients
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ClientPlan:
     operations: list[str] = field(default_factory=list)
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     stored_due: dt.datetime | None = None  # the client's `nextDueAt` as read
+    shard: int | None = None  # stored on the client document when there are shards
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
