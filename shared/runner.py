@@ -37,6 +37,7 @@ from shared.pings import RunPings, end_body, ping
 from shared.resume.engine import RunContext, RunResult, one_line, summarize
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import RunOptions
+from shared.resume.shards import lock_name as shard_lock_name
 from shared.runs import FINISHED, Runs, jsonable, new_run_id
 
 log = get_logger("runner")
@@ -131,6 +132,9 @@ def start_run(
 ) -> Outcome:
     """Run once if the lock is free. Store trouble before the run starts raises
     `StoreUnavailable` (the caller answers 503); everything after is an `Outcome`."""
+    if options.shard is not None:
+        # Shard k is a run of its own: its lock, its run records, its report.
+        settings = replace(settings, lock_name=shard_lock_name(settings.lock_name, options.shard))
     runs = Runs(client, settings)
     lock = Lock(client, settings)
     if schedule_time:
@@ -140,7 +144,7 @@ def start_run(
             return Outcome("duplicate", 200, body, earlier.get("runId"))
     run_id = new_run_id()
     stream = options.stream if options.stream is not None else settings.stream
-    options = RunOptions(options.client_id, options.operations, options.dry_run, stream)
+    options = replace(options, stream=stream)
     with bind(runId=run_id):
         try:
             entry = load_entry_point(settings)

@@ -12,7 +12,13 @@ from shared.errors import InvalidRequest
 from shared.resume.plan import RunOptions
 
 MAX_BODY_BYTES = 64 * 1024
-TRIGGER_KEYS = {"clientId": str, "operations": list, "dryRun": bool, "stream": int}
+TRIGGER_KEYS = {
+    "clientId": str,
+    "operations": list,
+    "dryRun": bool,
+    "stream": int,
+    "shard": int,
+}
 
 
 class BodyTooLarge(InvalidRequest):
@@ -80,6 +86,7 @@ def trigger_options(
     body: dict[str, Any],
     known_operations: tuple[str, ...] | None,
     configured_stream: int | None = None,
+    shards: int = 1,
 ) -> RunOptions:
     """The trigger body as `RunOptions`; unknown keys, wrong types and unknown names are 400s.
 
@@ -124,7 +131,18 @@ def trigger_options(
             f"'stream' must be {configured_stream}, the stream this deployment "
             "(SMART_RESUME_STREAM) and its lock cover"
         )
+    shard = body.get("shard")
+    if shards > 1 and shard is None:
+        raise InvalidRequest(
+            f"'shard' is required: there are {shards} shards (SMART_RESUME_SHARDS), "
+            f"0 to {shards - 1}"
+        )
+    if shard is not None and not 0 <= shard < shards:
+        raise InvalidRequest(
+            f"'shard' must be from 0 to {shards - 1} (SMART_RESUME_SHARDS is {shards})"
+        )
     return RunOptions(
+        shard=shard if shards > 1 else None,
         client_id=client_id,
         operations=tuple(operations) if operations else None,
         dry_run=bool(body.get("dryRun", False)),

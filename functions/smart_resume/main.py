@@ -48,7 +48,9 @@ def _trigger(request: Request, settings) -> Response:  # type: ignore[no-untyped
     except PipelineError as exc:
         pipeline_error = exc  # the run records and reports it; names cannot be checked
     body = read_json(request)
-    options = trigger_options(body, pipeline.names if pipeline else None, settings.stream)
+    options = trigger_options(
+        body, pipeline.names if pipeline else None, settings.stream, settings.shards
+    )
     client = get_client(settings)
     if options.dry_run:
         if pipeline is None:
