@@ -7,6 +7,7 @@ live lock. Repeated a few times; each round on a released lock.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from typing import Any
@@ -69,7 +70,11 @@ def run(quick: bool = E.QUICK) -> dict[str, float]:
     rows = []
     outcomes = []
     for r in range(rounds):
-        client.collection("clients").document("c00000").set({"name": "one", "active": True})
+        # Due again (a tick reads only clients whose `nextDueAt` has passed), its state gone.
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+        client.collection("clients").document("c00000").set(
+            {"name": "one", "active": True, "nextDueAt": past}
+        )
         client.collection("clients").document("c00000").collection("operations").document(
             "slow"
         ).delete()

@@ -12,28 +12,32 @@ import time
 import _emulator as E
 import cold_start
 import contention
+import http_floor
+import idle_tick
 import inprocess
 import lock
 import memory
 import parallel
-import per_op
-import plan_scale
+import rss
+import writes
 
 BENCHES = (
     ("0. lock", lock),
     ("1. in-process vs subprocess", inprocess),
     ("2. cold start", cold_start),
-    ("3. planning scale", plan_scale),
+    ("3. idle and due ticks", idle_tick),
     ("4. parallel clients", parallel),
     ("5. memory", memory),
-    ("6. per-operation overhead", per_op),
+    ("6. write path", writes),
     ("7. contention", contention),
+    ("8. peak RSS", rss),
+    ("9. empty run over HTTP", http_floor),
 )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, ~35 s")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, a few minutes")
     parser.add_argument("--only", metavar="N", help="run only the benchmark numbered N")
     args = parser.parse_args()
     started = time.perf_counter()

@@ -403,6 +403,7 @@ class _IO:
         fields = {"checkpoint": checkpoint, "counts": dict(self.counts)}
         self.worker.write(self.plan, self.operation, fields)
         self.checkpoint = checkpoint
+        self.worker.run.heartbeat.touch()  # a saved checkpoint is progress: not stuck
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + int(n)
