@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Deploy smart-resume: stage one self-contained bundle per function, deploy both Cloud
-# Functions (gen2), and create or update the Cloud Scheduler job that calls the trigger.
+# Functions (gen2), create or update the Cloud Scheduler job that calls the trigger (and, with
+# ALERT_CHANNEL, an uptime check on the status function's health and an alert policy on it),
+# then run the job once and report how that run ended.
 # Run `./deploy.sh --help` for the commands and settings; deploy.env.example documents each one.
 set -euo pipefail
 
@@ -21,6 +23,8 @@ CLIENT_INDEXES=("active nextDueAt" "active stream nextDueAt" "active shard nextD
 # disabled (cheaper writes, no index-entry limits). `claim` on `clients` is queried: indexed.
 INDEX_EXEMPTIONS=(runs:results runs:trigger runs:summary operations:checkpoint operations:counts
     locks:progress locks:owner)
+# The Monitoring service agent calls the status function for the uptime check (an OIDC token).
+MONITORING_AGENT_DOMAIN=gcp-sa-monitoring-notification.iam.gserviceaccount.com
 # Short settings names in deploy.env and the SMART_RESUME_* variable each one sets.
 SHORT_NAMES=(LOCK_NAME STREAM TIME_BUDGET_SECONDS EMAIL_TRANSPORT EMAIL_FROM EMAIL_TO)
 REQUIRED=(PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NAME
@@ -32,7 +36,9 @@ Usage: ./deploy.sh [deploy|stage] [--dry-run] [--build-dir DIR] [--env-file FILE
 
 Commands:
   deploy   (default) stage, create the Firestore indexes (an existing one is kept), deploy
-           both functions, create or update the Scheduler job
+           both functions, create or update the Scheduler job and, with ALERT_CHANNEL, the
+           uptime check on ?check=health and its alert policy; then run the job once and
+           report the run's answer (the deployment proven end to end)
   stage    only build build/smart_resume/ and build/smart_resume_status/: each bundle holds
            its main.py, shared/, the pipeline file, the local packages its python operations
            name, and requirements.txt
@@ -48,7 +54,8 @@ Settings come from the environment or the settings file; the environment wins.
 Required: PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NAME
 WEBHOOK_SECRET_VERSION. See deploy.env.example for every setting.
 
-Exit status: 0 done, 1 a command failed, 2 bad usage or settings, 3 gcloud not installed.
+Exit status: 0 done, 1 a command failed (or the first run failed, or none started), 2 bad
+usage or settings, 3 gcloud not installed.
 EOF
 }
 
@@ -119,6 +126,85 @@ config_default() {
 
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
+python_bin() {
+    if [[ -x $ROOT/.venv/bin/python ]]; then
+        echo "$ROOT/.venv/bin/python"
+    else
+        echo python3
+    fi
+}
+
+# The fixed period in seconds of a Cloud Scheduler schedule, or nothing when it has none.
+# The rule: unix-cron with day-of-month and month `*`; the firing times of a week (minutes x
+# hours x days of the week) must be evenly spaced, so `*/15 * * * *` is 900, `0 */6 * * *`
+# 21600, `30 2 * * *` 86400, `0 3 * * 1` 604800; `*/7 * * * *`, `0 */5 * * *` (a 4-hour gap at
+# midnight) and `0 9 * * 1-5` are irregular. The English form `every N minutes|hours` is N
+# minutes or hours. Anything else is not guessed.
+schedule_period() {
+    "$(python_bin)" - "$1" <<'PY'
+import re
+import sys
+
+spec = " ".join(sys.argv[1].lower().split())
+NAMES = {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
+
+
+def number(text, lo, hi, names):
+    value = names.get(text) if names else None
+    if value is None:
+        if not text.isdigit():
+            raise ValueError(text)
+        value = int(text)
+    if not lo <= value <= hi:
+        raise ValueError(text)
+    return value
+
+
+def values(field, lo, hi, names=None):
+    found = set()
+    for part in field.split(","):
+        step = 1
+        if "/" in part:
+            part, raw = part.split("/", 1)
+            step = int(raw) if raw.isdigit() and int(raw) > 0 else 0
+            if not step:
+                raise ValueError(raw)
+        if part == "*":
+            first, last = lo, hi
+        elif "-" in part:
+            first, last = (number(x, lo, hi, names) for x in part.split("-", 1))
+        else:
+            first = number(part, lo, hi, names)
+            last = hi if step > 1 else first
+        if first > last:
+            raise ValueError(part)
+        found.update(range(first, last + 1, step))
+    return found
+
+
+def period():
+    english = re.fullmatch(r"every (\d+) (minutes?|mins?|hours?|hrs?)", spec)
+    if english:
+        n = int(english.group(1))
+        return n * (60 if english.group(2).startswith("m") else 3600) if n else None
+    fields = spec.split(" ")
+    if len(fields) != 5 or fields[2] != "*" or fields[3] != "*":
+        return None
+    minutes, hours = values(fields[0], 0, 59), values(fields[1], 0, 23)
+    days = set(range(7)) if fields[4] == "*" else {d % 7 for d in values(fields[4], 0, 7, NAMES)}
+    times = sorted(d * 1440 + h * 60 + m for d in days for h in hours for m in minutes)
+    gaps = {b - a for a, b in zip(times, times[1:])} | {times[0] + 7 * 1440 - times[-1]}
+    return gaps.pop() * 60 if len(gaps) == 1 else None
+
+
+try:
+    found = period()
+except ValueError:
+    found = None
+print(found or "")
+PY
+}
+
 load_env_file "$ENV_FILE"
 
 PROBLEMS=()
@@ -151,6 +237,9 @@ if [[ $COMMAND == deploy ]]; then
     if [[ -n ${SENDGRID_SECRET_NAME:-} && -z ${SENDGRID_SECRET_VERSION:-} ]]; then
         missing+=(SENDGRID_SECRET_VERSION)
     fi
+    if [[ -n ${PING_SECRET_NAME:-} && -z ${PING_SECRET_VERSION:-} ]]; then
+        missing+=(PING_SECRET_VERSION)
+    fi
     if ((${#missing[@]})); then
         problem "missing settings: ${missing[*]}"
     fi
@@ -163,9 +252,10 @@ if [[ $COMMAND == deploy ]]; then
     TRIGGER_CONCURRENCY=${TRIGGER_CONCURRENCY:-4}
     TRIGGER_MEMORY=${TRIGGER_MEMORY:-512Mi}
     DATABASE=${DATABASE:-(default)}
+    RUN_WAIT_SECONDS=${RUN_WAIT_SECONDS:-300}
 
     # Pinned versions only: `latest` would change what runs without a deploy.
-    for name in WEBHOOK_SECRET_VERSION SENDGRID_SECRET_VERSION; do
+    for name in WEBHOOK_SECRET_VERSION SENDGRID_SECRET_VERSION PING_SECRET_VERSION; do
         if [[ -n ${!name:-} ]] && ! is_count "${!name}"; then
             problem "$name=${!name} must be a version number (pin it; 'latest' is refused)"
         fi
@@ -221,6 +311,48 @@ if [[ $COMMAND == deploy ]]; then
     if [[ -n ${SMART_RESUME_STREAM:-} && ! $SMART_RESUME_STREAM =~ ^[0-9]+$ ]]; then
         problem "SMART_RESUME_STREAM=$SMART_RESUME_STREAM must be a whole number"
     fi
+    if [[ ! $RUN_WAIT_SECONDS =~ ^[0-9]{1,4}$ ]] || ((10#$RUN_WAIT_SECONDS > 3600)); then
+        problem "RUN_WAIT_SECONDS=$RUN_WAIT_SECONDS must be a whole number of seconds from 0 to 3600"
+    fi
+    if [[ -n ${ALERT_CHANNEL:-} ]]; then
+        if [[ $ALERT_CHANNEL =~ ^[A-Za-z0-9_-]+$ && -n ${PROJECT_ID:-} ]]; then
+            ALERT_CHANNEL="projects/$PROJECT_ID/notificationChannels/$ALERT_CHANNEL"
+        elif [[ ! $ALERT_CHANNEL =~ ^projects/[a-z0-9:.-]+/notificationChannels/[A-Za-z0-9_-]+$ ]]; then
+            problem "ALERT_CHANNEL=$ALERT_CHANNEL must be a notification channel id or" \
+                "projects/PROJECT/notificationChannels/ID (gcloud beta monitoring channels list)"
+        fi
+    fi
+
+    # How often a run should end well, for the status function's `overdue` health: set, or
+    # derived from SCHEDULE when the cron expression has a fixed period; `none` turns it off.
+    if [[ ${SMART_RESUME_EXPECTED_EVERY_SECONDS:-} == none ]]; then
+        unset SMART_RESUME_EXPECTED_EVERY_SECONDS
+    elif [[ -n ${SMART_RESUME_EXPECTED_EVERY_SECONDS:-} ]]; then
+        if [[ ! $SMART_RESUME_EXPECTED_EVERY_SECONDS =~ ^[0-9]+([.][0-9]+)?$ ||
+            $SMART_RESUME_EXPECTED_EVERY_SECONDS =~ ^0+([.]0+)?$ ]]; then
+            problem "SMART_RESUME_EXPECTED_EVERY_SECONDS=$SMART_RESUME_EXPECTED_EVERY_SECONDS" \
+                "must be a positive number of seconds (or none)"
+        fi
+    elif [[ -n ${SCHEDULE:-} ]]; then
+        period=$(schedule_period "$SCHEDULE") || fail 2 "could not read SCHEDULE (python needed)"
+        if [[ -n $period ]]; then
+            export SMART_RESUME_EXPECTED_EVERY_SECONDS=$period
+            # A run may start up to a period after the last one ended and take its whole
+            # budget and margin: the grace covers that, or a long run would look overdue.
+            if [[ -z ${SMART_RESUME_GRACE_SECONDS:-} ]] && is_count "$budget"; then
+                grace=$((period / 2))
+                ((budget + TIMEOUT_MARGIN_SECONDS > grace)) && grace=$((budget + TIMEOUT_MARGIN_SECONDS))
+                export SMART_RESUME_GRACE_SECONDS=$grace
+            fi
+            note "note: SCHEDULE '$SCHEDULE' runs every $period s:" \
+                "SMART_RESUME_EXPECTED_EVERY_SECONDS=$period," \
+                "SMART_RESUME_GRACE_SECONDS=${SMART_RESUME_GRACE_SECONDS:-$((period / 2))}"
+        else
+            note "note: SCHEDULE '$SCHEDULE' has no fixed period, so no expected interval is" \
+                "guessed: runs are never reported overdue unless you set" \
+                "SMART_RESUME_EXPECTED_EVERY_SECONDS"
+        fi
+    fi
 
     # The same cross-checks the functions make at startup, found before a deploy, not after.
     transport=log
@@ -250,6 +382,9 @@ if [[ $COMMAND == deploy ]]; then
         if [[ $name == SMART_RESUME_WEBHOOK_SECRET ]]; then
             note "note: SMART_RESUME_WEBHOOK_SECRET in the environment is not deployed;" \
                 "the functions read it from Secret Manager (WEBHOOK_SECRET_NAME)"
+        elif [[ $name == SMART_RESUME_PING_URL ]]; then
+            note "note: SMART_RESUME_PING_URL in the environment is not deployed (it is a" \
+                "secret); the functions read it from Secret Manager (PING_SECRET_NAME)"
         elif ! grep -q "^ *\"$name\":" "$ROOT/shared/config.py"; then
             problem "$name is not a smart-resume setting (see shared/config.py)"
         else
@@ -280,14 +415,6 @@ copy_tree() {
     tar -C "$1" -cf - --exclude=__pycache__ --exclude='*.py[co]' --exclude=.pytest_cache \
         --exclude=tests --exclude='test_*.py' --exclude='*_test.py' --exclude=conftest.py \
         --exclude=.DS_Store . | tar -C "$2" -xf -
-}
-
-python_bin() {
-    if [[ -x $ROOT/.venv/bin/python ]]; then
-        echo "$ROOT/.venv/bin/python"
-    else
-        echo python3
-    fi
 }
 
 # Top-level names of the modules that the pipeline's python operations target (arguments:
@@ -422,6 +549,28 @@ capture() {
     fi
 }
 
+# capture_masked VAR DRY_RUN_VALUE COMMAND...: capture, for commands that carry the secret
+# (their messages are masked too).
+capture_masked() {
+    local var=$1 placeholder=$2 output status=0 errors
+    shift 2
+    show "$@"
+    if ((DRY_RUN)); then
+        printf -v "$var" '%s' "$placeholder"
+        return 0
+    fi
+    errors=$(mktemp)
+    output=$("$@" 2>"$errors") || status=$?
+    if [[ -s $errors ]]; then
+        local text
+        text=$(<"$errors")
+        printf '%s\n' "${text//"$SECRET_VALUE"/***}" >&2
+    fi
+    rm -f "$errors"
+    printf -v "$var" '%s' "$output"
+    return "$status"
+}
+
 # --set-env-vars with a delimiter that no value contains (e-mail lists hold commas).
 env_vars_flag() {
     local pair delim="," joined="" pairs=("GOOGLE_CLOUD_PROJECT=$PROJECT_ID") name
@@ -443,6 +592,9 @@ env_vars_flag() {
 secrets="SMART_RESUME_WEBHOOK_SECRET=$WEBHOOK_SECRET_NAME:$WEBHOOK_SECRET_VERSION"
 if [[ -n ${SENDGRID_SECRET_NAME:-} ]]; then
     secrets+=",SENDGRID_API_KEY=$SENDGRID_SECRET_NAME:$SENDGRID_SECRET_VERSION"
+fi
+if [[ -n ${PING_SECRET_NAME:-} ]]; then
+    secrets+=",SMART_RESUME_PING_URL=$PING_SECRET_NAME:$PING_SECRET_VERSION"
 fi
 auth_flag=--no-allow-unauthenticated
 [[ $ALLOW_UNAUTHENTICATED == 1 ]] && auth_flag=--allow-unauthenticated
@@ -520,16 +672,222 @@ if ((DRY_RUN)); then
     show gcloud scheduler jobs update http "$SCHEDULER_JOB" "${job_update[@]}"
     echo "# the job does not exist yet:"
     show gcloud scheduler jobs create http "$SCHEDULER_JOB" "${job_create[@]}"
+else
+    show "${describe[@]}"
+    if "${describe[@]}" >/dev/null 2>&1; then
+        run_masked gcloud scheduler jobs update http "$SCHEDULER_JOB" "${job_update[@]}"
+    else
+        run_masked gcloud scheduler jobs create http "$SCHEDULER_JOB" "${job_create[@]}"
+    fi
+fi
+
+capture status_url "https://$REGION-$PROJECT_ID.cloudfunctions.net/$STATUS_FUNCTION_NAME" \
+    gcloud functions describe "$STATUS_FUNCTION_NAME" --gen2 "--region=$REGION" \
+    "--project=$PROJECT_ID" '--format=value(serviceConfig.uri)'
+[[ -n $status_url ]] || fail 1 "could not read the URL of $STATUS_FUNCTION_NAME"
+
+# --- alerting: an uptime check on ?check=health and an alert policy on it ------------------
+
+# Found by display name, so a redeploy updates them instead of adding more.
+HEALTH_NAME="$STATUS_FUNCTION_NAME health"
+
+# The policy: the check fails (503: stuck, overdue, failing; or no answer) from more than one
+# of its regions for a minute.
+alert_policy() { # alert_policy CHECK_ID
+    local filter
+    filter='metric.type=\"monitoring.googleapis.com/uptime_check/check_passed\" AND'
+    filter+=' metric.label.check_id=\"'"$1"'\" AND resource.type=\"uptime_url\"'
+    printf '{"displayName": "%s", "combiner": "OR", ' "$HEALTH_NAME"
+    printf '"conditions": [{"displayName": "%s answers 503 to ?check=health", ' \
+        "$STATUS_FUNCTION_NAME"
+    printf '"conditionThreshold": {"filter": "%s", "comparison": "COMPARISON_GT", ' "$filter"
+    printf '"thresholdValue": 1, "duration": "60s", "trigger": {"count": 1}, '
+    printf '"aggregations": [{"alignmentPeriod": "1200s", "perSeriesAligner": '
+    printf '"ALIGN_NEXT_OLDER", "crossSeriesReducer": "REDUCE_COUNT_FALSE", "groupByFields": '
+    printf '["resource.label.project_id", "resource.label.host"]}]}}], '
+    printf '"notificationChannels": ["%s"], ' "$ALERT_CHANNEL"
+    printf '"documentation": {"mimeType": "text/markdown", "content": "smart-resume is not'
+    printf ' healthy: its status function (%s) answers 503 to ?check=health. GET it with' \
+        "$STATUS_FUNCTION_NAME"
+    printf ' the X-Webhook-Secret header, or run python -m shared.resume status, for the'
+    printf ' state (stuck, overdue, failing) and its reasons."}}'
+}
+
+if [[ -n ${ALERT_CHANNEL:-} ]]; then
+    status_host=${status_url#*://}
+    status_path=/
+    [[ $status_host == */* ]] && status_path=/${status_host#*/}
+    [[ $status_path == / ]] || status_path=${status_path%/}
+    status_host=${status_host%%/*}
+    capture project_number PROJECT_NUMBER gcloud projects describe "$PROJECT_ID" \
+        '--format=value(projectNumber)'
+    # The check calls the status function with the Monitoring service agent's identity token.
+    run gcloud functions add-invoker-policy-binding "$STATUS_FUNCTION_NAME" "--region=$REGION" \
+        "--project=$PROJECT_ID" \
+        "--member=serviceAccount:service-$project_number@$MONITORING_AGENT_DOMAIN"
+    check_flags=("--path=${status_path}?check=health" --request-method=get --mask-headers=true
+        --service-agent-auth=oidc-token --period=5 --timeout=30)
+    check_create=(gcloud monitoring uptime create "$HEALTH_NAME" "--project=$PROJECT_ID"
+        --resource-type=uptime-url "--resource-labels=host=$status_host,project_id=$PROJECT_ID"
+        --protocol=https --port=443 "${check_flags[@]}" --status-classes=2xx
+        "--headers=X-Webhook-Secret=$secret" '--format=value(name)')
+    check_update=(gcloud monitoring uptime update CHECK "--project=$PROJECT_ID"
+        "${check_flags[@]}" --set-status-classes=2xx "--update-headers=X-Webhook-Secret=$secret")
+    capture check_name "" gcloud monitoring uptime list-configs "--project=$PROJECT_ID" \
+        "--filter=displayName=\"$HEALTH_NAME\"" '--format=value(name)'
+    check_name=${check_name%%$'\n'*}
+    if ((DRY_RUN)); then
+        check_name="projects/$PROJECT_ID/uptimeCheckConfigs/CHECK_ID"
+        echo "# the uptime check exists:"
+        show "${check_update[@]/#CHECK/$check_name}"
+        echo "# the uptime check does not exist yet:"
+        show "${check_create[@]}"
+    elif [[ -n $check_name ]]; then
+        check_update[4]=$check_name
+        run_masked "${check_update[@]}"
+    else
+        capture_masked check_name "" "${check_create[@]}"
+        check_name=${check_name%%$'\n'*}
+        [[ -n $check_name ]] || fail 1 "the uptime check was not created"
+    fi
+    policy=$(alert_policy "${check_name##*/}")
+    capture policy_name "" gcloud alpha monitoring policies list "--project=$PROJECT_ID" \
+        "--filter=displayName=\"$HEALTH_NAME\"" '--format=value(name)'
+    policy_name=${policy_name%%$'\n'*}
+    if ((DRY_RUN)); then
+        echo "# the alert policy exists:"
+        show gcloud alpha monitoring policies update \
+            "projects/$PROJECT_ID/alertPolicies/POLICY_ID" "--project=$PROJECT_ID" \
+            "--policy=$policy"
+        echo "# the alert policy does not exist yet:"
+        show gcloud alpha monitoring policies create "--project=$PROJECT_ID" "--policy=$policy"
+    elif [[ -n $policy_name ]]; then
+        run gcloud alpha monitoring policies update "$policy_name" "--project=$PROJECT_ID" \
+            "--policy=$policy"
+    else
+        run gcloud alpha monitoring policies create "--project=$PROJECT_ID" "--policy=$policy"
+    fi
+fi
+
+# --- the first run: the Scheduler job once, and how that run ended ---------------------------
+
+# first_run_probe MODE URL [SINCE WAIT]: reads the status function with SR_SECRET and SR_TOKEN.
+# `since` prints the status function's server time; `wait` waits for a run that started after
+# SINCE to end and reports it (exit 0: it ended well, or its answer could not be read; 1: it
+# failed, or no run started).
+first_run_probe() {
+    "$(python_bin)" - "$@" <<'PY'
+import datetime as dt
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+mode, url = sys.argv[1], sys.argv[2].rstrip("/")
+headers = {
+    "X-Webhook-Secret": os.environ["SR_SECRET"],
+    "Authorization": "Bearer " + os.environ["SR_TOKEN"],
+}
+
+
+def get(query):
+    request = urllib.request.Request(f"{url}/?{query}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+    except (OSError, ValueError) as exc:
+        return None, {"error": type(exc).__name__}
+
+
+def when(text):
+    try:
+        return dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def say(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+if mode == "since":
+    status, body = get("runs=1")
+    print(body.get("serverTime") or "" if status == 200 else "")
+    sys.exit(0)
+
+# Without the server's time, a minute of slack on this machine's clock.
+since = when(sys.argv[3]) or dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60)
+wait = float(sys.argv[4])
+deadline = time.monotonic() + wait
+while True:
+    status, body = get("runs=10")
+    if status != 200:
+        why = f"HTTP {status}" if status else body.get("error", "no answer")
+        hint = " (your account needs the invoker role on it)" if status in (401, 403) else ""
+        say(f"could not read the run's answer from the status function: {why}{hint}")
+        sys.exit(0)
+    new = [r for r in body.get("runs") or [] if (when(r.get("startedAt")) or since) > since]
+    run = new[-1] if new else None
+    health = body.get("health") or {}
+    if run and run.get("status") not in (None, "running"):
+        summary = run.get("summary") or {}
+        counts = ", ".join(
+            f"{summary.get(k, 0)} {k}" for k in ("clients", "processed", "skipped", "failed")
+        )
+        error = f"; error: {run['error']}" if run.get("error") else ""
+        say(f"first run {run.get('runId')} ended {run.get('status')} ({counts}){error}")
+        say(f"health: {health.get('state')}: {'; '.join(health.get('reasons') or [])}")
+        sys.exit(1 if run.get("status") in ("failed", "abandoned") else 0)
+    if time.monotonic() >= deadline:
+        if run:
+            say(f"first run {run.get('runId')} is still running after {wait:g} s;"
+                " follow it with: python scripts/watch.py --url STATUS_URL --gcloud")
+            sys.exit(0)
+        if body.get("running"):
+            say(f"run {body.get('runId')} was already running, so the job's run was refused"
+                " (409); the deployment answers")
+            sys.exit(0)
+        say(f"no run started within {wait:g} s of running the job: check its last attempt"
+            " (gcloud scheduler jobs describe), the trigger's logs, the secret and the OIDC"
+            " account")
+        sys.exit(1)
+    time.sleep(max(0.2, min(5.0, deadline - time.monotonic())))
+PY
+}
+
+run_job=(gcloud scheduler jobs run "$SCHEDULER_JOB" --location="$SCHEDULER_LOCATION"
+    "--project=$PROJECT_ID")
+# Your identity token, to read the status function (which refuses unauthenticated calls).
+capture token '***' gcloud auth print-identity-token || token=""
+if ((DRY_RUN)); then
+    show "${run_job[@]}"
+    echo "# then: wait up to ${RUN_WAIT_SECONDS} s for that run's answer on $status_url?runs=10"
     echo "# dry run: nothing was deployed"
     exit 0
 fi
 
-show "${describe[@]}"
-if "${describe[@]}" >/dev/null 2>&1; then
-    run_masked gcloud scheduler jobs update http "$SCHEDULER_JOB" "${job_update[@]}"
+since=""
+if [[ -n $token ]]; then
+    since=$(SR_SECRET=$secret SR_TOKEN=$token first_run_probe since "$status_url")
+fi
+run "${run_job[@]}"
+first_run=0
+if [[ -z $token ]]; then
+    note "could not get an identity token, so the run's answer is not read: follow it with" \
+        "python scripts/watch.py --url $status_url --gcloud"
+elif ((RUN_WAIT_SECONDS > 0)); then
+    SR_SECRET=$secret SR_TOKEN=$token first_run_probe wait "$status_url" "$since" \
+        "$RUN_WAIT_SECONDS" || first_run=$?
 else
-    run_masked gcloud scheduler jobs create http "$SCHEDULER_JOB" "${job_create[@]}"
+    note "not waiting for the run (RUN_WAIT_SECONDS=0): python scripts/watch.py --url" \
+        "$status_url --gcloud"
 fi
 
 note "deployed $FUNCTION_NAME ($url) and $STATUS_FUNCTION_NAME;" \
-    "Scheduler job $SCHEDULER_JOB runs '$SCHEDULE' ($TIME_ZONE)"
+    "Scheduler job $SCHEDULER_JOB runs '$SCHEDULE' ($TIME_ZONE)" \
+    "${ALERT_CHANNEL:+; uptime check and alert policy '$HEALTH_NAME'}"
+((first_run == 0)) || fail 1 "deployed, but the first run did not end well (see above)"

@@ -4,7 +4,8 @@
     python scripts/watch.py --url "$STATUS_URL" --gcloud
 
 When nothing is running it waits up to --wait seconds for a run to start; then it reports the
-last finished run. Its exit code is that of the run it watched (or the last run).
+last finished run. The health state (ok, running, stuck, overdue, failing, unknown) comes first,
+and again whenever it changes. Its exit code is that of the run it watched (or the last run).
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def health_line(health: dict[str, Any] | None) -> str | None:
+    """`health: STUCK: reason; reason` (None when the status function has no health)."""
+    if not health:
+        return None
+    reasons = "; ".join(health.get("reasons") or [])
+    return f"health: {str(health.get('state')).upper()}" + (f": {reasons}" if reasons else "")
+
+
 def finished_line(run: dict[str, Any]) -> str:
     line = f"run {run.get('runId')} ended {run.get('status')}"
     summary = _client.summary_line(run.get("summary"))
@@ -70,11 +79,18 @@ def main() -> int:
     watched: str | None = None
     give_up = time.monotonic() + args.wait
     waiting_said = False
+    last_health: str | None = None
     while True:
         http_status, body = status.call("GET")
         if http_status != 200:
             print(f"HTTP {http_status}: {body.get('error', body)}", file=sys.stderr)
             return _client.exit_for(http_status, {})
+        health = body.get("health") or {}
+        if health.get("state") != last_health:
+            last_health = health.get("state")
+            line = health_line(health)
+            if line:
+                print(line, flush=True)
         if body.get("running"):
             watched = watched or body.get("runId")
             print(_client.progress_line(body), flush=True)

@@ -3,6 +3,13 @@
 It exposes `lost` and `cancel_requested` flags that the engine polls between steps. One failed
 beat (a Firestore blip) is logged and retried at the next beat; renewal refused, or failing for
 longer than the lease, flags the lease lost, since by then another trigger may rightly take over.
+
+Progress is not the heartbeat: a worker stuck on a socket still beats. So the beat also records
+when progress last *moved* (another client or operation through `set_progress`, or a saved
+checkpoint through `touch`), as `progress.progressAt` on the lock, on the server's clock: the
+beat after a move writes a server timestamp, and later beats carry that value over. Moves before
+the first beat count as the run's start (`acquiredAt`), so a run that never moves again stores
+no `progressAt` at all; its progress dates from when it took the lock.
 """
 
 from __future__ import annotations
@@ -13,11 +20,17 @@ import time
 from types import TracebackType
 from typing import Any
 
+from google.cloud import firestore
+
 from shared.errors import LeaseLost, StoreUnavailable
 from shared.lock import Lease, Lock
 from shared.log import get_logger
 
 log = get_logger("heartbeat")
+#: The key, inside the lock's `progress` map, of when progress last moved (server time).
+PROGRESS_AT = "progressAt"
+#: What identifies a position: a change in any of these is progress.
+_POSITION = ("clientId", "clientIndex", "operation")
 
 
 class Heartbeat:
@@ -37,11 +50,27 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._last_renewed = time.monotonic()
+        self._moves = 0  # how often progress moved; a beat stamps progressAt when it changed
+        self._stamped_moves = 0
+        self._progress_at: Any = None  # the stored progressAt (server time), once there is one
+        self._first_beat = True
 
     def set_progress(self, **progress: Any) -> None:
-        """Record where the run is; the next beat stores it on the lock for the status function."""
+        """Record where the run is; the next beat stores it on the lock for the status function.
+
+        A new client or operation is progress: it moves `progressAt` (see `touch`)."""
+        progress.pop(PROGRESS_AT, None)
         with self._progress_mutex:
-            self._progress = {**self._progress, **progress}
+            merged = {**self._progress, **progress}
+            if any(merged.get(k) != self._progress.get(k) for k in _POSITION):
+                self._moves += 1
+            self._progress = merged
+
+    def touch(self) -> None:
+        """Mark progress without changing client or operation (a checkpoint was saved): cheap,
+        nothing is written until the next beat."""
+        with self._progress_mutex:
+            self._moves += 1
 
     @property
     def progress(self) -> dict[str, Any]:
@@ -77,13 +106,32 @@ class Heartbeat:
             if self.lost.is_set():
                 return
 
+    def _stamped(self, progress: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        """The progress to store, with `progressAt`; and the move count it stamps, if new."""
+        with self._progress_mutex:
+            moves = self._moves
+        if self._first_beat:
+            # Moves so far happened between taking the lock and now: they date from the start.
+            self._first_beat = False
+            self._stamped_moves = moves
+        if moves != self._stamped_moves:
+            return {**progress, PROGRESS_AT: firestore.SERVER_TIMESTAMP}, moves
+        if self._progress_at is not None:
+            return {**progress, PROGRESS_AT: self._progress_at}, None
+        return progress, None
+
     def beat(self) -> None:
         """One heartbeat: renew, then log. Public so tests and the engine can force one."""
         progress = self.progress
+        stored, moves = self._stamped(progress)
         try:
-            if self.lock.renew(self.lease, progress):
+            if self.lock.renew(self.lease, stored):
                 self.cancel_requested.set()
             self._last_renewed = time.monotonic()
+            if moves is not None:
+                # The server timestamp of a write is its commit time: the lease's update time.
+                self._progress_at = self.lease.lock_update_time
+                self._stamped_moves = moves
         except LeaseLost as exc:
             self.lost.set()
             log.error("lease lost: %s", exc)

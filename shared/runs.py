@@ -18,6 +18,8 @@ from shared import store
 from shared.config import Settings
 
 FINISHED = ("completed", "partial", "failed", "cancelled", "abandoned")
+#: The ends that count as the job having run: health's `lastSuccessAt`, the success ping.
+SUCCEEDED = ("completed", "partial", "cancelled")
 SAME_SECOND_SLACK = 10  # runs that may share a start second, read beyond the limit to order
 RESULTS = "results"  # subcollection of a run: the results that do not fit its document
 #: Bytes of results kept in the run document itself, and per page document: well under
@@ -266,6 +268,50 @@ class Runs:
     def recent(self, limit: int) -> list[dict[str, Any]]:
         return self._newest(limit)
 
-    def last_finished(self) -> dict[str, Any] | None:
-        """The newest run of this lock that has ended (a run in progress is skipped)."""
-        return next((r for r in self._newest(10) if r.get("status") in FINISHED), None)
+    def last_finished(self, newest: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """The newest run of this lock that has ended (a run in progress is skipped); from
+        `newest` (this lock's newest runs, newest first) when the caller has read them."""
+        newest = self._newest(10) if newest is None else newest
+        return next((r for r in newest if r.get("status") in FINISHED), None)
+
+    def last_ended(
+        self, statuses: tuple[str, ...], newest: list[dict[str, Any]], complete: bool
+    ) -> dict[str, Any] | None:
+        """The newest run of this lock that ended in one of `statuses`.
+
+        `newest` are this lock's newest runs, newest first; `complete` says they are all of
+        them (fewer came back than were asked for). Only when they hold none and are not all is
+        the store asked again: one small query per status, each an equality pair ordered by
+        document id, as `_newest` (no composite index needed).
+        """
+        found = next((r for r in newest if r.get("status") in statuses), None)
+        if found is not None or complete:
+            return found
+        candidates: list[dict[str, Any]] = []
+        for status in statuses:
+            query = (
+                self.collection.where(
+                    filter=firestore.FieldFilter("lockName", "==", self.settings.lock_name)
+                )
+                .where(filter=firestore.FieldFilter("status", "==", status))
+                .order_by("__name__", direction="DESCENDING")
+                .select(SUMMARY_FIELDS)
+                .limit(1 + SAME_SECOND_SLACK)
+            )
+            with store.translate_errors("listing runs"):
+                candidates += [d.to_dict() for d in query.stream(**store.call(self.settings))]
+        return max(candidates, key=_started) if candidates else None
+
+    def reports_sending(self, limit: int) -> list[tuple[Any, dict[str, Any]]]:
+        """This lock's runs whose report is still `sending`, as (snapshot, record): the
+        snapshot carries the server's read time and the update time to precondition on."""
+        query = (
+            self.collection.where(
+                filter=firestore.FieldFilter("lockName", "==", self.settings.lock_name)
+            )
+            .where(filter=firestore.FieldFilter("report.status", "==", "sending"))
+            .select([*SUMMARY_FIELDS, "results"])
+            .limit(limit)
+        )
+        with store.translate_errors("looking for unsent reports"):
+            return [(d, d.to_dict() or {}) for d in query.stream(**store.call(self.settings))]

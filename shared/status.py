@@ -6,7 +6,9 @@ from typing import Any
 
 from google.cloud import firestore
 
+from shared import health
 from shared.config import Settings, describe
+from shared.heartbeat import PROGRESS_AT
 from shared.lock import Lock, LockState
 from shared.log import get_logger
 from shared.quarantine import failing
@@ -18,10 +20,21 @@ log = get_logger("status")
 def snapshot(
     settings: Settings, client: firestore.Client, runs: int | None = None
 ) -> dict[str, Any]:
-    """The contract's status document; ages are measured on the server's clock."""
-    state = Lock(client, settings).read()
+    """The contract's status document; ages are measured on the server's clock.
+
+    `health` comes first: the one word an operator (or an uptime check) needs. The lock, the
+    newest runs and the failing work are each read once and serve the whole answer.
+    """
+    found = failing(settings, client, settings.stream)
+    evidence = health.gather(
+        settings, client, newest=runs or health.NEWEST, quarantined=found["quarantined"]
+    )
+    state = evidence.lock
     records = Runs(client, settings)
+    progress = dict(state.progress) if state.held else None
+    moved = progress.pop(PROGRESS_AT, None) if progress is not None else None
     body: dict[str, Any] = {
+        "health": health.judge(settings, evidence),
         "lock": settings.lock_name,
         "running": state.live,
         "held": state.held,
@@ -33,15 +46,17 @@ def snapshot(
         "stale": state.stale,
         "token": state.token,
         "cancelRequested": state.cancel_requested,
-        "progress": jsonable(state.progress) if state.held else None,
+        "progress": jsonable(progress),
+        "progressAgeSeconds": (round(health.progress_age(state) or 0.0, 3) if state.held else None),
+        "lastProgressAt": jsonable(moved or state.acquired_at) if state.held else None,
         "owner": state.owner or None,
-        "lastRun": jsonable(records.last_finished()),
+        "lastRun": jsonable(records.last_finished(evidence.newest)),
         "limits": describe(settings),
         "serverTime": jsonable(state.read_time),
     }
     if runs is not None:
-        body["runs"] = jsonable(records.recent(runs))
-    body.update(failing(settings, client, settings.stream))
+        body["runs"] = jsonable(evidence.newest[:runs])
+    body.update(found)
     return body
 
 

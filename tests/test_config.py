@@ -38,6 +38,9 @@ class TestDefaults:
         assert s.sendgrid_host == "https://api.sendgrid.com"
         assert s.outbox == Path("outbox")
         assert s.log_format == "text"
+        assert (s.expected_every_seconds, s.grace_seconds) == (None, 0.0)
+        assert s.stuck_seconds == 900
+        assert s.ping_url is None
 
     def test_sendgrid_is_the_default_transport_with_a_key(self) -> None:
         """A SendGrid key alone switches the default transport to sendgrid."""
@@ -122,6 +125,13 @@ class TestParsing:
             ("SMART_RESUME_RECONCILE_HOURS", "0"),
             ("SMART_RESUME_RECONCILE_HOURS", "-2"),
             ("SMART_RESUME_RECONCILE_HOURS", "inf"),
+            ("SMART_RESUME_EXPECTED_EVERY_SECONDS", "hourly"),
+            ("SMART_RESUME_EXPECTED_EVERY_SECONDS", "0"),
+            ("SMART_RESUME_GRACE_SECONDS", "-1"),
+            ("SMART_RESUME_GRACE_SECONDS", "a bit"),
+            ("SMART_RESUME_STUCK_SECONDS", "0"),
+            ("SMART_RESUME_STUCK_SECONDS", "30"),  # not longer than the 60 s heartbeat
+            ("SMART_RESUME_PING_URL", "hc-ping.com/abc"),
         ],
     )
     def test_bad_value_names_the_variable(self, name: str, value: str) -> None:
@@ -129,6 +139,31 @@ class TestParsing:
         with pytest.raises(ConfigError) as err:
             load_settings({**BASE, name: value})
         assert name in str(err.value)
+
+    def test_health_settings(self) -> None:
+        """The expected interval brings a grace of half of it unless one is set (0 allowed)."""
+        s = load_settings({**BASE, "SMART_RESUME_EXPECTED_EVERY_SECONDS": "900"})
+        assert (s.expected_every_seconds, s.grace_seconds) == (900, 450)
+        s = load_settings(
+            {
+                **BASE,
+                "SMART_RESUME_EXPECTED_EVERY_SECONDS": "3600",
+                "SMART_RESUME_GRACE_SECONDS": "0",
+                "SMART_RESUME_STUCK_SECONDS": "120",
+                "SMART_RESUME_PING_URL": "https://hc-ping.com/0f9e8d7c-6b5a",
+            }
+        )
+        assert (s.expected_every_seconds, s.grace_seconds, s.stuck_seconds) == (3600, 0, 120)
+        assert s.ping_url == "https://hc-ping.com/0f9e8d7c-6b5a"
+        assert {"https://hc-ping.com/0f9e8d7c-6b5a", "0f9e8d7c-6b5a"} <= set(s.secrets)
+        assert "0f9e8d7c" not in repr(s)
+
+    def test_a_bad_ping_url_is_not_echoed(self) -> None:
+        """The ping URL is a secret: a bad one is named, never shown."""
+        with pytest.raises(ConfigError) as err:
+            load_settings({**BASE, "SMART_RESUME_PING_URL": "ftp://secret-token-value"})
+        assert "SMART_RESUME_PING_URL" in str(err.value)
+        assert "secret-token-value" not in str(err.value)
 
     def test_every_problem_is_reported_at_once(self) -> None:
         """Several bad variables are all named in one error."""

@@ -229,7 +229,8 @@ class TestDryRun:
             "'--set-env-vars=^|^GOOGLE_CLOUD_PROJECT=my-project|"
             "SMART_RESUME_EMAIL_FROM=smart-resume@example.com|"
             "SMART_RESUME_EMAIL_TO=ops@example.com,oncall@example.com|"
-            "SMART_RESUME_EMAIL_TRANSPORT=sendgrid|SMART_RESUME_LOCK_NAME=smart-resume|"
+            "SMART_RESUME_EMAIL_TRANSPORT=sendgrid|SMART_RESUME_EXPECTED_EVERY_SECONDS=3600|"
+            "SMART_RESUME_GRACE_SECONDS=1800|SMART_RESUME_LOCK_NAME=smart-resume|"
             "SMART_RESUME_TIME_BUDGET_SECONDS=1500'" in trigger
         )
 
@@ -242,7 +243,9 @@ class TestDryRun:
         assert "--member=serviceAccount:smart-resume-scheduler@" in command(
             out, "gcloud functions add-invoker-policy-binding smart-resume "
         )
-        assert "--format=value(serviceConfig.uri)" in command(out, "gcloud functions describe")
+        assert "--format=value(serviceConfig.uri)" in command(
+            out, "gcloud functions describe smart-resume "
+        )
         assert "--secret=smart-resume-webhook" in command(out, "gcloud secrets versions access 1")
         command(out, "gcloud scheduler jobs describe smart-resume ")
         for verb, header in (("update", "--update-headers"), ("create", "--headers")):
@@ -260,7 +263,15 @@ class TestDryRun:
                 "gserviceaccount.com",
             ):
                 assert f" {flag} " in f" {job} ", (verb, flag)
-        assert "nothing was deployed" in out
+        # The end of every deploy: the job run once, its answer read from the status function.
+        command(out, "gcloud functions describe smart-resume-status ")
+        command(out, "gcloud auth print-identity-token")
+        assert command(out, "gcloud scheduler jobs run smart-resume ") == (
+            "gcloud scheduler jobs run smart-resume --location=europe-west1 --project=my-project"
+        )
+        assert "# then: wait up to 300 s for that run's answer" in out
+        assert "monitoring" not in out  # no ALERT_CHANNEL: no uptime check, no policy
+        assert out.rstrip().endswith("nothing was deployed")
 
     def test_secret_values_are_never_printed(
         self, path_without_gcloud: str, tmp_path: Path
@@ -397,7 +408,7 @@ class TestDryRun:
             assert gcloud_rejection(bad, gcloud_scratch), bad
         out = dry_run(path_without_gcloud, gcloud_scratch / "build")
         printed = commands(out)
-        assert len(printed) == len(INDEX_COMMANDS) + 8
+        assert len(printed) == len(INDEX_COMMANDS) + 11
         assert_gcloud_parses(printed, gcloud_scratch)
 
     def test_without_oidc_the_trigger_can_be_public(
@@ -599,40 +610,104 @@ class TestExample:
 
 FAKE_GCLOUD = """\
 #!{python}
-import json, os, sys
+import datetime, json, os, subprocess, sys
 
 args = sys.argv[1:]
-with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+env = os.environ.get
+with open(env("FAKE_GCLOUD_LOG"), "a") as log:
     log.write(json.dumps(args) + "\\n")
 if args[:2] == ["functions", "describe"]:
-    print("{url}")
+    # The status function's URL: a local status function, or a port nobody listens on.
+    print(env("FAKE_STATUS_URL") if args[2] == "smart-resume-status" else "{url}")
 elif args[:3] == ["secrets", "versions", "access"]:
     sys.stdout.write("{secret},{old_secret}")
 elif args[:3] == ["scheduler", "jobs", "describe"]:
-    sys.exit(0 if os.environ.get("FAKE_JOB_EXISTS") == "1" else 1)
+    sys.exit(0 if env("FAKE_JOB_EXISTS") == "1" else 1)
+elif args[:3] == ["scheduler", "jobs", "run"]:
+    # What the job does: POST to the trigger with the secret header, without waiting.
+    if env("FAKE_TRIGGER_URL"):
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        subprocess.Popen(
+            ["curl", "-sS", "-o", os.devnull, "-X", "POST",
+             "-H", "X-Webhook-Secret: " + env("FAKE_JOB_SECRET", "{secret}"),
+             "-H", "X-CloudScheduler-ScheduleTime: " + when,
+             "-H", "X-CloudScheduler-JobName: smart-resume", env("FAKE_TRIGGER_URL")],
+            start_new_session=True,
+        )
 elif args[:2] == ["scheduler", "jobs"]:
     # gcloud echoes the job it wrote, headers included.
     print("httpTarget:\\n  headers:\\n    " + [a for a in args if "Webhook" in a][0])
+elif args[:2] == ["auth", "print-identity-token"]:
+    print("fake-identity-token")
+elif args[:2] == ["projects", "describe"]:
+    print("123456789012")
+elif args[:3] == ["monitoring", "uptime", "list-configs"]:
+    print(env("FAKE_CHECK", ""))
+elif args[:3] == ["monitoring", "uptime", "create"]:
+    print("Created uptime check with " + [a for a in args if "Webhook" in a][0], file=sys.stderr)
+    print("projects/my-project/uptimeCheckConfigs/new-check-7")
+elif args[:3] == ["monitoring", "uptime", "update"]:
+    print("Updated " + [a for a in args if "Webhook" in a][0])
+elif args[:4] == ["alpha", "monitoring", "policies", "list"]:
+    print(env("FAKE_POLICY", ""))
 elif args[:4] == ["firestore", "indexes", "composite", "create"]:
-    error = os.environ.get("FAKE_INDEX_ERROR")
+    error = env("FAKE_INDEX_ERROR")
     if error:
         sys.exit("ERROR: (gcloud.firestore.indexes.composite.create) " + error)
     print("Create request issued", file=sys.stderr)
 """
+#: The calls every deploy ends with: the status function's URL, an identity token, the job run.
+FIRST_RUN_CALLS = [
+    ["functions", "describe", "smart-resume-status"],
+    ["auth", "print-identity-token"],
+    ["scheduler", "jobs", "run"],
+]
+
+
+def make_fake_gcloud(tmp_path: Path) -> tuple[str, Path]:
+    """A gcloud that records its arguments and answers like the real one: (PATH, its log)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(
+        FAKE_GCLOUD.format(python=sys.executable, url=URL, secret=SECRET, old_secret=OLD_SECRET)
+    )
+    gcloud.chmod(gcloud.stat().st_mode | stat.S_IXUSR)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", tmp_path / "gcloud.log"
+
+
+def fake_deploy(
+    fake_gcloud: tuple[str, Path],
+    tmp_path: Path,
+    job_exists: bool,
+    env: dict[str, str] | None = None,
+):
+    """A real deploy through the fake gcloud: its result and the gcloud calls, in order."""
+    path, log = fake_gcloud
+    if log.exists():
+        log.unlink()
+    result = run_deploy(
+        "deploy",
+        "--env-file",
+        str(EXAMPLE),
+        "--build-dir",
+        str(tmp_path / "build"),
+        path=path,
+        env={
+            "FAKE_GCLOUD_LOG": str(log),
+            "FAKE_JOB_EXISTS": "1" if job_exists else "0",
+            "FAKE_STATUS_URL": f"http://127.0.0.1:{free_port()}",  # nobody answers
+            **(env or {}),
+        },
+    )
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    return result, calls
 
 
 class TestDeploy:
     @pytest.fixture
     def fake_gcloud(self, tmp_path: Path) -> tuple[str, Path]:
-        """A gcloud that records its arguments and answers like the real one."""
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir()
-        gcloud = bin_dir / "gcloud"
-        gcloud.write_text(
-            FAKE_GCLOUD.format(python=sys.executable, url=URL, secret=SECRET, old_secret=OLD_SECRET)
-        )
-        gcloud.chmod(gcloud.stat().st_mode | stat.S_IXUSR)
-        return f"{bin_dir}{os.pathsep}{os.environ['PATH']}", tmp_path / "gcloud.log"
+        return make_fake_gcloud(tmp_path)
 
     def deploy(
         self,
@@ -641,22 +716,7 @@ class TestDeploy:
         job_exists: bool,
         env: dict[str, str] | None = None,
     ):
-        path, log = fake_gcloud
-        result = run_deploy(
-            "deploy",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path / "build"),
-            path=path,
-            env={
-                "FAKE_GCLOUD_LOG": str(log),
-                "FAKE_JOB_EXISTS": "1" if job_exists else "0",
-                **(env or {}),
-            },
-        )
-        calls = [json.loads(line) for line in log.read_text().splitlines()]
-        return result, calls
+        return fake_deploy(fake_gcloud, tmp_path, job_exists, env)
 
     def test_creates_the_job_with_the_secret_from_secret_manager(
         self, fake_gcloud: tuple[str, Path], tmp_path: Path
@@ -675,8 +735,9 @@ class TestDeploy:
             ["secrets", "versions", "access"],
             ["scheduler", "jobs", "describe"],
             ["scheduler", "jobs", "create"],
+            *FIRST_RUN_CALLS,
         ]
-        create = calls[-1]
+        create = calls[-4]
         assert f"--uri={URL}" in create
         assert f"--headers=X-Webhook-Secret={SECRET}" in create
         assert not any(OLD_SECRET in arg for arg in create)
@@ -697,7 +758,7 @@ class TestDeploy:
         assert result.returncode == 0, result.stderr
         assert sum(c[:4] == ["firestore", "indexes", "composite", "create"] for c in calls) == 3
         assert sum(c[:4] == ["firestore", "indexes", "fields", "update"] for c in calls) == 7
-        assert calls[-1][:4] == ["scheduler", "jobs", "update", "http"]
+        assert calls[-4][:4] == ["scheduler", "jobs", "update", "http"]
         assert result.stderr.count("exists already") == 3
 
     def test_an_index_error_stops_the_deploy_before_the_functions(
@@ -721,11 +782,345 @@ class TestDeploy:
         """A second deploy updates the existing job in place instead of creating another."""
         result, calls = self.deploy(fake_gcloud, tmp_path, job_exists=True)
         assert result.returncode == 0, result.stderr
-        update = calls[-1]
+        update = calls[-4]
         assert update[:4] == ["scheduler", "jobs", "update", "http"]
         assert f"--update-headers=X-Webhook-Secret={SECRET}" in update
         assert "--max-retry-attempts=0" in update
         assert not any(c[:3] == ["scheduler", "jobs", "create"] for c in calls)
+        assert SECRET not in result.stdout + result.stderr
+
+
+ALERT = {"ALERT_CHANNEL": "1234567890"}
+CHANNEL = "projects/my-project/notificationChannels/1234567890"
+
+
+def flag(cmd: str, name: str) -> str:
+    """The value of `--name=value` in a printed command."""
+    found = [a.split("=", 1)[1] for a in shlex.split(cmd) if a.startswith(f"--{name}=")]
+    assert len(found) == 1, (name, cmd)
+    return found[0]
+
+
+def env_vars(stdout: str) -> dict[str, str]:
+    """The trigger's --set-env-vars as a mapping."""
+    value = flag(command(stdout, "gcloud functions deploy smart-resume "), "set-env-vars")
+    delim = ","
+    if value.startswith("^"):
+        delim, value = value[1], value[3:]
+    return dict(pair.split("=", 1) for pair in value.split(delim))
+
+
+class TestHealthSettings:
+    @pytest.mark.parametrize(
+        ("schedule", "expected", "grace"),
+        [
+            ("0 * * * *", "3600", "1800"),
+            ("*/15 * * * *", "900", "1620"),  # budget 1500 + 120 > half of 900
+            ("30 2 * * *", "86400", "43200"),
+            ("0 */6 * * *", "21600", "10800"),
+            ("0 3 * * MON", "604800", "302400"),
+            ("every 5 minutes", "300", "1620"),
+            ("* * * * *", "60", "1620"),
+        ],
+    )
+    def test_a_fixed_period_schedule_sets_the_expected_interval(
+        self, path_without_gcloud: str, tmp_path: Path, schedule: str, expected: str, grace: str
+    ) -> None:
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"SCHEDULE": schedule},
+        )
+        assert result.returncode == 0, result.stderr
+        found = env_vars(result.stdout)
+        assert found["SMART_RESUME_EXPECTED_EVERY_SECONDS"] == expected
+        assert found["SMART_RESUME_GRACE_SECONDS"] == grace
+        assert f"runs every {expected} s" in result.stderr
+
+    @pytest.mark.parametrize(
+        "schedule", ["*/7 * * * *", "0 */5 * * *", "0 9 * * 1-5", "0 0 1 * *", "0,20 * * * *"]
+    )
+    def test_an_irregular_schedule_is_not_guessed(
+        self, path_without_gcloud: str, tmp_path: Path, schedule: str
+    ) -> None:
+        out = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"SCHEDULE": schedule},
+        )
+        assert out.returncode == 0, out.stderr
+        assert "SMART_RESUME_EXPECTED_EVERY_SECONDS" not in env_vars(out.stdout)
+        assert "SMART_RESUME_GRACE_SECONDS" not in env_vars(out.stdout)
+        assert "has no fixed period, so no expected interval is guessed" in out.stderr
+
+    def test_an_explicit_interval_wins_and_none_turns_it_off(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        found = env_vars(
+            dry_run(path_without_gcloud, tmp_path, {"SMART_RESUME_EXPECTED_EVERY_SECONDS": "5400"})
+        )
+        assert found["SMART_RESUME_EXPECTED_EVERY_SECONDS"] == "5400"
+        assert "SMART_RESUME_GRACE_SECONDS" not in found  # the function's default: half
+        found = env_vars(
+            dry_run(path_without_gcloud, tmp_path, {"SMART_RESUME_EXPECTED_EVERY_SECONDS": "none"})
+        )
+        assert "SMART_RESUME_EXPECTED_EVERY_SECONDS" not in found
+        found = env_vars(
+            dry_run(path_without_gcloud, tmp_path, {"SMART_RESUME_GRACE_SECONDS": "60"})
+        )
+        assert (
+            found["SMART_RESUME_EXPECTED_EVERY_SECONDS"],
+            found["SMART_RESUME_GRACE_SECONDS"],
+        ) == (
+            "3600",
+            "60",
+        )
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("SMART_RESUME_EXPECTED_EVERY_SECONDS", "hourly"),
+            ("SMART_RESUME_EXPECTED_EVERY_SECONDS", "0"),
+            ("RUN_WAIT_SECONDS", "soon"),
+            ("RUN_WAIT_SECONDS", "3601"),
+            ("ALERT_CHANNEL", "projects/p/channels/1"),
+            ("ALERT_CHANNEL", "my channel"),
+            ("PING_SECRET_VERSION", "latest"),
+        ],
+    )
+    def test_bad_health_settings_are_refused(
+        self, path_without_gcloud: str, tmp_path: Path, name: str, value: str
+    ) -> None:
+        env = {name: value}
+        if name == "PING_SECRET_VERSION":
+            env["PING_SECRET_NAME"] = "smart-resume-ping"
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env=env,
+        )
+        assert result.returncode == 2
+        assert "gcloud" not in result.stdout
+        assert f"{name}={value} must be" in result.stderr
+
+    def test_the_ping_url_comes_from_secret_manager_only(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """SMART_RESUME_PING_URL is a secret: from the environment it is not deployed (nor
+        shown); PING_SECRET_NAME and its pinned version pass it as a secret."""
+        url = "https://hc-ping.com/0f9e-deploy-token"
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"SMART_RESUME_PING_URL": url},
+        )
+        assert result.returncode == 0, result.stderr
+        assert "0f9e-deploy-token" not in result.stdout + result.stderr
+        assert "SMART_RESUME_PING_URL in the environment is not deployed" in result.stderr
+        missing = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"PING_SECRET_NAME": "smart-resume-ping"},
+        )
+        assert missing.returncode == 2 and "PING_SECRET_VERSION" in missing.stderr
+        out = dry_run(
+            path_without_gcloud,
+            tmp_path,
+            {"PING_SECRET_NAME": "smart-resume-ping", "PING_SECRET_VERSION": "3"},
+        )
+        for name in ("smart-resume ", "smart-resume-status "):
+            secrets = flag(command(out, f"gcloud functions deploy {name}"), "set-secrets")
+            assert secrets.endswith(",SMART_RESUME_PING_URL=smart-resume-ping:3")
+
+
+class TestAlerting:
+    def test_dry_run_shows_the_uptime_check_and_the_policy(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        out = dry_run(path_without_gcloud, tmp_path, ALERT)
+        binding = command(out, "gcloud functions add-invoker-policy-binding smart-resume-status ")
+        assert flag(binding, "member") == (
+            "serviceAccount:service-PROJECT_NUMBER@gcp-sa-monitoring-notification.iam."
+            "gserviceaccount.com"
+        )
+        create = command(out, "gcloud monitoring uptime create ")
+        assert shlex.split(create)[4] == "smart-resume-status health"
+        for name, value in (
+            ("resource-type", "uptime-url"),
+            (
+                "resource-labels",
+                "host=europe-west1-my-project.cloudfunctions.net,project_id=my-project",
+            ),
+            ("protocol", "https"),
+            ("path", "/smart-resume-status?check=health"),
+            ("headers", "X-Webhook-Secret=***"),
+            ("mask-headers", "true"),
+            ("service-agent-auth", "oidc-token"),
+            ("status-classes", "2xx"),
+        ):
+            assert flag(create, name) == value, name
+        update = command(out, "gcloud monitoring uptime update ")
+        assert flag(update, "update-headers") == "X-Webhook-Secret=***"
+        assert flag(update, "path") == "/smart-resume-status?check=health"
+        for verb in ("create", "update"):
+            policy = json.loads(
+                flag(command(out, f"gcloud alpha monitoring policies {verb} "), "policy")
+            )
+            assert policy["displayName"] == "smart-resume-status health"
+            assert policy["notificationChannels"] == [CHANNEL]
+            condition = policy["conditions"][0]["conditionThreshold"]
+            assert 'metric.label.check_id="CHECK_ID"' in condition["filter"]
+            assert "uptime_check/check_passed" in condition["filter"]
+        # Found by display name first, so a redeploy updates instead of adding more.
+        for lister in (
+            "gcloud monitoring uptime list-configs ",
+            "gcloud alpha monitoring policies list ",
+        ):
+            assert (
+                flag(command(out, lister), "filter") == 'displayName="smart-resume-status health"'
+            )
+        # A full channel name is taken as it is.
+        full = dry_run(path_without_gcloud, tmp_path, {"ALERT_CHANNEL": CHANNEL})
+        policy = json.loads(
+            flag(command(full, "gcloud alpha monitoring policies create "), "policy")
+        )
+        assert policy["notificationChannels"] == [CHANNEL]
+
+    @needs_gcloud
+    def test_every_alerting_command_passes_the_real_gcloud_parser(
+        self, path_without_gcloud: str, gcloud_scratch: Path
+    ) -> None:
+        out = dry_run(
+            path_without_gcloud,
+            gcloud_scratch / "build",
+            {**ALERT, "PING_SECRET_NAME": "smart-resume-ping", "PING_SECRET_VERSION": "2"},
+        )
+        printed = commands(out)
+        assert len(printed) == len(INDEX_COMMANDS) + 11 + 8
+        assert_gcloud_parses(printed, gcloud_scratch)
+
+
+class TestDeployHealth:
+    """Real deploys with a fake gcloud: alerting idempotent, the first run reported."""
+
+    @pytest.fixture
+    def fake(self, tmp_path: Path) -> tuple[str, Path]:
+        return make_fake_gcloud(tmp_path)
+
+    def deploy(self, fake, tmp_path: Path, env: dict[str, str]):
+        return fake_deploy(fake, tmp_path, job_exists=True, env=env)
+
+    def test_alerting_is_created_then_updated(self, fake, tmp_path: Path) -> None:
+        result, calls = self.deploy(fake, tmp_path, ALERT)
+        assert result.returncode == 0, result.stderr
+        assert SECRET not in result.stdout + result.stderr  # gcloud's echo is masked too
+        assert "X-Webhook-Secret=***" in result.stderr
+        kinds = [c[:4] for c in calls]
+        assert ["monitoring", "uptime", "create", "smart-resume-status health"] in kinds
+        assert ["alpha", "monitoring", "policies", "create"] in kinds
+        create = next(c for c in calls if c[:3] == ["monitoring", "uptime", "create"])
+        assert f"--headers=X-Webhook-Secret={SECRET}" in create
+        policy = next(c for c in calls if c[:4] == ["alpha", "monitoring", "policies", "create"])
+        body = json.loads(next(a for a in policy if a.startswith("--policy="))[9:])
+        assert 'check_id="new-check-7"' in body["conditions"][0]["conditionThreshold"]["filter"]
+        agent = "service-123456789012@gcp-sa-monitoring-notification.iam.gserviceaccount.com"
+        assert any(f"--member=serviceAccount:{agent}" in c for c in calls)
+
+        check = "projects/my-project/uptimeCheckConfigs/existing-3"
+        existing_policy = "projects/my-project/alertPolicies/99"
+        again, calls = self.deploy(
+            fake, tmp_path, {**ALERT, "FAKE_CHECK": check, "FAKE_POLICY": existing_policy}
+        )
+        assert again.returncode == 0, again.stderr
+        assert SECRET not in again.stdout + again.stderr
+        assert not [c for c in calls if "monitoring" in c and "create" in c]
+        update = next(c for c in calls if c[:3] == ["monitoring", "uptime", "update"])
+        assert update[3] == check
+        policy = next(c for c in calls if c[:4] == ["alpha", "monitoring", "policies", "update"])
+        assert policy[4] == existing_policy
+        body = json.loads(next(a for a in policy if a.startswith("--policy="))[9:])
+        assert 'check_id="existing-3"' in body["conditions"][0]["conditionThreshold"]["filter"]
+
+    def test_no_alerting_without_a_channel(self, fake, tmp_path: Path) -> None:
+        result, calls = self.deploy(fake, tmp_path, {})
+        assert result.returncode == 0, result.stderr
+        assert not [c for c in calls if "monitoring" in c]
+        assert calls[-3:] == [
+            [
+                "functions",
+                "describe",
+                "smart-resume-status",
+                "--gen2",
+                "--region=europe-west1",
+                "--project=my-project",
+                "--format=value(serviceConfig.uri)",
+            ],
+            ["auth", "print-identity-token"],
+            [
+                "scheduler",
+                "jobs",
+                "run",
+                "smart-resume",
+                "--location=europe-west1",
+                "--project=my-project",
+            ],
+        ]
+        # Nobody answers at FAKE_STATUS_URL: said, and the deploy still succeeds.
+        assert "could not read the run's answer from the status function" in result.stderr
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("outcome", ["completed", "failed", "refused"])
+    def test_the_first_run_is_reported(
+        self, fake, tmp_path: Path, function_process, db, pipeline_file, configure, outcome
+    ) -> None:
+        """The fake job POSTs to a real trigger process; deploy.sh reads the run's answer from
+        a real status process: a completed run passes, a failed one or none (the job's secret
+        refused: a rotation gone wrong) fails the deploy."""
+        from conftest import seed_clients
+
+        pipeline_file('[[operation]]\nname = "work"\nkind = "python"\ntarget = "opfuncs:ok"\n')
+        seed_clients(db, 1)
+        env = {"SMART_RESUME_WEBHOOK_SECRET": f"{SECRET},{OLD_SECRET}"}
+        if outcome == "failed":
+            env["SMART_RESUME_MODULE"] = "no_such_resume_module"
+        trigger = function_process("smart_resume", **env)
+        status = function_process("smart_resume_status", **env)
+        job = {"FAKE_TRIGGER_URL": trigger.url, "FAKE_STATUS_URL": status.url}
+        if outcome == "refused":
+            job["FAKE_JOB_SECRET"] = "an-old-secret-nobody-accepts"
+        result, calls = self.deploy(fake, tmp_path, {**job, "RUN_WAIT_SECONDS": "20"})
+        assert calls[-1][:3] == ["scheduler", "jobs", "run"]
+        if outcome == "completed":
+            assert result.returncode == 0, result.stderr
+            assert "ended completed (1 clients, 1 processed, 0 skipped, 0 failed)" in result.stderr
+            assert "health: ok" in result.stderr
+        elif outcome == "failed":
+            assert result.returncode == 1
+            assert "ended failed" in result.stderr and "no_such_resume_module" in result.stderr
+            assert "deployed, but the first run did not end well" in result.stderr
+        else:
+            assert result.returncode == 1
+            assert "no run started within 20 s of running the job" in result.stderr
         assert SECRET not in result.stdout + result.stderr
 
 

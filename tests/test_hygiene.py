@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, seed_clients
+from conftest import ROOT, free_port, seed_clients
 from fake_sendgrid import FakeSendGrid
 from faults_helpers import snapshot
 from functions_framework import create_app
@@ -22,7 +22,11 @@ from shared import log, transports
 SECRET_A = "hyg-Secret-A-7f3k9q"
 SECRET_B = "hyg-Secret-B-x2m4zp"
 API_KEY = "SG.hyg-key-q8w7e6r5t4"
-SECRETS = (SECRET_A, SECRET_B, API_KEY)
+#: The dead man's switch URL is a secret too: its path is the check's token. Nothing listens on
+#: this port, so every ping is refused at once (and logged, without the URL).
+PING_TOKEN = "hyg-ping-Token-5k2j8w0"
+PING_URL = f"http://127.0.0.1:{free_port()}/{PING_TOKEN}"
+SECRETS = (SECRET_A, SECRET_B, API_KEY, PING_TOKEN)
 PIPELINE = """
 [[operation]]
 name = "score"
@@ -35,6 +39,7 @@ EMAIL = {
     "SMART_RESUME_EMAIL_TO": "ops@example.com",
     "SMART_RESUME_WEBHOOK_SECRET": f"{SECRET_A},{SECRET_B}",
     "SENDGRID_API_KEY": API_KEY,
+    "SMART_RESUME_PING_URL": PING_URL,
 }
 
 
@@ -58,6 +63,8 @@ def requests_of_a_day(trigger, status_fn) -> list[str]:
         (trigger, "POST", "/", good, b""),  # fresh: skipped
         (status_fn, "GET", "/", {"X-Webhook-Secret": SECRET_B}, None),
         (status_fn, "GET", "/?runs=50", good, None),
+        (status_fn, "GET", "/?check=health", good, None),
+        (status_fn, "GET", f"/?check={PING_URL}", good, None),
         (status_fn, "GET", "/", {"X-Webhook-Secret": API_KEY}, None),
         (status_fn, "POST", "/", good, json.dumps({"action": "cancel"})),
         (status_fn, "POST", "/", good, json.dumps({"action": "unlock", "force": True})),
@@ -179,6 +186,46 @@ def test_function_process_stdout_has_no_secret(function_process, pipeline_file, 
     assert "report email" in logs and "rejected request" in logs
     assert hits(logs) == []
     assert [a.text for a in answers if hits(a.text + json.dumps(dict(a.headers)))] == []
+
+
+@pytest.mark.slow
+def test_ping_url_never_appears_with_a_real_process_pair(
+    function_process, pipeline_file, db, tmp_path
+) -> None:
+    """A ping server that answers (so pings are sent and logged) and real processes in JSON
+    logs: the ping URL, or its token, is in no log line, response, outbox file or document."""
+    from test_pings import TOKEN, PingServer
+
+    pipeline_file(PIPELINE)
+    seed_clients(db, 2)
+    outbox = tmp_path / "pings-outbox"
+    hc = PingServer()
+    try:
+        env = {
+            **EMAIL,
+            "SMART_RESUME_PING_URL": hc.url,
+            "SMART_RESUME_EMAIL_TRANSPORT": "outbox",
+            "SMART_RESUME_OUTBOX": str(outbox),
+            "SMART_RESUME_LOG_FORMAT": "json",
+        }
+        trigger = function_process("smart_resume", **env)
+        status_fn = function_process("smart_resume_status", **env)
+        answers = [
+            trigger.post({}, secret=SECRET_A),
+            trigger.post({"dryRun": True}, secret=SECRET_A),
+            status_fn.get("/?runs=5", secret=SECRET_B),
+            status_fn.get("/?check=health", secret=SECRET_B),
+        ]
+    finally:
+        hc.close()
+    assert answers[0].status_code == 200
+    assert hc.kinds() == ["start", "success"]
+    logs = trigger.log() + status_fn.log()
+    assert "ping start sent" in logs
+    texts = [a.text + json.dumps(dict(a.headers)) for a in answers]
+    texts += [f.read_text(errors="replace") for f in outbox.glob("*")]
+    texts.append(json.dumps(snapshot(db), default=str))
+    assert [t for t in [logs, *texts] if TOKEN in t or hits(t)] == []
 
 
 def test_settings_repr_hides_secrets(configure) -> None:

@@ -35,7 +35,21 @@ class TestValid:
         assert pipeline.names == ("b", "a")
         http = pipeline.get("b")
         assert (http.timeout_seconds, http.max_calls, http.retries) == (60, 100, 3)
+        assert (http.max_per_second, http.max_concurrent) == (None, None)
         assert pipeline.get("a").function()({"x": 1}) == '{"x": 1}'
+
+    def test_call_limits_per_operation(self, tmp_path: Path) -> None:
+        pipeline = load_pipeline(
+            write(
+                tmp_path,
+                '[[operation]]\nname = "b"\nkind = "http"\nurl = "http://127.0.0.1:9000/s"\n'
+                "max_per_second = 0.5\nmax_concurrent = 3\n"
+                '[[operation]]\nname = "a"\nkind = "python"\ntarget = "json:dumps"\n'
+                "max_per_second = 20\n",
+            )
+        )
+        assert (pipeline.get("b").max_per_second, pipeline.get("b").max_concurrent) == (0.5, 3)
+        assert (pipeline.get("a").max_per_second, pipeline.get("a").max_concurrent) == (20.0, None)
 
 
 class TestInvalid:
@@ -81,6 +95,28 @@ class TestInvalid:
             ),
             ("[[operation]]\nkind='python'\ntarget='json:dumps'", "operation #1: field 'name'"),
             ("[[operation]\n", "not valid TOML"),
+            *(
+                (
+                    f"[[operation]]\nname='a'\nkind='http'\nurl='http://x/'\n{field}={value}",
+                    f"operation 'a': field '{field}'",
+                )
+                for field, value in (
+                    ("max_per_second", "0"),
+                    ("max_per_second", "-1"),
+                    ("max_per_second", "'5'"),
+                    ("max_per_second", "true"),
+                    ("max_per_second", "nan"),
+                    ("max_per_second", "inf"),
+                    ("max_concurrent", "0"),
+                    ("max_concurrent", "1.5"),
+                    ("max_concurrent", "'2'"),
+                    ("max_concurrent", "false"),
+                )
+            ),
+            (
+                "max_per_second = 5\n[[operation]]\nname='a'\nkind='python'\ntarget='json:dumps'",
+                "max_per_second is set per operation",
+            ),
         ],
     )
     def test_error_names_file_operation_and_field(self, tmp_path, text, expected) -> None:

@@ -50,6 +50,26 @@ class TestGet:
             "timeBudgetSeconds": 1500.0,
         }
 
+    def test_health_and_quarantined_are_always_there(self, status_fn) -> None:
+        """CONTRACT section 10: `health` with its four keys, and `quarantined` (empty)."""
+        body = status_fn.get("/", headers=SECRET).get_json()
+        assert set(body["health"]) == {"state", "reasons", "lastSuccessAt", "expectedEverySeconds"}
+        assert body["health"]["state"] == "unknown"
+        assert body["quarantined"] == []
+        assert body["progressAgeSeconds"] is None
+
+    def test_check_health_is_200_or_503(self, status_fn, configure) -> None:
+        """`?check=health`: the health object alone; 503 once an expected interval makes a
+        deployment that never ran unhealthy."""
+        response = status_fn.get("/?check=health", headers=SECRET)
+        assert response.status_code == 200
+        assert response.get_json()["state"] == "unknown"
+        configure(SMART_RESUME_EXPECTED_EVERY_SECONDS="60")
+        response = status_fn.get("/?check=health", headers=SECRET)
+        assert response.status_code == 503
+        assert response.get_json()["expectedEverySeconds"] == 60.0
+        assert status_fn.get("/?check=nope", headers=SECRET).status_code == 400
+
     def test_running_fields(self, status_fn, db, settings) -> None:
         lease = Lock(db, settings).acquire("run-a", OWNER)
         Lock(db, settings).renew(
@@ -70,6 +90,9 @@ class TestGet:
             "operation": "score",
         }
         assert body["cancelRequested"] is False
+        assert body["health"]["state"] == "running"
+        assert 0 <= body["progressAgeSeconds"] < 10
+        assert body["lastProgressAt"] == body["startedAt"]  # it never moved since
 
     def test_stale_lock_is_not_running(self, status_fn, db, settings) -> None:
         Lock(db, settings).acquire("run-a", OWNER)

@@ -210,10 +210,24 @@ def _print_plan(plan: list[dict[str, Any]], as_json: bool) -> None:
     print(f"{len(plan)} clients")
 
 
+def health_lines(health: dict[str, Any] | None) -> list[str]:
+    """The health state first, in capitals, then each reason and the last success."""
+    if not health:
+        return []
+    lines = [f"health: {str(health.get('state')).upper()}"]
+    lines += [f"  - {reason}" for reason in health.get("reasons") or []]
+    expected = health.get("expectedEverySeconds")
+    every = f" (expected every {expected:g} s)" if isinstance(expected, int | float) else ""
+    lines.append(f"  last success: {health.get('lastSuccessAt') or 'never'}{every}")
+    return lines
+
+
 def _print_status(body: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(body, indent=2))
         return
+    for line in health_lines(body.get("health")):
+        print(line)
     if body["running"]:
         p = body.get("progress") or {}
         print(

@@ -1,12 +1,23 @@
 """Running one client-operation: the `http` call loop and the in-process `python` call.
 
 Both report through the same small interface (`OperationIO`): save a checkpoint (a fenced write,
-made before the next call so a crash resumes from it), count things, and ask whether to stop.
+made before the next call so a crash resumes from it), count things, ask whether to stop, and
+pass through the operation's `Gate` (`limits.py`) before every call, so the operation's rate,
+concurrency and `Retry-After` limits hold across all workers and no call outlives the run.
+
+Chunks are delivered at least once: a crash between a chunk's work and its saved checkpoint
+repeats that chunk. Every call of a chunk carries the same `Idempotency-Key` (derived from the
+client, the operation and the checkpoint sent, so also after a crash), for the service to
+deduplicate on; `python` operations get the same key as `ctx.idempotency_key`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -14,14 +25,22 @@ from typing import Any, Protocol
 import requests
 
 from shared.errors import OperationFailed
+from shared.log import get_logger
+from shared.resume.limits import HELD_PAST_BUDGET, STOPPING, Gate, retry_after, stamped_session
 from shared.resume.pipeline import Operation
 
+log = get_logger("operations")
 MAX_RESPONSE_BYTES = 1 << 20  # an operations service answers with a small JSON document
-_session_factory: Callable[[], requests.Session] = requests.Session
+READ_CHUNK = 64 * 1024
+MAX_BACKOFF_SECONDS = 30.0
+#: Answers whose `Retry-After` holds back every call of the operation (CONTRACT section 11).
+HOLD_STATUSES = (429, 503)
+_session_factory: Callable[[], requests.Session] = stamped_session
 
 
 class OperationIO(Protocol):
     checkpoint: dict[str, Any] | None
+    gate: Gate
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
     def count(self, name: str, n: int = 1) -> None: ...
@@ -32,10 +51,44 @@ class OperationIO(Protocol):
 class Outcome:
     done: bool
     counts: dict[str, int] = field(default_factory=dict)
+    #: Why a not-done operation stopped, when it was not the run's stop (a hold past the budget).
+    reason: str | None = None
 
 
 class _Transient(Exception):
     """An answer worth retrying: 429, 5xx, or a connection problem."""
+
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait  # from Retry-After (429 and 503 only); None: the normal backoff
+
+
+@dataclass(frozen=True)
+class _NotNow:
+    """The call was not made, or not retried: the operation is deferred with its checkpoint."""
+
+    reason: str
+
+
+def idempotency_key(client_id: str, operation: str, checkpoint: dict[str, Any] | None) -> str:
+    """The same for every attempt at one chunk (client, operation, checkpoint sent), in any run;
+    different for the next chunk. sha256 hex of their canonical JSON."""
+    text = json.dumps(
+        [client_id, operation, checkpoint],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=_canonical,
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    """A checkpoint value JSON has no form for; a time as Firestore gives it back (UTC)."""
+    if isinstance(value, dt.datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+        return aware.astimezone(dt.UTC).isoformat()
+    return str(value)
 
 
 def run_http(op: Operation, io: OperationIO, body: dict[str, Any]) -> Outcome:
@@ -51,9 +104,14 @@ def run_http(op: Operation, io: OperationIO, body: dict[str, Any]) -> Outcome:
                     f"max_calls ({op.max_calls}) reached before the service said done"
                 )
             calls += 1
-            answer = _call_with_retries(session, op, {**body, "checkpoint": io.checkpoint}, io)
-            if answer is None:  # stopped while waiting to retry
-                return Outcome(done=False)
+            headers = {
+                "Idempotency-Key": idempotency_key(body["clientId"], op.name, io.checkpoint),
+                "X-Smart-Resume-Run": str(body["runId"]),
+            }
+            payload = {**body, "checkpoint": io.checkpoint}
+            answer = _call_with_retries(session, op, payload, headers, io.gate)
+            if isinstance(answer, _NotNow):
+                return Outcome(done=False, reason=answer.reason)
             done, checkpoint, counts = _parse_answer(answer)
             for name, n in counts.items():
                 io.count(name, n)
@@ -65,46 +123,95 @@ def run_http(op: Operation, io: OperationIO, body: dict[str, Any]) -> Outcome:
         session.close()
 
 
+def _backoff(op: Operation, attempt: int) -> float:
+    """Exponential from `retry_initial_seconds`, at most 30 s, plus up to one initial of jitter."""
+    initial = op.retry_initial_seconds
+    return min(MAX_BACKOFF_SECONDS, initial * 2 ** (attempt - 1)) + random.uniform(0, initial)
+
+
 def _call_with_retries(
-    session: requests.Session, op: Operation, payload: dict[str, Any], io: OperationIO
+    session: requests.Session,
+    op: Operation,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    gate: Gate,
 ) -> Any:
-    # Imported here, not at module level: it costs cold start and most runs never retry.
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+    """One chunk: the call, retried on transient failures within the budget; `_NotNow` when
+    the run stops or a `Retry-After` reaches past the budget."""
+    attempts = op.retries + 1
+    attempt = 0
+    while True:
+        attempt += 1
+        refused = gate.enter()
+        if refused is not None:
+            return _NotNow(refused)
+        try:
+            return _post(session, op, payload, headers, gate)
+        except _Transient as exc:
+            failure = exc
+        finally:
+            gate.leave()
+        if gate.stop():
+            return _NotNow(STOPPING)
+        if failure.wait is not None and not gate.hold(failure.wait):
+            log.warning(
+                "%s; Retry-After %.0f s is past the time budget: deferred, resumes from its "
+                "checkpoint",
+                failure,
+                failure.wait,
+                fields={"attempt": attempt, "waitSeconds": round(failure.wait, 3)},
+            )
+            return _NotNow(HELD_PAST_BUDGET)
+        if attempt >= attempts:
+            raise OperationFailed(f"{failure} (after {attempts} attempts)")
+        wait = failure.wait if failure.wait is not None else _backoff(op, attempt)
+        why = f"{failure}" + (
+            " (Retry-After: every call of this operation waits)" if failure.wait is not None else ""
+        )
+        log.warning(
+            "retrying: attempt %d of %d in %.2f s, because %s",
+            attempt + 1,
+            attempts,
+            wait,
+            why,
+            fields={"attempt": attempt + 1, "attempts": attempts, "waitSeconds": round(wait, 3)},
+        )
+        gate.note_retry()
+        # A Retry-After hold is waited out in `enter`, together with every other worker.
+        if failure.wait is None and not gate.sleep(wait):
+            return _NotNow(STOPPING)
 
-    retrying = Retrying(
-        stop=stop_after_attempt(op.retries + 1),
-        wait=wait_exponential_jitter(
-            multiplier=op.retry_initial_seconds, max=30, jitter=op.retry_initial_seconds
-        ),
-        retry=retry_if_exception(lambda e: isinstance(e, _Transient) and not io.should_stop()),
-        reraise=True,
-    )
-    try:
-        return retrying(_post, session, op, payload)
-    except _Transient as exc:
-        if io.should_stop():
-            return None
-        raise OperationFailed(f"{exc} (after {op.retries + 1} attempts)") from None
 
-
-def _post(session: requests.Session, op: Operation, payload: dict[str, Any]) -> Any:
+def _post(
+    session: requests.Session,
+    op: Operation,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    gate: Gate,
+) -> Any:
     assert op.url is not None
+    timeout = gate.budget.timeout(op.timeout_seconds)
+    cut = " (cut to the run's remaining time)" if timeout < op.timeout_seconds else ""
+    ends = time.monotonic() + timeout
     try:
-        response = session.post(op.url, json=payload, timeout=op.timeout_seconds, stream=True)
+        with gate.sending():
+            response = session.post(
+                op.url, json=payload, headers=headers, timeout=timeout, stream=True
+            )
     except requests.Timeout:
-        raise _Transient(f"no answer from {op.url} within {op.timeout_seconds:g}s") from None
+        raise _Transient(f"no answer from {op.url} within {timeout:.3g}s{cut}") from None
     except requests.ConnectionError as exc:
         raise _Transient(f"cannot reach {op.url}: {type(exc).__name__}") from None
     with response:
         status = response.status_code
         if status == 429 or status >= 500:
-            raise _Transient(f"{op.url} answered {status}")
+            wait = retry_after(response.headers.get("Retry-After"))
+            if status not in HOLD_STATUSES:
+                wait = None
+            raise _Transient(f"{op.url} answered {status}", wait)
         if not 200 <= status < 300:
             raise OperationFailed(f"{op.url} answered {status}: {_snippet(response)}")
-        try:
-            raw = response.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
-        except (requests.RequestException, OSError) as exc:
-            raise _Transient(f"reading the answer of {op.url} failed: {exc}") from None
+        raw = _read(response, op, ends, f"{timeout:.3g}s{cut}")
     if len(raw) > MAX_RESPONSE_BYTES:
         raise OperationFailed(f"{op.url} answered more than {MAX_RESPONSE_BYTES} bytes")
     if not raw.strip():
@@ -115,6 +222,27 @@ def _post(session: requests.Session, op: Operation, payload: dict[str, Any]) -> 
         if "json" in response.headers.get("Content-Type", ""):
             raise OperationFailed(f"{op.url} answered malformed JSON") from None
         return {}  # a plain-text 2xx means done
+
+
+def _read(response: requests.Response, op: Operation, ends: float, within: str) -> bytes:
+    """The body, up to one byte over the limit, within the call's timeout as a whole (a
+    service trickling bytes does not stretch it)."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while size <= MAX_RESPONSE_BYTES:
+            chunk = response.raw.read(
+                min(READ_CHUNK, MAX_RESPONSE_BYTES + 1 - size), decode_content=True
+            )
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > ends:
+                raise _Transient(f"no complete answer from {op.url} within {within}")
+    except (requests.RequestException, OSError) as exc:
+        raise _Transient(f"reading the answer of {op.url} failed: {exc}") from None
+    return b"".join(parts)
 
 
 def _snippet(response: requests.Response) -> str:
@@ -149,7 +277,7 @@ def validate_counts(counts: Any) -> dict[str, int]:
 
 
 class Context:
-    """What a `python` operation receives as `ctx` (CONTRACT section 5)."""
+    """What a `python` operation receives as `ctx` (CONTRACT sections 5 and 11)."""
 
     def __init__(
         self,
@@ -170,6 +298,12 @@ class Context:
     def checkpoint(self) -> dict[str, Any] | None:
         return self._io.checkpoint
 
+    @property
+    def idempotency_key(self) -> str:
+        """The key an `http` call of the current chunk would carry: it changes with each saved
+        checkpoint and is the same again when a crashed chunk is repeated."""
+        return idempotency_key(self.client_id, self.operation, self._io.checkpoint)
+
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not isinstance(checkpoint, dict):
             raise TypeError("a checkpoint must be a dict")
@@ -183,7 +317,15 @@ class Context:
 
 
 def run_python(op: Operation, ctx: Context) -> Outcome:
-    answer = op.function()(ctx)
+    """Call the function once, through the operation's gate like an `http` call."""
+    gate = ctx._io.gate
+    refused = gate.enter()
+    if refused is not None:
+        return Outcome(done=False, reason=refused)
+    try:
+        answer = op.function()(ctx)
+    finally:
+        gate.leave()
     if answer is None:
         return Outcome(done=True)
     if not isinstance(answer, dict):

@@ -30,8 +30,12 @@ TIMING = {
     "quarantine_after": (int, 6, 0, 1000),
 }
 TOP_KEYS = {"operation", *TIMING}
+#: Limits on the calls of one operation, held across every client and worker of a run
+#: (CONTRACT section 11): set per operation only.
+LIMITS = ("max_per_second", "max_concurrent")
 OP_KEYS = {
     *TIMING,
+    *LIMITS,
     "name",
     "kind",
     "url",
@@ -58,6 +62,8 @@ class Operation:
     fresh_hours: float = 24.0
     retry_backoff_seconds: float = 900.0
     quarantine_after: int = 6
+    max_per_second: float | None = None  # None: no rate limit
+    max_concurrent: int | None = None  # None: as many as there are workers
 
     def function(self) -> Callable[..., Any]:
         """Resolve a python operation's `module:function` (imported on use, not at load)."""
@@ -106,7 +112,10 @@ def load_pipeline(path: Path) -> Pipeline:
 def parse_pipeline(raw: dict[str, Any], path: Path) -> Pipeline:
     problems: list[str] = []
     for key in sorted(set(raw) - TOP_KEYS):
-        problems.append(f"unknown top-level key {key!r}")
+        if key in LIMITS:
+            problems.append(f"{key} is set per operation, not for the whole file")
+        else:
+            problems.append(f"unknown top-level key {key!r}")
     defaults = _timing(raw, {k: v[1] for k, v in TIMING.items()}, problems.append)
     entries = raw.get("operation", [])
     if not isinstance(entries, list) or not entries:
@@ -210,6 +219,7 @@ def _parse_operation(
             _check_target(target, bad)
         if url is not None:
             bad("url", "is only for http operations")
+    limits = _limits(entry, bad)
     timing = _timing(entry, defaults, lambda why: problems.append(f"{label}: {why}"))
     if len(problems) > before:
         return None
@@ -225,7 +235,30 @@ def _parse_operation(
         max_calls=int(values["max_calls"]),
         retries=int(values["retries"]),
         retry_initial_seconds=float(values["retry_initial_seconds"]),
+        **limits,
     )
+
+
+def _limits(entry: dict[str, Any], bad: Callable[[str, str], None]) -> dict[str, Any]:
+    """`max_per_second` (a number > 0) and `max_concurrent` (whole, >= 1); absent: no limit."""
+    found: dict[str, Any] = {}
+    rate = entry.get("max_per_second")
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1e6:
+            bad("max_per_second", f"must be a number greater than 0 (up to 1e6), got {rate!r}")
+        else:
+            found["max_per_second"] = float(rate)
+    concurrent = entry.get("max_concurrent")
+    if concurrent is not None:
+        if (
+            isinstance(concurrent, bool)
+            or not isinstance(concurrent, int)
+            or not 1 <= concurrent <= 10_000
+        ):
+            bad("max_concurrent", f"must be a whole number from 1 to 10000, got {concurrent!r}")
+        else:
+            found["max_concurrent"] = concurrent
+    return found
 
 
 def _http_url(url: Any) -> bool:

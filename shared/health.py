@@ -1,0 +1,198 @@
+"""Is smart-resume healthy? One judgement, in plain words, for people and uptime checks.
+
+Silence is the failure a run report cannot tell: the run that never happened (a paused
+Scheduler job, a broken deploy, a rotated secret) or the one that hangs while still
+heartbeating. `judge` looks at the lock (is a run live, and has its progress moved lately?),
+this lock's newest runs (how did the last one end, and when did one last end well?) and the
+quarantined work, all timed by the server's clock (the lock read's `read_time`):
+
+- `stuck`: a live run whose progress has not moved for `SMART_RESUME_STUCK_SECONDS`;
+- `overdue`: `SMART_RESUME_EXPECTED_EVERY_SECONDS` is set and no run ended completed, partial
+  or cancelled within it plus `SMART_RESUME_GRACE_SECONDS`;
+- `failing`: the newest finished run ended failed or abandoned, or work is quarantined;
+- `running`: a live run that makes progress;
+- `ok`: none of these;
+- `unknown`: no run recorded and none running (alone, whatever else is set).
+
+The first that applies in that order is the state; `reasons` names every one that applies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from google.cloud import firestore
+
+from shared.config import Settings
+from shared.heartbeat import PROGRESS_AT
+from shared.lock import Lock, LockState
+from shared.runs import FINISHED, SUCCEEDED, Runs, jsonable
+
+#: Precedence, first wins.
+ORDER = ("stuck", "overdue", "failing", "running", "ok")
+#: What an uptime check accepts (200); anything else answers 503.
+HEALTHY = ("ok", "running")
+FAILED_ENDS = ("failed", "abandoned")
+#: Runs read to judge: the newest this many (plus the same-second slack `Runs` reads).
+NEWEST = 10
+MAX_NAMED = 3
+MAX_ERROR_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the judgement rests on; `status.snapshot` gathers it once for its whole answer."""
+
+    lock: LockState
+    #: This lock's newest runs, newest first (summary fields only).
+    newest: list[dict[str, Any]]
+    #: The newest run that ended completed, partial or cancelled, if any.
+    last_success: dict[str, Any] | None
+    #: `quarantine.failing()["quarantined"]`.
+    quarantined: list[dict[str, Any]]
+
+
+def gather(
+    settings: Settings,
+    client: firestore.Client,
+    newest: int = NEWEST,
+    quarantined: list[dict[str, Any]] | None = None,
+) -> Evidence:
+    """Read what `judge` needs: the lock, the newest runs, the last success (usually among
+    them), and the quarantined work unless the caller has it already."""
+    from shared.quarantine import failing
+
+    lock = Lock(client, settings).read()
+    runs = Runs(client, settings)
+    recent = runs.recent(max(newest, NEWEST))
+    last_success = runs.last_ended(SUCCEEDED, recent, complete=len(recent) < max(newest, NEWEST))
+    if quarantined is None:
+        quarantined = failing(settings, client, settings.stream)["quarantined"]
+    return Evidence(lock, recent, last_success, quarantined)
+
+
+def _age(now: dt.datetime | None, then: Any) -> float | None:
+    if now is None or not isinstance(then, dt.datetime):
+        return None
+    return max(0.0, (now - then).total_seconds())
+
+
+def _where(progress: dict[str, Any]) -> str:
+    parts = []
+    if progress.get("clientId"):
+        parts.append(f"client {progress['clientId']}")
+    if progress.get("operation"):
+        parts.append(f"operation {progress['operation']}")
+    return "at " + ", ".join(parts) if parts else "before its first client"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
+def _short(text: Any) -> str:
+    value = " ".join(str(text).split())
+    return value if len(value) <= MAX_ERROR_CHARS else value[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def progress_age(lock: LockState) -> float | None:
+    """Seconds since a live run's progress last moved (its start, if it never moved)."""
+    moved = lock.progress.get(PROGRESS_AT)
+    return _age(lock.read_time, moved if isinstance(moved, dt.datetime) else lock.acquired_at)
+
+
+def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
+    """The contract's `health` object: `state`, `reasons`, `lastSuccessAt`,
+    `expectedEverySeconds`."""
+    lock = evidence.lock
+    now = lock.read_time
+    expected = settings.expected_every_seconds
+    success_at = None
+    if evidence.last_success is not None:
+        success_at = evidence.last_success.get("finishedAt") or evidence.last_success.get(
+            "startedAt"
+        )
+    body: dict[str, Any] = {
+        "state": "ok",
+        "reasons": [],
+        "lastSuccessAt": jsonable(success_at) if isinstance(success_at, dt.datetime) else None,
+        "expectedEverySeconds": expected,
+    }
+    if not evidence.newest and not lock.live:
+        body.update(state="unknown", reasons=["no run has been recorded yet"])
+        return body
+
+    found: dict[str, list[str]] = {}
+    if lock.live:
+        age = progress_age(lock)
+        where = _where(lock.progress)
+        if age is not None and age >= settings.stuck_seconds:
+            found["stuck"] = [
+                f"run {lock.run_id} has made no progress for {_seconds(age)} ({where}) although "
+                f"it still heartbeats (stuck after {settings.stuck_seconds:g} s)"
+            ]
+        else:
+            moved = f", progress {_seconds(age)} ago" if age is not None else ""
+            found["running"] = [
+                f"run {lock.run_id} is running for {_seconds(lock.age_seconds or 0.0)}, "
+                f"{where}{moved}"
+            ]
+
+    if expected is not None:
+        window = expected + settings.grace_seconds
+        since = _age(now, success_at)
+        if since is None:
+            found["overdue"] = [
+                "no run has ended completed, partial or cancelled yet "
+                f"(expected every {expected:g} s, grace {settings.grace_seconds:g} s)"
+            ]
+        elif since > window:
+            found["overdue"] = [
+                f"no run has ended completed, partial or cancelled for {_seconds(since)} "
+                f"(expected every {expected:g} s, grace {settings.grace_seconds:g} s)"
+            ]
+
+    failing: list[str] = []
+    last = next((r for r in evidence.newest if r.get("status") in FINISHED), None)
+    if last is not None and last.get("status") in FAILED_ENDS:
+        error = f": {_short(last['error'])}" if last.get("error") else ""
+        failing.append(f"the last run {last.get('runId')} ended {last.get('status')}{error}")
+    if evidence.quarantined:
+        named = ", ".join(
+            f"{q.get('clientId')}/{q.get('operation')}" for q in evidence.quarantined[:MAX_NAMED]
+        )
+        more = len(evidence.quarantined) - MAX_NAMED
+        named += f" and {more} more" if more > 0 else ""
+        count = len(evidence.quarantined)
+        failing.append(
+            f"{count} client-operation{'s are' if count != 1 else ' is'} quarantined ({named}): "
+            "release with the retry action once the cause is fixed"
+        )
+    if failing:
+        found["failing"] = failing
+
+    if not found:
+        if last is not None:
+            ended = _age(now, last.get("finishedAt"))
+            when = f" {_seconds(ended)} ago" if ended is not None else ""
+            found["ok"] = [f"the last run {last.get('runId')} ended {last.get('status')}{when}"]
+        else:
+            found["ok"] = ["nothing is failing"]
+    state = next(s for s in ORDER if s in found)
+    body.update(state=state, reasons=[r for s in ORDER for r in found.get(s, [])])
+    return body
+
+
+def healthy(settings: Settings, health: dict[str, Any]) -> bool:
+    """What `?check=health` answers 200 for: ok or running, or unknown while no expected
+    interval is set (a deployment that was never meant to be watched for lateness)."""
+    state = health["state"]
+    return state in HEALTHY or (state == "unknown" and settings.expected_every_seconds is None)
+
+
+def check(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], int]:
+    """`GET ?check=health`: the health object and 200 or 503."""
+    health = judge(settings, gather(settings, client))
+    return health, 200 if healthy(settings, health) else 503
