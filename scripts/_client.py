@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # The exit codes of `python -m shared.resume`, re-exported for the scripts ("X as X").
 from shared.exit_codes import EXIT_BY_STATUS as EXIT_BY_STATUS
 from shared.exit_codes import EXIT_FAILED as EXIT_FAILED
+from shared.exit_codes import EXIT_FAILURES, EXIT_LOCKED, EXIT_USAGE
 from shared.exit_codes import EXIT_HELP as EXIT_HELP
-from shared.exit_codes import EXIT_LOCKED, EXIT_USAGE
 from shared.exit_codes import EXIT_OK as EXIT_OK
 
 TRIGGER_PORT = 8080
@@ -139,7 +139,10 @@ def exit_for(http_status: int, body: dict[str, Any]) -> int:
     """The exit code an answer maps to."""
     status = body.get("status")
     if isinstance(status, str) and status in EXIT_BY_STATUS:
-        return EXIT_BY_STATUS[status]
+        code = EXIT_BY_STATUS[status]
+        if code == EXIT_OK and status == "completed" and (body.get("summary") or {}).get("failed"):
+            return EXIT_FAILURES  # completed, but some client-operations failed
+        return code
     if http_status in (400, 401, 403, 405):
         return EXIT_USAGE
     if http_status == 409:

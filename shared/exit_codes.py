@@ -6,6 +6,8 @@ Kept free of heavy imports so the scripts can use it without loading Firestore.
 from __future__ import annotations
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_PARTIAL = 0, 1, 2, 3, 4
+#: The run completed, but some client-operations failed: cron and CI should notice.
+EXIT_FAILURES = 5
 EXIT_BY_STATUS = {
     "completed": EXIT_OK,
     "duplicate": EXIT_OK,
@@ -16,4 +18,7 @@ EXIT_BY_STATUS = {
     "failed": EXIT_FAILED,
     "abandoned": EXIT_FAILED,
 }
-EXIT_HELP = "exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled."
+EXIT_HELP = (
+    "exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled, "
+    "5 completed with failed client-operations."
+)

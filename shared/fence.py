@@ -103,8 +103,10 @@ class Fence:
             for group in done or []:
                 if group.client_fields is None:
                     continue  # the client is still in flight
-                for path in self._paths(group):
-                    n = self.writes.pop(path, 0)
+                # The client is done: forget its documents, keeping the busiest one seen.
+                client = group.claim.ref.path
+                for path in [p for p in self.writes if p == client or p.startswith(client + "/")]:
+                    n = self.writes.pop(path)
                     if n > self.busiest[1]:
                         self.busiest = (path, n)
 

@@ -2,22 +2,76 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from google.cloud import firestore
 
 from shared import health
 from shared.config import Settings, describe
+from shared.errors import LockHeld
 from shared.heartbeat import PROGRESS_AT
-from shared.lock import Lock, LockState
+from shared.lock import Lock, LockState, NotRunning
 from shared.log import get_logger
 from shared.quarantine import failing
+from shared.resume.shards import lock_name as shard_lock_name
 from shared.runs import Runs, jsonable
 
 log = get_logger("status")
 
 
+#: Which health is worse, for the answer over all shards.
+WORST_FIRST = ("stuck", "overdue", "failing", "unknown", "running", "ok")
+
+
+def for_shard(settings: Settings, shard: int) -> Settings:
+    """Shard k's settings: its own lock (and so its own run records)."""
+    return replace(settings, lock_name=shard_lock_name(settings.lock_name, shard))
+
+
+def shards_of(settings: Settings, shard: int | None) -> list[int] | None:
+    """The shards an answer or action covers; None without sharding."""
+    if settings.shards <= 1:
+        return None
+    return [shard] if shard is not None else list(range(settings.shards))
+
+
 def snapshot(
+    settings: Settings,
+    client: firestore.Client,
+    runs: int | None = None,
+    shard: int | None = None,
+) -> dict[str, Any]:
+    """The status document. With shards: one shard's (`shard`), or all of them: `shards`
+    lists each, `health` is the worst of theirs and the rest is the worst shard's."""
+    chosen = shards_of(settings, shard)
+    if chosen is None:
+        return _snapshot(settings, client, runs)
+    bodies = [{**_snapshot(for_shard(settings, k), client, runs), "shard": k} for k in chosen]
+    if shard is not None:
+        return bodies[0]
+    worst = min(bodies, key=lambda b: WORST_FIRST.index(b["health"]["state"]))
+    reasons = [f"shard {b['shard']}: {r}" for b in bodies for r in b["health"]["reasons"]]
+    return {
+        **worst,
+        "health": {**worst["health"], "reasons": reasons},
+        "running": any(b["running"] for b in bodies),
+        "shards": [
+            {
+                "shard": b["shard"],
+                "running": b["running"],
+                "runId": b["runId"],
+                "progress": b["progress"],
+                "heartbeatAgeSeconds": b["heartbeatAgeSeconds"],
+                "health": b["health"],
+                "lastRun": b["lastRun"],
+            }
+            for b in bodies
+        ],
+    }
+
+
+def _snapshot(
     settings: Settings, client: firestore.Client, runs: int | None = None
 ) -> dict[str, Any]:
     """The contract's status document; ages are measured on the server's clock.
@@ -60,11 +114,49 @@ def snapshot(
     return body
 
 
-def cancel(settings: Settings, client: firestore.Client) -> str | None:
-    """Ask the live run to stop; raises `lock.NotRunning` when none is live."""
-    run_id = Lock(client, settings).request_cancel()
-    log.warning("cancel requested for run %s", run_id)
-    return run_id
+def cancel(settings: Settings, client: firestore.Client, shard: int | None = None) -> str | None:
+    """Ask the live run to stop (with shards: that shard's, or every shard's live run; the
+    run ids joined by commas); raises `lock.NotRunning` when none is live."""
+    chosen = shards_of(settings, shard)
+    if chosen is None:
+        run_id = Lock(client, settings).request_cancel()
+        log.warning("cancel requested for run %s", run_id)
+        return run_id
+    cancelled = []
+    for k in chosen:
+        try:
+            cancelled.append(cancel(for_shard(settings, k), client) or "")
+        except NotRunning:
+            continue
+    if not cancelled:
+        raise NotRunning("no run is in progress")
+    return ",".join(cancelled)
+
+
+def unlock_all(
+    settings: Settings, client: firestore.Client, force: bool, shard: int | None = None
+) -> dict[str, Any]:
+    """`unlock` for one shard or all of them (raises `LockHeld` if any live lock without
+    force is left held; the others are still released)."""
+    chosen = shards_of(settings, shard)
+    if chosen is None:
+        return unlock(settings, client, force)
+    done: list[dict[str, Any]] = []
+    held: LockHeld | None = None
+    for k in chosen:
+        try:
+            done.append({"shard": k, **unlock(for_shard(settings, k), client, force)})
+        except LockHeld as exc:
+            held = held or exc
+    if held is not None:
+        raise held
+    if shard is not None:
+        return done[0]
+    return {
+        "status": "unlocked" if any(d["changed"] for d in done) else "not held",
+        "changed": any(d["changed"] for d in done),
+        "shards": done,
+    }
 
 
 def unlock(settings: Settings, client: firestore.Client, force: bool) -> dict[str, Any]:

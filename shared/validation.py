@@ -157,3 +157,14 @@ def runs_param(value: str | None) -> int | None:
     if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 50:
         raise InvalidRequest("'runs' must be a whole number from 1 to 50")
     return int(value)
+
+
+def shard_param(value: str | None, shards: int) -> int | None:
+    """`?shard=k` (or an action's `"shard"`): a whole number from 0 to SMART_RESUME_SHARDS - 1."""
+    if value is None:
+        return None
+    if shards <= 1:
+        raise InvalidRequest("'shard' is only for SMART_RESUME_SHARDS > 1")
+    if not value.isascii() or not value.isdigit() or not 0 <= int(value) < shards:
+        raise InvalidRequest(f"'shard' must be a whole number from 0 to {shards - 1}")
+    return int(value)

@@ -126,3 +126,39 @@ def test_a_killed_shard_holds_up_no_other_and_is_taken_over(
     for cid in ids:
         state = db.document(f"clients/{cid}/operations/first").get().to_dict()
         assert state["status"] == "success", (cid, state)
+
+
+def test_status_answers_for_every_shard_and_for_one(db, configure, pipeline_file) -> None:
+    """Without `?shard` the status lists every shard and the worst health; with it, one."""
+    pipeline_file(PIPELINE)
+    configure(SMART_RESUME_SHARDS="3")
+    seed_clients(db, 12)
+    source = str(ROOT / "functions" / "smart_resume" / "main.py")
+    trigger = create_app(target="smart_resume", source=source).test_client()
+    assert trigger.post("/", data=json.dumps({"shard": 2}), headers=SECRET).status_code == 200
+    source = str(ROOT / "functions" / "smart_resume_status" / "main.py")
+    app = create_app(target="smart_resume_status", source=source).test_client()
+    body = app.get("/", headers=SECRET).get_json()
+    assert [s["shard"] for s in body["shards"]] == [0, 1, 2]
+    assert body["health"]["state"] == "unknown"  # shards 0 and 1 never ran: the worst
+    assert body["shards"][2]["health"]["state"] == "ok"
+    one = app.get("/?shard=2", headers=SECRET).get_json()
+    assert one["shard"] == 2 and one["lastRun"]["status"] == "completed"
+    assert app.get("/?shard=3", headers=SECRET).status_code == 400
+    unlock = app.post("/", data=json.dumps({"action": "unlock"}), headers=SECRET)
+    assert unlock.status_code == 200 and len(unlock.get_json()["shards"]) == 3
+
+
+def test_cli_run_needs_a_shard_and_exits_5_on_failures(db, configure, pipeline_file, capsys):
+    from shared.resume.cli import main
+
+    pipeline_file(PIPELINE.replace("opfuncs:ok", "opfuncs:boom"))
+    configure(SMART_RESUME_SHARDS="2")
+    seed_clients(db, 6)
+    assert main(["run"]) == 2
+    assert "--shard K is required" in capsys.readouterr().err
+    assert main(["run", "--shard", "5"]) == 2
+    assert main(["run", "--shard", "1"]) == 5  # completed, with failed client-operations
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 0:" in out and "shard 1:" in out

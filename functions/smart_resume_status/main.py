@@ -23,11 +23,11 @@ from shared.errors import InvalidRequest, LockHeld  # noqa: E402
 from shared.lock import NotRunning  # noqa: E402
 from shared.resume.pipeline import load_pipeline  # noqa: E402
 from shared.store import get_client  # noqa: E402
-from shared.validation import document_id, read_json, runs_param  # noqa: E402
+from shared.validation import document_id, read_json, runs_param, shard_param  # noqa: E402
 from shared.web import reply, serve  # noqa: E402
 
 ACTIONS = ("cancel", "unlock", "retry")
-FIELDS = {"action", "force", "clientId", "operation"}
+FIELDS = {"action", "force", "clientId", "operation", "shard"}
 
 
 @functions_framework.http
@@ -56,13 +56,18 @@ def _answer(request: Request, settings) -> Response:  # type: ignore[no-untyped-
         if "check" in request.args:
             if request.args.get("check") != "health" or len(request.args.getlist("check")) > 1:
                 raise InvalidRequest("'check' must be health")
+            shard = shard_param(request.args.get("shard"), settings.shards)
+            if settings.shards > 1:  # the worst shard's health, or the one asked for
+                body = status.snapshot(settings, client, shard=shard)["health"]
+                return reply(body, 200 if health.healthy(settings, body) else 503)
             body, code = health.check(settings, client)
             return reply(body, code)
         if "clients" in request.args:
             limit, after = console.clients_params(request.args)
             return reply(console.list_clients(settings, client, limit, after), 200)
         runs = runs_param(request.args.get("runs"))
-        return reply(status.snapshot(settings, client, runs), 200)
+        shard = shard_param(request.args.get("shard"), settings.shards)
+        return reply(status.snapshot(settings, client, runs, shard), 200)
     return _action(request, settings, client)
 
 
@@ -81,16 +86,19 @@ def _action(request: Request, settings, client) -> Response:  # type: ignore[no-
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidRequest("'force' must be true or false")
+    shard = body.get("shard")
+    if shard is not None:
+        shard = shard_param(str(shard) if isinstance(shard, int) else "x", settings.shards)
     if action == "cancel":
         if force:
             raise InvalidRequest("'force' only goes with 'unlock'")
         try:
-            run_id = status.cancel(settings, client)
+            run_id = status.cancel(settings, client, shard)
         except NotRunning:
             return reply({"status": "not running", "error": "no run is in progress"}, 409)
         return reply({"status": "cancel requested", "runId": run_id}, 202)
     try:
-        return reply(status.unlock(settings, client, force), 200)
+        return reply(status.unlock_all(settings, client, force, shard), 200)
     except LockHeld as held:
         body = {
             "status": "locked",

@@ -1,7 +1,8 @@
 """`python -m shared.resume`: the same resume module, outside any function.
 
 `run` takes the lock itself (with heartbeat), so a cron-less local run is as safe as one from
-Cloud Scheduler. Exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled.
+Cloud Scheduler. Exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled,
+5 completed with failed client-operations.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from shared.errors import ConfigError, LockHeld, PipelineError, SmartResumeError
 from shared.exit_codes import (
     EXIT_BY_STATUS,
     EXIT_FAILED,
+    EXIT_FAILURES,
     EXIT_LOCKED,
     EXIT_OK,
     EXIT_USAGE,
 )
 from shared.lock import NotRunning
 
-EPILOG = """exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled.
+EPILOG = """exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled,
+5 completed with failed client-operations.
 Settings come from the environment (see the README); FIRESTORE_EMULATOR_HOST points at the
 emulator locally."""
 
@@ -47,15 +50,27 @@ def _parser() -> argparse.ArgumentParser:
             help="only this operation (repeat for several)",
         )
         p.add_argument("--stream", type=int, metavar="N", help="only clients of this stream")
+        shard(p)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def shard(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--shard",
+            type=int,
+            metavar="K",
+            help="with SMART_RESUME_SHARDS > 1: shard K (run and plan need it; status, "
+            "cancel and unlock act on every shard without it)",
+        )
 
     filters(sub.add_parser("run", help="take the lock and run once (what the trigger does)"))
     filters(sub.add_parser("plan", help="show what would be skipped or run, and why"))
     status = sub.add_parser("status", help="what is running, and how the last runs ended")
     status.add_argument("--runs", type=int, default=5, metavar="N", help="recent runs (1-50)")
     status.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_parser("cancel", help="ask the running run to stop at its next check")
+    shard(status)
+    shard(sub.add_parser("cancel", help="ask the running run to stop at its next check"))
     unlock = sub.add_parser("unlock", help="release a stale lock (marks its run abandoned)")
+    shard(unlock)
     unlock.add_argument("--force", action="store_true", help="release even a live lock")
     retry = sub.add_parser(
         "retry",
@@ -107,6 +122,7 @@ def _options(args: argparse.Namespace, dry_run: bool):  # type: ignore[no-untype
         operations=tuple(args.operation) if args.operation else None,
         dry_run=dry_run,
         stream=args.stream,
+        shard=args.shard,
     )
 
 
@@ -115,6 +131,13 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
     from shared.resume.pipeline import load_pipeline
     from shared.runner import plan_run, start_run
 
+    shards = settings.shards
+    if getattr(args, "shard", None) is not None and not 0 <= args.shard < max(shards, 1):
+        raise ValueError(f"--shard must be from 0 to {shards - 1} (SMART_RESUME_SHARDS={shards})")
+    if args.command in ("run", "plan") and shards > 1 and args.shard is None:
+        raise ValueError(f"--shard K is required: SMART_RESUME_SHARDS is {shards}")
+    if getattr(args, "shard", None) is not None and shards <= 1:
+        raise ValueError("--shard is only for SMART_RESUME_SHARDS > 1")
     if args.command in ("run", "plan"):
         pipeline = load_pipeline(settings.pipeline_path)
         unknown = [o for o in (args.operation or []) if o not in pipeline.names]
@@ -135,15 +158,18 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             pipeline=pipeline,
         )
         _print(outcome.body, args.json)
-        return EXIT_BY_STATUS.get(outcome.status, EXIT_FAILED)
+        code = EXIT_BY_STATUS.get(outcome.status, EXIT_FAILED)
+        if code == EXIT_OK and (outcome.body.get("summary") or {}).get("failed"):
+            return EXIT_FAILURES  # completed, but some client-operations failed
+        return code
     if args.command == "status":
         if not 1 <= args.runs <= 50:
             raise ValueError("--runs must be from 1 to 50")
-        _print_status(status.snapshot(settings, client, args.runs), args.json)
+        _print_status(status.snapshot(settings, client, args.runs, args.shard), args.json)
         return EXIT_OK
     if args.command == "cancel":
         try:
-            run_id = status.cancel(settings, client)
+            run_id = status.cancel(settings, client, args.shard)
         except NotRunning:
             print("nothing is running")
             return EXIT_LOCKED
@@ -151,7 +177,7 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
         return EXIT_OK
     if args.command == "unlock":
         try:
-            result = status.unlock(settings, client, args.force)
+            result = status.unlock_all(settings, client, args.force, args.shard)
         except LockHeld as held:
             print(f"lock is live (run {held.run_id}, {held.age_seconds:.0f}s); use --force")
             return EXIT_LOCKED
@@ -228,6 +254,13 @@ def _print_status(body: dict[str, Any], as_json: bool) -> None:
         return
     for line in health_lines(body.get("health")):
         print(line)
+    for item in body.get("shards") or []:
+        progress = item.get("progress") or {}
+        where = f", client {progress.get('clientId')}" if item.get("running") and progress else ""
+        print(
+            f"  shard {item['shard']}: {item['health']['state']}"
+            + (f", running {item['runId']}{where}" if item.get("running") else "")
+        )
     if body["running"]:
         p = body.get("progress") or {}
         print(
