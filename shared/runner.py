@@ -240,11 +240,12 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         lock_name=settings.lock_name,
         started_at=lease.acquired_at,
         finished_at=dt.datetime.now(dt.UTC),
-        **_failing_work(settings, client, options),
     )
     # The report is claimed (or marked skipped) in the same commit that finishes the run and
     # releases the lock: one round trip instead of three, and never a second email.
     send = wanted(settings, report_input)
+    if send:  # the failing work it names: a query only when a report goes out
+        report_input = replace(report_input, **_failing_work(settings, client, options))
     claim = {
         "status": "sending" if send else "skipped",
         "transport": settings.email_transport,
