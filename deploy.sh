@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Deploy smart-resume: stage one self-contained bundle per function, deploy both Cloud
-# Functions (gen2), create or update the Cloud Scheduler job that calls the trigger (and, with
-# ALERT_CHANNEL, an uptime check on the status function's health and an alert policy on it),
-# then run the job once and report how that run ended.
+# Functions (gen2), create or update the Cloud Scheduler job that calls the trigger (one per
+# shard with SHARDS > 1; and, with ALERT_CHANNEL, an uptime check on the status function's
+# health and an alert policy on it), then run the job once and report how that run ended.
 # Run `./deploy.sh --help` for the commands and settings; deploy.env.example documents each one.
 set -euo pipefail
 
@@ -36,9 +36,10 @@ Usage: ./deploy.sh [deploy|stage] [--dry-run] [--build-dir DIR] [--env-file FILE
 
 Commands:
   deploy   (default) stage, create the Firestore indexes (an existing one is kept), deploy
-           both functions, create or update the Scheduler job and, with ALERT_CHANNEL, the
-           uptime check on ?check=health and its alert policy; then run the job once and
-           report the run's answer (the deployment proven end to end)
+           both functions, create or update the Scheduler job (with SHARDS > 1 one job per
+           shard; jobs of shards no longer wanted are deleted) and, with ALERT_CHANNEL, the
+           uptime check on ?check=health and its alert policy; then run the job (each shard's)
+           once and report the run's answer (the deployment proven end to end)
   stage    only build build/smart_resume/ and build/smart_resume_status/: each bundle holds
            its main.py, shared/, the pipeline file, the local packages its python operations
            name, and requirements.txt
@@ -253,6 +254,12 @@ if [[ $COMMAND == deploy ]]; then
     TRIGGER_MEMORY=${TRIGGER_MEMORY:-512Mi}
     DATABASE=${DATABASE:-(default)}
     RUN_WAIT_SECONDS=${RUN_WAIT_SECONDS:-300}
+    # SHARDS (or SMART_RESUME_SHARDS; both set to different values is refused like the short
+    # names): one Scheduler job per shard, and as many trigger instances.
+    if [[ -n ${SHARDS:-} && -n ${SMART_RESUME_SHARDS:-} && $SHARDS != "$SMART_RESUME_SHARDS" ]]; then
+        problem "SHARDS and SMART_RESUME_SHARDS are both set, to different values"
+    fi
+    SHARDS=${SHARDS:-${SMART_RESUME_SHARDS:-1}}
 
     # Pinned versions only: `latest` would change what runs without a deploy.
     for name in WEBHOOK_SECRET_VERSION SENDGRID_SECRET_VERSION PING_SECRET_VERSION; do
@@ -310,6 +317,17 @@ if [[ $COMMAND == deploy ]]; then
     fi
     if [[ -n ${SMART_RESUME_STREAM:-} && ! $SMART_RESUME_STREAM =~ ^[0-9]+$ ]]; then
         problem "SMART_RESUME_STREAM=$SMART_RESUME_STREAM must be a whole number"
+    fi
+    if [[ ! $SHARDS =~ ^[1-9][0-9]{0,2}$ ]] || ((SHARDS > 100)); then
+        problem "SHARDS=$SHARDS must be a whole number from 1 to 100 (one Scheduler job and" \
+            "trigger instance per shard)"
+        SHARDS=1
+    fi
+    # Passed to both functions only with shards: with 1, the deployed settings stay as they were.
+    if ((SHARDS > 1)); then
+        export SMART_RESUME_SHARDS=$SHARDS
+    else
+        unset SMART_RESUME_SHARDS
     fi
     if [[ ! $RUN_WAIT_SECONDS =~ ^[0-9]{1,4}$ ]] || ((10#$RUN_WAIT_SECONDS > 3600)); then
         problem "RUN_WAIT_SECONDS=$RUN_WAIT_SECONDS must be a whole number of seconds from 0 to 3600"
@@ -624,10 +642,12 @@ for exemption in "${INDEX_EXEMPTIONS[@]}"; do
         "--project=$PROJECT_ID" --async
 done
 
-# The trigger: one instance (one run at a time), but several requests per instance, so that
-# a request during a run reaches the code (409) instead of Cloud Run's 429.
+# The trigger: one instance per shard (one run at a time each, each shard its own lock), but
+# several requests per instance, so that a request during a run reaches the code (409) instead
+# of Cloud Run's 429. (With concurrency above 1, Cloud Run may still put two shards' runs on
+# one instance; they then share its vCPU.)
 run gcloud functions deploy "$FUNCTION_NAME" "${common[@]}" --entry-point=smart_resume \
-    "--source=$BUILD_DIR/smart_resume" "--timeout=${timeout}s" --max-instances=1 \
+    "--source=$BUILD_DIR/smart_resume" "--timeout=${timeout}s" "--max-instances=$SHARDS" \
     "--concurrency=$TRIGGER_CONCURRENCY" --cpu=1 "--memory=$TRIGGER_MEMORY" "$auth_flag"
 run gcloud functions deploy "$STATUS_FUNCTION_NAME" "${common[@]}" \
     --entry-point=smart_resume_status "--source=$BUILD_DIR/smart_resume_status" \
@@ -655,8 +675,11 @@ secret=${secret%"${secret##*[![:space:]]}"}
 job=(--location="$SCHEDULER_LOCATION" "--project=$PROJECT_ID" "--schedule=$SCHEDULE"
     "--time-zone=$TIME_ZONE" "--uri=$url" --http-method=POST "--attempt-deadline=${deadline}s"
     --max-retry-attempts=0)
-job_create=("${job[@]}" "--headers=X-Webhook-Secret=$secret")
-job_update=("${job[@]}" "--update-headers=X-Webhook-Secret=$secret")
+headers="X-Webhook-Secret=$secret"
+# A shard's job POSTs a JSON body.
+((SHARDS > 1)) && headers+=",Content-Type=application/json"
+job_create=("${job[@]}" "--headers=$headers")
+job_update=("${job[@]}" "--update-headers=$headers")
 if [[ -n ${OIDC_SERVICE_ACCOUNT:-} ]]; then
     job_create+=("--oidc-service-account-email=$OIDC_SERVICE_ACCOUNT")
     job_update+=("--oidc-service-account-email=$OIDC_SERVICE_ACCOUNT")
@@ -664,22 +687,68 @@ else
     job_update+=(--clear-auth-token)
 fi
 
-describe=(gcloud scheduler jobs describe "$SCHEDULER_JOB" --location="$SCHEDULER_LOCATION"
-    "--project=$PROJECT_ID" --format=none)
-if ((DRY_RUN)); then
-    show "${describe[@]}"
-    echo "# the job exists:"
-    show gcloud scheduler jobs update http "$SCHEDULER_JOB" "${job_update[@]}"
-    echo "# the job does not exist yet:"
-    show gcloud scheduler jobs create http "$SCHEDULER_JOB" "${job_create[@]}"
-else
-    show "${describe[@]}"
-    if "${describe[@]}" >/dev/null 2>&1; then
-        run_masked gcloud scheduler jobs update http "$SCHEDULER_JOB" "${job_update[@]}"
+# One job without a body, or with SHARDS > 1 one job per shard, `NAME-shard-K`, POSTing
+# {"shard": K}. Cloud Scheduler's cron has minute resolution and no per-job delay, so the shard
+# jobs share the schedule and fire together (the trigger's instances run them side by side).
+JOBS=("$SCHEDULER_JOB")
+if ((SHARDS > 1)); then
+    JOBS=()
+    for ((k = 0; k < SHARDS; k++)); do JOBS+=("$SCHEDULER_JOB-shard-$k"); done
+fi
+
+# upsert_job NAME [FLAG...]: create the job, or update it when it exists; FLAGs go to both.
+upsert_job() {
+    local name=$1 describe
+    shift
+    describe=(gcloud scheduler jobs describe "$name" --location="$SCHEDULER_LOCATION"
+        "--project=$PROJECT_ID" --format=none)
+    if ((DRY_RUN)); then
+        show "${describe[@]}"
+        echo "# the job exists:"
+        show gcloud scheduler jobs update http "$name" "${job_update[@]}" "$@"
+        echo "# the job does not exist yet:"
+        show gcloud scheduler jobs create http "$name" "${job_create[@]}" "$@"
     else
-        run_masked gcloud scheduler jobs create http "$SCHEDULER_JOB" "${job_create[@]}"
+        show "${describe[@]}"
+        if "${describe[@]}" >/dev/null 2>&1; then
+            run_masked gcloud scheduler jobs update http "$name" "${job_update[@]}" "$@"
+        else
+            run_masked gcloud scheduler jobs create http "$name" "${job_create[@]}" "$@"
+        fi
+    fi
+}
+
+for ((k = 0; k < ${#JOBS[@]}; k++)); do
+    if ((SHARDS > 1)); then
+        upsert_job "${JOBS[k]}" "--message-body={\"shard\": $k}"
+    else
+        upsert_job "${JOBS[k]}"
+    fi
+done
+
+# Jobs of this deployment that are no longer wanted: the unsharded job once there are shards,
+# the shard jobs beyond SHARDS, or all of them back to one job. Deleted after the wanted ones
+# exist, so that no tick is lost.
+job_family="/jobs/$SCHEDULER_JOB(-shard-[0-9]+)?\$"
+capture listed "" gcloud scheduler jobs list --location="$SCHEDULER_LOCATION" \
+    "--project=$PROJECT_ID" "--filter=name~\"$job_family\"" '--format=value(name)'
+if ((DRY_RUN)); then
+    if ((SHARDS > 1)); then
+        echo "# each job it lists other than ${JOBS[0]}..${JOBS[SHARDS - 1]} is deleted," \
+            "e.g. $SCHEDULER_JOB and $SCHEDULER_JOB-shard-$SHARDS:"
+        listed="$SCHEDULER_JOB"$'\n'"$SCHEDULER_JOB-shard-$SHARDS"
+    else
+        echo "# each job it lists other than $SCHEDULER_JOB is deleted, e.g. $SCHEDULER_JOB-shard-0:"
+        listed="$SCHEDULER_JOB-shard-0"
     fi
 fi
+while IFS= read -r name; do
+    name=${name##*/}
+    [[ $name =~ ^"$SCHEDULER_JOB"(-shard-[0-9]+)?$ ]] || continue
+    [[ " ${JOBS[*]} " == *" $name "* ]] && continue
+    run gcloud scheduler jobs delete "$name" --location="$SCHEDULER_LOCATION" \
+        "--project=$PROJECT_ID" --quiet
+done <<<"$listed"
 
 capture status_url "https://$REGION-$PROJECT_ID.cloudfunctions.net/$STATUS_FUNCTION_NAME" \
     gcloud functions describe "$STATUS_FUNCTION_NAME" --gen2 "--region=$REGION" \
@@ -859,13 +928,22 @@ while True:
 PY
 }
 
-run_job=(gcloud scheduler jobs run "$SCHEDULER_JOB" --location="$SCHEDULER_LOCATION"
-    "--project=$PROJECT_ID")
+# With shards, every shard's job is run; the wait below is the same as for one job: it reports
+# one run that started after them (not each shard's; follow the others with scripts/watch.py).
+run_jobs() {
+    local name
+    for name in "${JOBS[@]}"; do
+        run gcloud scheduler jobs run "$name" --location="$SCHEDULER_LOCATION" \
+            "--project=$PROJECT_ID"
+    done
+}
 # Your identity token, to read the status function (which refuses unauthenticated calls).
 capture token '***' gcloud auth print-identity-token || token=""
 if ((DRY_RUN)); then
-    show "${run_job[@]}"
-    echo "# then: wait up to ${RUN_WAIT_SECONDS} s for that run's answer on $status_url?runs=10"
+    run_jobs
+    which="that run's"
+    ((SHARDS > 1)) && which="one of those runs'"
+    echo "# then: wait up to ${RUN_WAIT_SECONDS} s for $which answer on $status_url?runs=10"
     echo "# dry run: nothing was deployed"
     exit 0
 fi
@@ -874,7 +952,7 @@ since=""
 if [[ -n $token ]]; then
     since=$(SR_SECRET=$secret SR_TOKEN=$token first_run_probe since "$status_url")
 fi
-run "${run_job[@]}"
+run_jobs
 first_run=0
 if [[ -z $token ]]; then
     note "could not get an identity token, so the run's answer is not read: follow it with" \
@@ -887,7 +965,9 @@ else
         "$status_url --gcloud"
 fi
 
+jobs_said="Scheduler job $SCHEDULER_JOB runs"
+((SHARDS > 1)) && jobs_said="Scheduler jobs ${JOBS[0]}..${JOBS[SHARDS - 1]} run"
 note "deployed $FUNCTION_NAME ($url) and $STATUS_FUNCTION_NAME;" \
-    "Scheduler job $SCHEDULER_JOB runs '$SCHEDULE' ($TIME_ZONE)" \
+    "$jobs_said '$SCHEDULE' ($TIME_ZONE)" \
     "${ALERT_CHANNEL:+; uptime check and alert policy '$HEALTH_NAME'}"
 ((first_run == 0)) || fail 1 "deployed, but the first run did not end well (see above)"

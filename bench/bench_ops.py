@@ -15,3 +15,17 @@ def slow(ctx: Any) -> None:
     import time
 
     time.sleep(1.5)
+
+
+#: CPU each `burn` call uses (bench/shards.py).
+BURN_SECONDS = 0.020
+
+
+def burn(ctx: Any) -> None:
+    """A CPU-bound operation: a busy loop until this thread has used BURN_SECONDS of CPU
+    (CPU time, not wall time: under contention it takes longer, as real work would)."""
+    import time
+
+    end = time.thread_time() + BURN_SECONDS
+    while time.thread_time() < end:
+        pass

@@ -19,6 +19,7 @@ import lock
 import memory
 import parallel
 import rss
+import shards
 import writes
 
 BENCHES = (
@@ -32,6 +33,7 @@ BENCHES = (
     ("7. contention", contention),
     ("8. peak RSS", rss),
     ("9. empty run over HTTP", http_floor),
+    ("10. shards", shards),
 )
 
 

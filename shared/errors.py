@@ -26,9 +26,17 @@ class StoreRejected(SmartResumeError):
 class LockHeld(SmartResumeError):
     """Another live run holds the lock."""
 
-    def __init__(self, run_id: str | None, age_seconds: float) -> None:
+    def __init__(
+        self,
+        run_id: str | None,
+        age_seconds: float,
+        heartbeat_age_seconds: float | None = None,
+        stale_in_seconds: float | None = None,
+    ) -> None:
         self.run_id = run_id
         self.age_seconds = age_seconds
+        self.heartbeat_age_seconds = heartbeat_age_seconds
+        self.stale_in_seconds = stale_in_seconds  # when the lock goes stale unless renewed
         super().__init__(f"lock held by run {run_id} for {age_seconds:.0f}s")
 
 

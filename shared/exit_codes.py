@@ -16,6 +16,7 @@ EXIT_BY_STATUS = {
     "cancelled": EXIT_PARTIAL,
     "locked": EXIT_LOCKED,
     "failed": EXIT_FAILED,
+    "not found": EXIT_USAGE,
     "abandoned": EXIT_FAILED,
 }
 EXIT_HELP = (

@@ -182,7 +182,7 @@ class Lock:
             if state.held and state.run_id == run_id:
                 return self._lease_from(state)  # an earlier attempt of ours landed after all
             if state.live:
-                raise LockHeld(state.run_id, state.age_seconds or 0.0)
+                raise self.held(state)
             previous = state.run_id if state.held else None
             try:
                 return self._take(
@@ -200,7 +200,7 @@ class Lock:
                 winner = self.read()
                 if winner.held and winner.run_id == run_id:
                     return self._lease_from(winner)
-                raise LockHeld(winner.run_id, winner.age_seconds or 0.0) from exc
+                raise self.held(winner) from exc
             except StoreUnavailable:
                 # The commit may or may not have landed: read back and decide on what is there.
                 continue
@@ -258,6 +258,25 @@ class Lock:
             previous_age_seconds=previous_age,
             lock_update_time=results[0].update_time,
             fence_update_time=results[1].update_time,
+        )
+
+    def held(self, state: LockState) -> LockHeld:
+        """The error for a live lock: how old it is, how old its heartbeat, and when it goes
+        stale unless renewed (so a caller knows whether to wait or to look)."""
+        stale_in = None
+        if state.heartbeat_age_seconds is not None and state.age_seconds is not None:
+            stale_in = max(
+                0.0,
+                min(
+                    self.settings.lease_seconds - state.heartbeat_age_seconds,
+                    self.settings.max_run_seconds - state.age_seconds,
+                ),
+            )
+        return LockHeld(
+            state.run_id,
+            state.age_seconds or 0.0,
+            state.heartbeat_age_seconds,
+            round(stale_in, 3) if stale_in is not None else None,
         )
 
     def _owned(self, lease: Lease) -> LockState:
@@ -354,7 +373,7 @@ class Lock:
             if not state.held:
                 return state
             if state.live and not force:
-                raise LockHeld(state.run_id, state.age_seconds or 0.0)
+                raise self.held(state)
             batch = self.client.batch()
             batch.update(
                 self.ref,
@@ -376,7 +395,7 @@ class Lock:
                 return state
             except gexc.FailedPrecondition:
                 continue  # a heartbeat landed in between; decide again on a fresh read
-        raise LockHeld(state.run_id, state.age_seconds or 0.0)
+        raise self.held(state)
 
     def request_cancel(self) -> str | None:
         """Ask the live run to stop at its next check; raises `NotRunning` if none is live."""

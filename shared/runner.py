@@ -42,6 +42,7 @@ from shared.runs import FINISHED, Runs, jsonable, new_run_id
 
 log = get_logger("runner")
 EntryPoint = Callable[[RunContext], RunResult]
+NOT_SELECTED = "the client is inactive (or not in this stream or shard): nothing to run"
 #: Reports left `sending` by earlier runs that one run settles (the query's limit).
 SETTLE_LIMIT = 10
 #: A report left `sending` for longer than this is marked `lost` instead of sent: too late to
@@ -113,11 +114,37 @@ def plan_run(
 
     from shared.resume.due import Selection
 
+    try:
+        load_entry_point(settings)  # a dry run fails the way the run would
+    except ModuleLoadError as exc:
+        body = {"status": "failed", "error": one_line(exc)}
+        return Outcome("failed", 500, body)
+    missing = _unknown_client(settings, client, options)
+    if missing is not None:
+        return missing
     selection = Selection(client, settings, pipeline, options)
     pages = selection.one() if options.client_id else selection.all_pages()
     plans = selection.plans(pages, dt.datetime.now(dt.UTC))
-    body = {"status": "planned", "plan": [p.as_dict() for p in plans]}
+    body: dict[str, Any] = {"status": "planned", "plan": [p.as_dict() for p in plans]}
+    if options.client_id and not body["plan"]:
+        body["detail"] = NOT_SELECTED
     return Outcome("planned", 200, body)
+
+
+def _unknown_client(
+    settings: Settings, client: firestore.Client, options: RunOptions
+) -> Outcome | None:
+    """404 for a `clientId` that names no client (its id is never echoed back)."""
+    if not options.client_id:
+        return None
+    from shared import store
+
+    ref = client.collection(store.CLIENTS).document(options.client_id)
+    with store.translate_errors("reading the client"):
+        snap = ref.get(field_paths=["active"], **store.call(settings))
+    if not snap.exists:
+        return Outcome("not found", 404, {"status": "not found", "error": "unknown client"})
+    return None
 
 
 def start_run(
@@ -137,6 +164,9 @@ def start_run(
         settings = replace(settings, lock_name=shard_lock_name(settings.lock_name, options.shard))
     runs = Runs(client, settings)
     lock = Lock(client, settings)
+    missing = _unknown_client(settings, client, options)
+    if missing is not None:
+        return missing
     if schedule_time:
         earlier = runs.for_schedule(schedule_time, trigger.get("job"))
         if earlier:
@@ -165,7 +195,13 @@ def start_run(
                 ),
             )
         except LockHeld as held:
-            body = {"status": "locked", "runId": held.run_id, "ageSeconds": held.age_seconds}
+            body = {
+                "status": "locked",
+                "runId": held.run_id,
+                "ageSeconds": held.age_seconds,
+                "heartbeatAgeSeconds": held.heartbeat_age_seconds,
+                "staleInSeconds": held.stale_in_seconds,
+            }
             return Outcome("locked", 409, body, held.run_id)
         deadline = time.monotonic() + settings.time_budget_seconds
         if lease.previous_run_id:
@@ -304,6 +340,8 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
         body = {"status": "failed", "runId": run_id, "error": error}
         return Outcome("failed", 500, body, run_id, report, stats)
     body = {"status": status, "runId": run_id, "summary": jsonable(summary)}
+    if options.client_id and not summary.get("clients"):
+        body["detail"] = NOT_SELECTED
     return Outcome(status, 200, body, run_id, report, stats)
 
 

@@ -95,8 +95,10 @@ def _snapshot(
         "runId": state.run_id,
         "startedAt": jsonable(state.acquired_at),
         "ageSeconds": state.age_seconds,
-        "lastHeartbeatAt": jsonable(state.heartbeat_at),
-        "heartbeatAgeSeconds": state.heartbeat_age_seconds,
+        # Only a held lock has a heartbeat worth an age: an idle system's last beat is not a
+        # silence to alert on.
+        "lastHeartbeatAt": jsonable(state.heartbeat_at) if state.held else None,
+        "heartbeatAgeSeconds": state.heartbeat_age_seconds if state.held else None,
         "stale": state.stale,
         "token": state.token,
         "cancelRequested": state.cancel_requested,

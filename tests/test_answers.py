@@ -76,3 +76,60 @@ def test_make_lint_leaves_the_users_own_packages_alone(tmp_path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
         shutil.rmtree(own)
+
+
+class TestClearerRunAnswers:
+    def test_unknown_client_is_404_and_not_echoed(self, trigger, db) -> None:
+        for body in ({"clientId": "nope-123"}, {"clientId": "nope-123", "dryRun": True}):
+            response = trigger.post("/", data=json.dumps(body), headers=SECRET)
+            assert response.status_code == 404
+            assert response.get_json() == {"status": "not found", "error": "unknown client"}
+        assert not db.document("locks/smart-resume").get().exists  # no lock, no run record
+
+    def test_inactive_client_is_named_in_run_and_plan(self, trigger, db) -> None:
+        db.document("clients/sleepy").set({"name": "Sleepy", "active": False})
+        run = trigger.post("/", data=json.dumps({"clientId": "sleepy"}), headers=SECRET)
+        assert run.status_code == 200 and "inactive" in run.get_json()["detail"]
+        body = {"clientId": "sleepy", "dryRun": True}
+        plan = trigger.post("/", data=json.dumps(body), headers=SECRET).get_json()
+        assert plan["plan"] == [] and "inactive" in plan["detail"]
+
+    def test_dry_run_fails_like_the_run_when_the_module_cannot_load(
+        self, trigger, configure
+    ) -> None:
+        configure(SMART_RESUME_MODULE="no_such_module_here")
+        body = json.dumps({"dryRun": True})
+        response = trigger.post("/", data=body, headers=SECRET)
+        assert response.status_code == 500
+        assert "cannot import no_such_module_here" in response.get_json()["error"]
+
+    def test_409_says_heartbeat_age_and_when_it_goes_stale(self, trigger, db, settings) -> None:
+        from shared.lock import Lock
+
+        Lock(db, settings).acquire("other-run", {"host": "h"})
+        body = trigger.post("/", headers=SECRET).get_json()
+        assert body["status"] == "locked"
+        assert 0 <= body["heartbeatAgeSeconds"] < 5
+        assert settings.lease_seconds - 5 < body["staleInSeconds"] <= settings.lease_seconds
+
+    def test_broken_pipeline_answer_names_the_file_relative_to_the_code(
+        self, configure, db
+    ) -> None:
+        configure(SMART_RESUME_PIPELINE="examples/does-not-exist.toml")
+        source = str(ROOT / "functions" / "smart_resume" / "main.py")
+        app = create_app(target="smart_resume", source=source).test_client()
+        error = app.post("/", data=json.dumps({"dryRun": True}), headers=SECRET).get_json()
+        assert "examples/does-not-exist.toml: pipeline file not found" in error["error"]
+        assert str(ROOT) not in json.dumps(error)
+
+
+def test_idle_status_reports_no_heartbeat_age(db, configure, pipeline_file) -> None:
+    from shared import status
+
+    pipeline_file(PIPELINE)
+    settings = configure()
+    seed_clients(db, 1)
+    start_run(settings, db, RunOptions(), trigger={"source": "test"})
+    body = status.snapshot(settings, db)
+    assert body["running"] is False
+    assert body["heartbeatAgeSeconds"] is None and body["lastHeartbeatAt"] is None

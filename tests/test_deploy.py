@@ -41,7 +41,7 @@ URL = "https://smart-resume-abc123-ew.a.run.app"
 #: Path parts that must never reach a deployed bundle.
 FORBIDDEN = {"__pycache__", ".venv", "tests", ".pytest_cache", ".git", "build"}
 #: The settings this change added to deploy.sh, each documented in deploy.env.example.
-NEW_SETTINGS = ("TRIGGER_CONCURRENCY", "TRIGGER_MEMORY", "DATABASE")
+NEW_SETTINGS = ("TRIGGER_CONCURRENCY", "TRIGGER_MEMORY", "DATABASE", "SHARDS")
 #: The Firestore index commands a deploy with the default settings runs, in order.
 INDEX_COMMANDS = [
     *(
@@ -408,7 +408,7 @@ class TestDryRun:
             assert gcloud_rejection(bad, gcloud_scratch), bad
         out = dry_run(path_without_gcloud, gcloud_scratch / "build")
         printed = commands(out)
-        assert len(printed) == len(INDEX_COMMANDS) + 11
+        assert len(printed) == len(INDEX_COMMANDS) + 13
         assert_gcloud_parses(printed, gcloud_scratch)
 
     def test_without_oidc_the_trigger_can_be_public(
@@ -623,6 +623,12 @@ elif args[:3] == ["secrets", "versions", "access"]:
     sys.stdout.write("{secret},{old_secret}")
 elif args[:3] == ["scheduler", "jobs", "describe"]:
     sys.exit(0 if env("FAKE_JOB_EXISTS") == "1" else 1)
+elif args[:3] == ["scheduler", "jobs", "list"]:
+    # The jobs there are (full names), one a line.
+    for name in filter(None, env("FAKE_JOBS", "").split(",")):
+        print("projects/my-project/locations/europe-west1/jobs/" + name)
+elif args[:3] == ["scheduler", "jobs", "delete"]:
+    pass
 elif args[:3] == ["scheduler", "jobs", "run"]:
     # What the job does: POST to the trigger with the secret header, without waiting.
     if env("FAKE_TRIGGER_URL"):
@@ -735,9 +741,10 @@ class TestDeploy:
             ["secrets", "versions", "access"],
             ["scheduler", "jobs", "describe"],
             ["scheduler", "jobs", "create"],
+            ["scheduler", "jobs", "list"],
             *FIRST_RUN_CALLS,
         ]
-        create = calls[-4]
+        create = calls[-5]
         assert f"--uri={URL}" in create
         assert f"--headers=X-Webhook-Secret={SECRET}" in create
         assert not any(OLD_SECRET in arg for arg in create)
@@ -758,7 +765,7 @@ class TestDeploy:
         assert result.returncode == 0, result.stderr
         assert sum(c[:4] == ["firestore", "indexes", "composite", "create"] for c in calls) == 3
         assert sum(c[:4] == ["firestore", "indexes", "fields", "update"] for c in calls) == 7
-        assert calls[-4][:4] == ["scheduler", "jobs", "update", "http"]
+        assert calls[-5][:4] == ["scheduler", "jobs", "update", "http"]
         assert result.stderr.count("exists already") == 3
 
     def test_an_index_error_stops_the_deploy_before_the_functions(
@@ -782,7 +789,7 @@ class TestDeploy:
         """A second deploy updates the existing job in place instead of creating another."""
         result, calls = self.deploy(fake_gcloud, tmp_path, job_exists=True)
         assert result.returncode == 0, result.stderr
-        update = calls[-4]
+        update = calls[-5]
         assert update[:4] == ["scheduler", "jobs", "update", "http"]
         assert f"--update-headers=X-Webhook-Secret={SECRET}" in update
         assert "--max-retry-attempts=0" in update
@@ -1016,7 +1023,7 @@ class TestAlerting:
             {**ALERT, "PING_SECRET_NAME": "smart-resume-ping", "PING_SECRET_VERSION": "2"},
         )
         printed = commands(out)
-        assert len(printed) == len(INDEX_COMMANDS) + 11 + 8
+        assert len(printed) == len(INDEX_COMMANDS) + 13 + 8
         assert_gcloud_parses(printed, gcloud_scratch)
 
 
@@ -1122,6 +1129,224 @@ class TestDeployHealth:
             assert result.returncode == 1
             assert "no run started within 20 s of running the job" in result.stderr
         assert SECRET not in result.stdout + result.stderr
+
+
+#: The Scheduler jobs of a deploy with SHARDS=3 and the example's SCHEDULER_JOB.
+SHARD_JOBS = [f"smart-resume-shard-{k}" for k in range(3)]
+#: The --filter of the job list: the smart-resume job and its shard jobs.
+FAMILY_FILTER = 'name~"/jobs/smart-resume(-shard-[0-9]+)?$"'
+
+
+class TestShards:
+    def test_dry_run_with_shards_prints_one_job_per_shard(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """SHARDS=3: three jobs POSTing {"shard": K} as JSON with today's headers and OIDC, the
+        trigger on up to three instances, SMART_RESUME_SHARDS on both functions, the stale
+        jobs deleted, and each shard's job run once."""
+        out = dry_run(path_without_gcloud, tmp_path, {"SHARDS": "3"})
+        trigger = command(out, "gcloud functions deploy smart-resume ")
+        flags = trigger.split()
+        for wanted in ("--max-instances=3", "--concurrency=4", "--cpu=1", "--memory=512Mi"):
+            assert wanted in flags, wanted
+        assert env_vars(out)["SMART_RESUME_SHARDS"] == "3"
+        status = command(out, "gcloud functions deploy smart-resume-status ")
+        assert "SMART_RESUME_SHARDS=3" in flag(status, "set-env-vars")
+        assert "--max-instances" not in status
+
+        printed = commands(out)
+        assert not [
+            c
+            for c in printed
+            if re.match(r"gcloud scheduler jobs \w+ (http )?smart-resume ", c)
+            and " delete " not in c
+        ]
+        for k, name in enumerate(SHARD_JOBS):
+            command(out, f"gcloud scheduler jobs describe {name} ")
+            for verb, header in (("update", "update-headers"), ("create", "headers")):
+                job = command(out, f"gcloud scheduler jobs {verb} http {name} ")
+                assert json.loads(flag(job, "message-body")) == {"shard": k}
+                assert flag(job, header) == "X-Webhook-Secret=***,Content-Type=application/json"
+                for same in (
+                    "'--schedule=0 * * * *'",
+                    "--uri=https://europe-west1-my-project.cloudfunctions.net/smart-resume",
+                    "--http-method=POST",
+                    "--attempt-deadline=1620s",
+                    "--max-retry-attempts=0",
+                    "--oidc-service-account-email=smart-resume-scheduler@my-project.iam."
+                    "gserviceaccount.com",
+                ):
+                    assert f" {same} " in f" {job} ", (verb, same)
+            assert command(out, f"gcloud scheduler jobs run {name} ") == (
+                f"gcloud scheduler jobs run {name} --location=europe-west1 --project=my-project"
+            )
+        lister = command(out, "gcloud scheduler jobs list ")
+        assert flag(lister, "filter") == FAMILY_FILTER
+        assert flag(lister, "format") == "value(name)"
+        deletes = [c for c in printed if c.startswith("gcloud scheduler jobs delete ")]
+        assert deletes == [
+            f"gcloud scheduler jobs delete {name} --location=europe-west1 --project=my-project "
+            "--quiet"
+            for name in ("smart-resume", "smart-resume-shard-3")
+        ]
+        # The stale jobs go only once the wanted ones exist; the runs come last.
+        assert printed.index(lister) > max(i for i, c in enumerate(printed) if " http " in c)
+        assert printed.index(deletes[-1]) < printed.index(
+            command(out, "gcloud scheduler jobs run smart-resume-shard-0 ")
+        )
+
+    @pytest.mark.parametrize("env", [{"SHARDS": "1"}, {"SMART_RESUME_SHARDS": "1"}])
+    def test_one_shard_is_today_s_deploy(
+        self, path_without_gcloud: str, tmp_path: Path, env: dict[str, str]
+    ) -> None:
+        """SHARDS=1 prints exactly what a deploy without it prints: one job named
+        SCHEDULER_JOB without a body, one instance, no SMART_RESUME_SHARDS."""
+        default = dry_run(path_without_gcloud, tmp_path)
+        assert dry_run(path_without_gcloud, tmp_path, env) == default
+        assert "SMART_RESUME_SHARDS" not in env_vars(default)
+        assert "--max-instances=1" in command(default, "gcloud functions deploy smart-resume ")
+        assert "--message-body" not in default and "Content-Type" not in default
+        assert "-shard-" not in "".join(
+            c
+            for c in commands(default)
+            if not c.startswith(("gcloud scheduler jobs list ", "gcloud scheduler jobs delete "))
+        )
+        # Back to one job, the shard jobs are deleted.
+        assert flag(command(default, "gcloud scheduler jobs list "), "filter") == FAMILY_FILTER
+        assert command(default, "gcloud scheduler jobs delete ").startswith(
+            "gcloud scheduler jobs delete smart-resume-shard-0 "
+        )
+
+    @pytest.mark.parametrize(
+        "value", ["0", "101", "-1", "05", "1.5", "three", "3 ", "99999999999999999999"]
+    )
+    def test_a_bad_shard_count_is_refused(
+        self, path_without_gcloud: str, tmp_path: Path, value: str
+    ) -> None:
+        """One line naming SHARDS and its range, exit 2, and no command."""
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"SHARDS": value},
+        )
+        assert result.returncode == 2
+        assert "gcloud" not in result.stdout
+        lines = [line for line in result.stderr.splitlines() if "SHARDS" in line]
+        assert len(lines) == 1, result.stderr
+        assert f"SHARDS={value} must be a whole number from 1 to 100" in lines[0]
+
+    def test_shards_and_smart_resume_shards_must_agree(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env={"SHARDS": "2", "SMART_RESUME_SHARDS": "3"},
+        )
+        assert result.returncode == 2
+        assert "SHARDS and SMART_RESUME_SHARDS are both set, to different values" in result.stderr
+        same = dry_run(path_without_gcloud, tmp_path, {"SHARDS": "2", "SMART_RESUME_SHARDS": "2"})
+        assert "--max-instances=2" in command(same, "gcloud functions deploy smart-resume ")
+
+    @needs_gcloud
+    def test_every_sharded_command_passes_the_real_gcloud_parser(
+        self, path_without_gcloud: str, gcloud_scratch: Path
+    ) -> None:
+        out = dry_run(path_without_gcloud, gcloud_scratch / "build", {"SHARDS": "3"})
+        printed = commands(out)
+        # Indexes, functions and URL (4), secret, 3 x (describe, update, create), list,
+        # 2 deletes, status URL, token, 3 runs.
+        assert len(printed) == len(INDEX_COMMANDS) + 4 + 1 + 9 + 1 + 2 + 2 + 3
+        assert_gcloud_parses(printed, gcloud_scratch)
+
+    @needs_gcloud
+    def test_the_job_filter_selects_the_family_only(self) -> None:
+        """The list's --filter, evaluated by gcloud's own filter code: this deployment's jobs,
+        sharded or not, and no other job with a similar name."""
+        sdk_lib = Path(GCLOUD).resolve().parent.parent / "lib"
+        names = {
+            "smart-resume": True,
+            "smart-resume-shard-0": True,
+            "smart-resume-shard-12": True,
+            "smart-resume-shard-": False,
+            "smart-resume-other": False,
+            "old-smart-resume": False,
+            "smart-resume-shard-1-copy": False,
+        }
+        code = textwrap.dedent(
+            """\
+            import json, sys
+            from googlecloudsdk.core.resource import resource_filter
+            f = resource_filter.Compile(sys.argv[1])
+            prefix = "projects/my-project/locations/europe-west1/jobs/"
+            print(json.dumps({n: f.Evaluate({"name": prefix + n}) for n in sys.argv[2:]}))
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code, FAMILY_FILTER, *names],
+            env={**os.environ, "PYTHONPATH": str(sdk_lib)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == names
+
+
+class TestDeployShards:
+    """Real deploys with a fake gcloud: the shard jobs written, the stale ones deleted."""
+
+    @pytest.fixture
+    def fake(self, tmp_path: Path) -> tuple[str, Path]:
+        return make_fake_gcloud(tmp_path)
+
+    def test_shards_create_their_jobs_and_delete_the_stale_ones(self, fake, tmp_path) -> None:
+        existing = "smart-resume,smart-resume-shard-1,smart-resume-shard-3,smart-resume-shard-7"
+        result, calls = fake_deploy(
+            fake, tmp_path, job_exists=False, env={"SHARDS": "3", "FAKE_JOBS": existing}
+        )
+        assert result.returncode == 0, result.stderr
+        assert SECRET not in result.stdout + result.stderr
+        creates = [c for c in calls if c[:4] == ["scheduler", "jobs", "create", "http"]]
+        assert [c[4] for c in creates] == SHARD_JOBS
+        for k, create in enumerate(creates):
+            assert f'--message-body={{"shard": {k}}}' in create
+            assert f"--headers=X-Webhook-Secret={SECRET},Content-Type=application/json" in create
+        deletes = [c for c in calls if c[:3] == ["scheduler", "jobs", "delete"]]
+        assert [c[3] for c in deletes] == [
+            "smart-resume",
+            "smart-resume-shard-3",
+            "smart-resume-shard-7",
+        ]
+        assert all(c[-1] == "--quiet" for c in deletes)
+        runs = [c[3] for c in calls if c[:3] == ["scheduler", "jobs", "run"]]
+        assert runs == SHARD_JOBS
+        assert calls[-3:] == [
+            ["scheduler", "jobs", "run", name, "--location=europe-west1", "--project=my-project"]
+            for name in SHARD_JOBS
+        ]
+        assert "Scheduler jobs smart-resume-shard-0..smart-resume-shard-2 run '0 * * * *'" in (
+            result.stderr
+        )
+
+    def test_back_to_one_job_deletes_the_shard_jobs(self, fake, tmp_path) -> None:
+        existing = "smart-resume,smart-resume-shard-0,smart-resume-shard-1"
+        result, calls = fake_deploy(fake, tmp_path, job_exists=True, env={"FAKE_JOBS": existing})
+        assert result.returncode == 0, result.stderr
+        update = next(c for c in calls if c[:4] == ["scheduler", "jobs", "update", "http"])
+        assert update[4] == "smart-resume" and not [a for a in update if "message-body" in a]
+        deletes = [c[3] for c in calls if c[:3] == ["scheduler", "jobs", "delete"]]
+        assert deletes == ["smart-resume-shard-0", "smart-resume-shard-1"]
+        assert [c[3] for c in calls if c[:3] == ["scheduler", "jobs", "run"]] == ["smart-resume"]
+        assert "Scheduler job smart-resume runs '0 * * * *'" in result.stderr
 
 
 def bundle_files(folder: Path) -> set[str]:

@@ -617,7 +617,7 @@ def test_cli_status_shows_health_first(db, configure, pipeline_file, capsys) -> 
         "  - no run has been recorded yet",
         "  last success: never",
     ]
-    assert main(["run"]) == 0
+    assert main(["run"]) == 5  # completed, with a failed client-operation
     capsys.readouterr()
     assert main(["status"]) == 0
     lines = capsys.readouterr().out.splitlines()

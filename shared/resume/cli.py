@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     unlock = sub.add_parser("unlock", help="release a stale lock (marks its run abandoned)")
     shard(unlock)
     unlock.add_argument("--force", action="store_true", help="release even a live lock")
+    unlock.add_argument("--json", action="store_true", help="print JSON")
     retry = sub.add_parser(
         "retry",
         help="release a client's quarantined or backed-off operations (due on the next run)",
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, settings, client)
     except (PipelineError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED
+        return EXIT_USAGE  # a missing or broken pipeline is a configuration error, like the rest
     except StoreUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -181,7 +182,16 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
         except LockHeld as held:
             print(f"lock is live (run {held.run_id}, {held.age_seconds:.0f}s); use --force")
             return EXIT_LOCKED
-        print(json.dumps(result))
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for item in result.get("shards") or [result]:
+                where = f"shard {item['shard']}: " if "shard" in item else ""
+                if item.get("changed"):
+                    how = "stale" if item.get("wasStale") else "live, forced"
+                    print(f"{where}released the lock of run {item.get('runId')} ({how})")
+                else:
+                    print(f"{where}the lock was not held: nothing to do")
         return EXIT_OK
     if args.command == "retry":
         from shared import quarantine
@@ -217,9 +227,18 @@ def _print(body: dict[str, Any], as_json: bool) -> None:
         return
     print(f"status: {body.get('status')}  run: {body.get('runId')}")
     for key, value in (body.get("summary") or {}).items():
+        if isinstance(value, dict):  # impact, calls: name=value pairs, not a Python dict
+            value = ", ".join(f"{k}={_flat(v)}" for k, v in value.items()) or "none"
         print(f"  {key}: {value}")
-    if body.get("error"):
-        print(f"  error: {body['error']}")
+    for key in ("error", "detail"):
+        if body.get(key):
+            print(f"  {key}: {body[key]}")
+
+
+def _flat(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 def _print_plan(plan: list[dict[str, Any]], as_json: bool) -> None:

@@ -131,7 +131,8 @@ class Selection:
                 # The progress bar's length: a first page that is not full is all there is;
                 # only a longer queue costs a count (one read per 1,000).
                 self.due_total = len(page) if len(page) < PAGE_SIZE else self.count_due(cutoff)
-            yield page
+            # A client whose stored shard is stale (N changed) is left to its owner's full pass.
+            yield [snap for snap in page if self.mine(snap.id)]
 
     def all_pages(self) -> Iterator[list[Any]]:
         """Every active client of this run's shard, by id (read whole: a client's stored shard
@@ -191,7 +192,7 @@ class Selection:
             stored = (snap.to_dict() or {}).get("nextDueAt")
             plan.data = {k: v for k, v in plan.data.items() if k != "claim"}
             plan.stored_due = stored if isinstance(stored, dt.datetime) else None
-            plan.shard = self.shard
+            plan.shard = shard_of(snap.id, self.shards) if self.shard is not None else None
             plans.append(plan)
         return plans
 

@@ -96,16 +96,29 @@ class Pipeline:
         return hashlib.sha256(json.dumps(timing).encode()).hexdigest()[:16]
 
 
+def shown(path: Path) -> str:
+    """The file as errors name it: relative to the code, so an answer does not carry where the
+    code lives on the server; a file configured outside it keeps the path it was given."""
+    root = Path(__file__).resolve().parent.parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def load_pipeline(path: Path) -> Pipeline:
     """Read and validate `path`; raise `PipelineError` listing every problem found."""
+    name = shown(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PipelineError(f"{path}: pipeline file not found") from None
+        raise PipelineError(f"{name}: pipeline file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot read the pipeline file: {exc}") from None
+        raise PipelineError(
+            f"{name}: cannot read the pipeline file: {type(exc).__name__}"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise PipelineError(f"{path}: not valid TOML: {exc}") from None
+        raise PipelineError(f"{name}: not valid TOML: {exc}") from None
     return parse_pipeline(raw, path)
 
 
@@ -128,7 +141,7 @@ def parse_pipeline(raw: dict[str, Any], path: Path) -> Pipeline:
         if op is not None:
             operations.append(op)
     if problems:
-        raise PipelineError(f"{path}: " + "; ".join(problems))
+        raise PipelineError(f"{shown(path)}: " + "; ".join(problems))
     return Pipeline(path=path, fresh_hours=defaults["fresh_hours"], operations=tuple(operations))
 
 
