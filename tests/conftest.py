@@ -190,6 +190,24 @@ def pipeline_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return write
 
 
+@pytest.fixture(autouse=True)
+def _reset_opfuncs() -> Iterator[None]:
+    """The test operations' shared record and behaviour start empty for every test."""
+    import opfuncs
+
+    opfuncs.reset()
+    yield
+    opfuncs.reset()
+
+
+def run_once(settings, db, **options):
+    """One run through `runner.start_run`, as the trigger starts it."""
+    from shared.resume.plan import RunOptions
+    from shared.runner import start_run
+
+    return start_run(settings, db, RunOptions(**options), trigger={"source": "test"})
+
+
 def seed_clients(db, count: int, *, prefix: str = "c", **fields) -> list[str]:
     """Create `count` active clients in batches; returns their ids."""
     ids = [f"{prefix}{i:05d}" for i in range(count)]

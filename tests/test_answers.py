@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import opfuncs
 import pytest
 from conftest import ROOT, seed_clients
 from functions_framework import create_app
@@ -15,13 +14,6 @@ from shared.runner import start_run
 
 SECRET = {"X-Webhook-Secret": "test-secret-1"}
 PIPELINE = '[[operation]]\nname = "first"\nkind = "python"\ntarget = "opfuncs:ok"\n'
-
-
-@pytest.fixture(autouse=True)
-def _reset_ops():
-    opfuncs.reset()
-    yield
-    opfuncs.reset()
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ import time
 
 import opfuncs
 import pytest
-from conftest import ROOT, seed_clients
+from conftest import ROOT, run_once, seed_clients
 from functions_framework import create_app
 
 from shared.resume.plan import NEVER, RunOptions
-from shared.runner import plan_run, start_run
+from shared.runner import plan_run
 
-TRIGGER = {"source": "test"}
 SECRET = {"X-Webhook-Secret": "test-secret-1"}
 TWO = """
 {top}
@@ -35,15 +34,7 @@ def two(first: str = "ok", top: str = "", first_extra: str = "") -> str:
     return TWO.format(first=first, top=top, first_extra=first_extra)
 
 
-@pytest.fixture(autouse=True)
-def _reset_ops():
-    opfuncs.reset()
-    yield
-    opfuncs.reset()
-
-
-def run(settings, db, **options):
-    return start_run(settings, db, RunOptions(**options), trigger=TRIGGER)
+run = run_once
 
 
 def client_doc(db, client_id: str = "c00000") -> dict:

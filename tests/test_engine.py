@@ -8,14 +8,12 @@ import time
 
 import opfuncs
 import pytest
-from conftest import seed_clients
+from conftest import run_once, seed_clients
 
 from shared import status
 from shared.resume.pipeline import load_pipeline
 from shared.resume.plan import RunOptions
-from shared.runner import plan_run, start_run
-
-TRIGGER = {"source": "test"}
+from shared.runner import plan_run
 
 PY = """
 fresh_hours = 24
@@ -30,15 +28,7 @@ target = "opfuncs:{second}"
 """
 
 
-@pytest.fixture(autouse=True)
-def _reset_ops():
-    opfuncs.reset()
-    yield
-    opfuncs.reset()
-
-
-def run(settings, db, **options):
-    return start_run(settings, db, RunOptions(**options), trigger=TRIGGER)
+run = run_once
 
 
 def state(db, client_id: str, op: str) -> dict:

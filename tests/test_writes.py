@@ -12,16 +12,14 @@ import threading
 
 import opfuncs
 import pytest
-from conftest import ROOT, seed_clients
+from conftest import ROOT, run_once, seed_clients
 from functions_framework import create_app
 from google.api_core import exceptions as gexc
 from google.cloud.firestore_v1.batch import WriteBatch
 
 from shared.resume.plan import RunOptions
-from shared.runner import start_run
 from shared.runs import stored_size
 
-TRIGGER = {"source": "test"}
 SECRET = {"X-Webhook-Secret": "test-secret-1"}
 
 
@@ -32,15 +30,7 @@ def pipeline(target: str, second: str | None = None) -> str:
     return text
 
 
-@pytest.fixture(autouse=True)
-def _reset_ops():
-    opfuncs.reset()
-    yield
-    opfuncs.reset()
-
-
-def run(settings, db, **options):
-    return start_run(settings, db, RunOptions(**options), trigger=TRIGGER)
+run = run_once
 
 
 def op_state(db, client_id: str, op: str = "first") -> dict:
