@@ -37,6 +37,21 @@ def op_state(db, client_id: str, op: str = "first") -> dict:
     return db.document(f"clients/{client_id}/operations/{op}").get().to_dict()
 
 
+def paused_run(settings, db, meanwhile):
+    """A run whose first operation (`opfuncs:gate`) waits while `meanwhile()` happens."""
+    opfuncs.BEHAVIOUR.update(entered=threading.Event(), release=threading.Event())
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(out=run(settings, db)))
+    worker.start()
+    try:
+        assert opfuncs.BEHAVIOUR["entered"].wait(10)
+        meanwhile()
+    finally:
+        opfuncs.BEHAVIOUR["release"].set()
+        worker.join(30)
+    return box["out"]
+
+
 class TestCheckpointsReplaced:
     def test_next_call_gets_exactly_the_last_checkpoint(self, db, configure, pipeline_file):
         """A key of an older checkpoint never survives into the next call (in this run's
@@ -132,17 +147,16 @@ class TestFencing:
         pipeline_file(pipeline("gate", "ok"))
         settings = configure()
         seed_clients(db, 2)
-        opfuncs.BEHAVIOUR.update(entered=threading.Event(), release=threading.Event())
-        box: dict = {}
-        worker = threading.Thread(target=lambda: box.update(out=run(settings, db)))
-        worker.start()
-        assert opfuncs.BEHAVIOUR["entered"].wait(10)
-        before = op_state(db, "c00000")
-        assert before["status"] == "running"
-        status.unlock(settings, db, force=True)
-        opfuncs.BEHAVIOUR["release"].set()
-        worker.join(30)
-        assert box["out"].status == "abandoned"
+        seen: dict = {}
+
+        def unlock_while_paused() -> None:
+            seen["before"] = op_state(db, "c00000")
+            assert seen["before"]["status"] == "running"
+            status.unlock(settings, db, force=True)
+
+        out = paused_run(settings, db, unlock_while_paused)
+        before = seen["before"]
+        assert out.status == "abandoned"
         assert op_state(db, "c00000") == before  # the success never landed
         assert db.document("clients/c00000/operations/second").get().exists is False
         assert db.document("clients/c00001/operations/first").get().exists is False
@@ -153,15 +167,9 @@ class TestFencing:
         pipeline_file(pipeline("gate", "ok"))
         settings = configure()
         seed_clients(db, 1)
-        opfuncs.BEHAVIOUR.update(entered=threading.Event(), release=threading.Event())
-        box: dict = {}
-        worker = threading.Thread(target=lambda: box.update(out=run(settings, db)))
-        worker.start()
-        assert opfuncs.BEHAVIOUR["entered"].wait(10)
-        db.document("clients/c00000").update({"name": "Renamed"})
-        opfuncs.BEHAVIOUR["release"].set()
-        worker.join(30)
-        assert box["out"].status == "completed"
+        rename = lambda: db.document("clients/c00000").update({"name": "Renamed"})  # noqa: E731
+        out = paused_run(settings, db, rename)
+        assert out.status == "completed"
         assert op_state(db, "c00000", "second")["status"] == "success"
         assert db.document("clients/c00000").get().to_dict()["name"] == "Renamed"
 
