@@ -176,22 +176,27 @@ class _ContextFilter(logging.Filter):
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever `sys.stdout` is at the time (pytest and the CLI swap it)."""
+    """Writes to whatever `sys.stdout` (or `sys.stderr`) is at the time: pytest swaps them."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.target = "stdout"
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
-        return sys.stdout
+        return getattr(sys, self.target)
 
     @stream.setter
     def stream(self, value: Any) -> None:
         pass
 
 
-def configure(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Install the handler once; calling again switches the format (tests do)."""
+def configure(log_format: str = "text", level: int = logging.INFO, to_stderr: bool = False) -> None:
+    """Install the handler once; calling again switches the format (tests do).
+
+    The functions log to standard output (Cloud Logging reads it); the command line logs to
+    standard error, so that its standard output holds only its answer (`--json` for machines).
+    """
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
     logger.propagate = False
@@ -200,6 +205,7 @@ def configure(log_format: str = "text", level: int = logging.INFO) -> None:
         handler = _StdoutHandler()
         handler.addFilter(_ContextFilter())
         logger.addHandler(handler)
+    handler.target = "stderr" if to_stderr else "stdout"
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
 
 

@@ -42,6 +42,8 @@ from shared.runs import FINISHED, Runs, jsonable, new_run_id
 
 log = get_logger("runner")
 EntryPoint = Callable[[RunContext], RunResult]
+#: Entered with the run's heartbeat while the lock is held (the command line's progress view).
+Watch = Callable[[Heartbeat], contextlib.AbstractContextManager[Any]]
 NOT_SELECTED = "the client is inactive (or not in this stream or shard): nothing to run"
 #: Reports left `sending` by earlier runs that one run settles (the query's limit).
 SETTLE_LIMIT = 10
@@ -156,9 +158,13 @@ def start_run(
     schedule_time: str | None = None,
     function: str = "smart_resume",
     pipeline: Pipeline | None = None,
+    watch: Watch | None = None,
 ) -> Outcome:
     """Run once if the lock is free. Store trouble before the run starts raises
-    `StoreUnavailable` (the caller answers 503); everything after is an `Outcome`."""
+    `StoreUnavailable` (the caller answers 503); everything after is an `Outcome`.
+
+    `watch(heartbeat)`, a context manager, is entered for the time the run holds the lock:
+    the command line's progress display reads the heartbeat's progress through it."""
     if options.shard is not None:
         # Shard k is a run of its own: its lock, its run records, its report.
         settings = replace(settings, lock_name=shard_lock_name(settings.lock_name, options.shard))
@@ -214,11 +220,13 @@ def start_run(
         log.info("run started", fields={"token": lease.token, "lock": settings.lock_name})
         with _in_progress():
             return _run_locked(
-                settings, client, lock, lease, runs, entry, pipeline, options, deadline
+                settings, client, lock, lease, runs, entry, pipeline, options, deadline, watch
             )
 
 
-def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, deadline) -> Outcome:  # type: ignore[no-untyped-def]
+def _run_locked(
+    settings, client, lock, lease, runs, entry, pipeline, options, deadline, watch
+) -> Outcome:  # type: ignore[no-untyped-def]
     from shared.report import ReportInput, send_smart_resume_report, wanted  # lazy: cold start
 
     run_id = lease.run_id
@@ -227,7 +235,10 @@ def _run_locked(settings, client, lock, lease, runs, entry, pipeline, options, d
     error: str | None = None
     where: str | None = None
     pings = RunPings(settings)
-    with Heartbeat(lock, lease, settings.heartbeat_seconds, settings.lease_seconds) as hb:
+    with (
+        Heartbeat(lock, lease, settings.heartbeat_seconds, settings.lease_seconds) as hb,
+        watch(hb) if watch else contextlib.nullcontext(),
+    ):
         # In the background: the run does not wait for the dead man's switch to answer.
         pings.start(run_id, lease.token, lease.previous_run_id, lease.previous_age_seconds)
         _settle_reports(settings, client, runs, run_id)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
+import time
 
 import pytest
 from conftest import ROOT, seed_clients
@@ -82,3 +89,152 @@ def test_partial_is_exit_4(db, configure, pipeline_file) -> None:
 def test_failed_is_exit_1(db, configure) -> None:
     configure(SMART_RESUME_MODULE="json")
     assert main(["run"]) == 1
+
+
+SLOW_THEN_BOOM = """
+[[operation]]
+name = "slow"
+kind = "python"
+target = "opfuncs:ok"
+
+[[operation]]
+name = "flaky"
+kind = "python"
+target = "opfuncs:boom"
+"""
+
+
+def test_progress_lines_when_not_a_terminal(db, configure, pipeline_file, capsys) -> None:
+    """Without a terminal, `run` prints a plain progress line every --progress-every seconds
+    to standard error: clients done of due, failures so far, where it is; standard output
+    keeps the answer alone."""
+    import opfuncs
+
+    pipeline_file(SLOW_THEN_BOOM)
+    configure(SMART_RESUME_CONCURRENCY="1")
+    ids = seed_clients(db, 4)
+    opfuncs.BEHAVIOUR.update(delay=0.2, fail_for={ids[0]})
+    code = main(["run", "--json", "--progress", "auto", "--progress-every", "0.1"])
+    out, err = capsys.readouterr()
+    assert code == 5  # completed, with one failed client-operation
+    assert json.loads(out)["summary"]["failed"] == 1  # stdout: the answer only, no log lines
+    lines = [line for line in err.splitlines() if line.startswith("progress: ")]
+    pattern = r"progress: 0:00:\d\d (\d) of 4 clients done, (\d) failed(; at .*)?"
+    found = [re.fullmatch(pattern, line) for line in lines]
+    # Until the due query's first page is read, the total is not known yet.
+    before = [line for line, m in zip(lines, found, strict=True) if m is None]
+    assert all(re.fullmatch(r"progress: 0:00:\d\d selecting the due clients", b) for b in before)
+    assert any(found), err
+    done = [int(m.group(1)) for m in found if m]
+    assert done == sorted(done) and done[-1] >= 2
+    assert any(
+        m and m.group(2) == "1" and re.search(r"at c0000\d (slow|flaky)", m.group(3) or "")
+        for m in found
+    )
+    assert "run started" in err  # log lines go to standard error too
+
+
+def test_progress_off_prints_nothing_but_the_answer(db, configure, pipeline_file, capsys) -> None:
+    import opfuncs
+
+    pipeline_file(SLOW_THEN_BOOM)
+    seed_clients(db, 2)
+    opfuncs.BEHAVIOUR.update(delay=0.2, fail_for=set())
+    assert main(["run", "--progress", "off", "--progress-every", "0.05"]) == 0
+    out, err = capsys.readouterr()
+    assert "status: completed" in out
+    assert "progress:" not in err
+
+
+def test_bad_progress_interval_is_a_usage_error(capsys) -> None:
+    assert main(["run", "--progress-every", "0"]) == 2
+    assert "--progress-every" in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal(db, tmp_path) -> None:
+    """On a terminal (a real pseudo-terminal here), `run` draws a live tqdm bar: clients done
+    of due, then the answer."""
+    pipeline = tmp_path / "pipeline.toml"
+    pipeline.write_text(SLOW_THEN_BOOM.replace("opfuncs:boom", "opfuncs:ok"))
+    seed_clients(db, 3)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "SMART_RESUME_PIPELINE": str(pipeline),
+    }
+    main_fd, child_fd = pty.openpty()
+    # A terminal of 30 rows and 120 columns, as a real one reports.
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.resume", "run"],
+        cwd=ROOT,
+        env=env,
+        stdin=child_fd,
+        stdout=child_fd,
+        stderr=child_fd,
+    )
+    os.close(child_fd)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main_fd)
+    assert proc.wait(timeout=60) == 0
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert "3/3 clients |" in screen, screen
+    assert "status: completed" in screen
+    assert "progress: " not in screen  # a bar, not lines
+
+
+def test_the_functions_never_import_the_progress_bar() -> None:
+    """tqdm is for the command line: importing either function and the run path leaves it
+    out, so cold starts do not pay for it."""
+    code = (
+        "import sys; sys.path[:0] = ['functions/smart_resume', '.'];"
+        "import main, shared.runner, shared.resume.engine, shared.resume.cli;"
+        "assert 'tqdm' not in sys.modules, 'tqdm imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_status_shows_clients_done_and_failed_during_a_run(db, configure, pipeline_file, capsys):
+    """The counts the progress bar shows are on the lock too: `status` prints them mid-run."""
+    import threading
+
+    import opfuncs
+
+    pipeline_file(
+        '[[operation]]\nname = "first"\nkind = "python"\ntarget = "opfuncs:boom"\n'
+        '[[operation]]\nname = "second"\nkind = "python"\ntarget = "opfuncs:gate"\n'
+    )
+    configure(SMART_RESUME_CONCURRENCY="1", SMART_RESUME_HEARTBEAT_SECONDS="0.2")
+    seed_clients(db, 2)
+    opfuncs.BEHAVIOUR.update(
+        fail_for={"c00000"}, entered=threading.Event(), release=threading.Event()
+    )
+    worker = threading.Thread(target=main, args=(["run", "--progress", "off"],))
+    worker.start()
+    try:
+        assert opfuncs.BEHAVIOUR["entered"].wait(10)  # c00000 failed; c00001 waits in `second`
+        deadline = time.monotonic() + 10
+        while (db.document("locks/smart-resume").get().to_dict() or {}).get("progress", {}).get(
+            "clientsDone"
+        ) != 1:
+            assert time.monotonic() < deadline, "the heartbeat never stored the counts"
+            time.sleep(0.05)
+        capsys.readouterr()
+        assert main(["status"]) == 0
+        out = capsys.readouterr().out
+    finally:
+        opfuncs.BEHAVIOUR["release"].set()
+        worker.join(30)
+    assert "at client c00001 (2 of 2), operation second" in out
+    assert "clients done: 1, failed so far: 1" in out

@@ -41,3 +41,15 @@ def test_settings_point_at_the_checked_table() -> None:
     assert "README.md#configuration" in _section("Settings")
     readme = (ROOT / "README.md").read_text()
     assert all(f"`{name}`" in readme for name in VARIABLES)
+
+
+def test_every_command_option_is_listed_with_its_command() -> None:
+    from shared.resume.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.dest == "command")
+    rows = dict(re.findall(r"^\| `([a-z-]+)(.*)$", _section("Command line"), re.M))
+    for name, parser in sub.choices.items():
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+        options -= {"--help"}
+        missing = {o for o in options if o not in rows[name]}
+        assert not missing, f"{name}: {sorted(missing)} not in docs/reference.md"

@@ -25,11 +25,14 @@ from shared.exit_codes import (
     EXIT_USAGE,
 )
 from shared.lock import NotRunning
+from shared.resume import live
+from shared.resume.live import MODES
 
 EPILOG = """exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled,
 5 completed with failed client-operations.
 Settings come from the environment (see the README); FIRESTORE_EMULATOR_HOST points at the
-emulator locally."""
+emulator locally. Answers go to standard output (text, or JSON with --json); log lines and
+`run`'s progress go to standard error."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +65,23 @@ def _parser() -> argparse.ArgumentParser:
             "cancel and unlock act on every shard without it)",
         )
 
-    filters(sub.add_parser("run", help="take the lock and run once (what the trigger does)"))
+    run = sub.add_parser("run", help="take the lock and run once (what the trigger does)")
+    filters(run)
+    run.add_argument(
+        "--progress",
+        choices=MODES,
+        default="auto",
+        help="while it runs, on standard error: a live bar (clients done of due, elapsed, the "
+        "client and operation, failures), plain lines every --progress-every seconds, or "
+        "nothing; auto (default): the bar on a terminal, lines otherwise",
+    )
+    run.add_argument(
+        "--progress-every",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between progress lines (default 30)",
+    )
     filters(sub.add_parser("plan", help="show what would be skipped or run, and why"))
     status = sub.add_parser("status", help="what is running, and how the last runs ended")
     status.add_argument("--runs", type=int, default=5, metavar="N", help="recent runs (1-50)")
@@ -97,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging_setup.configure(settings.log_format)
+    logging_setup.configure(settings.log_format, to_stderr=True)  # stdout: the answer only
     logging_setup.register_secrets(settings.secrets)
     from shared.store import get_client
 
@@ -150,6 +169,8 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             outcome = plan_run(settings, client, _options(args, True), pipeline)
             _print_plan(outcome.body["plan"], args.json)
             return EXIT_OK
+        if not args.progress_every > 0:
+            raise ValueError("--progress-every must be a positive number of seconds")
         outcome = start_run(
             settings,
             client,
@@ -157,6 +178,7 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             trigger={"source": "cli"},
             function="cli",
             pipeline=pipeline,
+            watch=live.watch(args.progress, args.progress_every),
         )
         _print(outcome.body, args.json)
         code = EXIT_BY_STATUS.get(outcome.status, EXIT_FAILED)
@@ -290,6 +312,8 @@ def _print_status(body: dict[str, Any], as_json: bool) -> None:
             index = p.get("clientIndex")
             position = f"{index + 1} of {p.get('clientCount')}" if isinstance(index, int) else "?"
             print(f"  at client {p.get('clientId')} ({position}), operation {p.get('operation')}")
+            if "clientsDone" in p:
+                print(f"  clients done: {p['clientsDone']}, failed so far: {p.get('failed', 0)}")
     elif body["stale"]:
         print(
             f"STALE lock held by run {body['runId']} (heartbeat {body['heartbeatAgeSeconds']}s"

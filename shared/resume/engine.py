@@ -458,7 +458,20 @@ def execute(
     failure: list[BaseException] = []
     work: queue.Queue[tuple[int, ClientPlan] | None] = queue.Queue(run.settings.concurrency * 2)
     count = 0
-    record = sink.add
+    done = 0  # clients whose work ended (the progress bar and the status function show it)
+    heartbeat = run.heartbeat
+
+    def record(entry: dict[str, Any]) -> None:
+        sink.add(entry)
+        if entry["outcome"] == "failed":
+            with mutex:  # in order: a later count never overwritten by an earlier one
+                heartbeat.set_progress(failed=sink.counts["failed"])
+
+    def client_done() -> None:
+        nonlocal done
+        with mutex:
+            done += 1
+            heartbeat.set_progress(clientsDone=done)
 
     def worker_loop() -> None:
         worker = _Worker(run, stop, fence, record)
@@ -472,6 +485,7 @@ def execute(
                 index, plan = item
                 try:
                     worker.client(index, max(total() or 0, index + 1), plan)
+                    client_done()
                 except _Aborted:
                     pass
                 except BaseException as exc:
