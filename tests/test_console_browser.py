@@ -260,6 +260,7 @@ def test_live_run_progress_moves_and_cancel_stops_it(
         STEPS.release()
         wait(browser, "client 2 of 3", lambda d: "client 2 of 3" in text_of(d, "progress-text"))
         assert progress.get_property("value") == 2
+        wait(browser, "1 done", lambda d: "· 1 done" in text_of(d, "progress-text"))
 
         by_id(browser, "cancel").click()
         wait(
