@@ -1,4 +1,4 @@
-"""The console (CONTRACT section 12): the page a browser gets from the status function, and the
+"""The console: the page a browser gets from the status function, and the
 `?clients=N[&after=ID]` listing its client grid reads.
 
 The page holds no data, so it is served before the secret is checked; it asks for the secret

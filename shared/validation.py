@@ -58,6 +58,17 @@ def unknown_names(names: list[str], what: str) -> str:
     return " and ".join(parts)
 
 
+def only_params(args: Any, allowed: tuple[str, ...]) -> None:
+    """Refuse query parameters this request does not read: a misspelt `?run=3` would otherwise
+    be ignored without a word, and the caller would take the default for an answer."""
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        allowed_text = ", ".join(allowed) if allowed else "none"
+        raise InvalidRequest(
+            f"{unknown_names(unknown, 'query parameter')}; allowed here: {allowed_text}"
+        )
+
+
 def _type_name(value: Any) -> str:
     return {
         dict: "object",

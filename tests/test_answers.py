@@ -23,6 +23,13 @@ def trigger(pipeline_file):
     return create_app(target="smart_resume", source=source).test_client()
 
 
+@pytest.fixture
+def status_app(pipeline_file):
+    pipeline_file(PIPELINE)
+    source = str(ROOT / "functions" / "smart_resume_status" / "main.py")
+    return create_app(target="smart_resume_status", source=source).test_client()
+
+
 class TestRefusals:
     def test_misspelt_field_is_named(self, trigger) -> None:
         response = trigger.post("/", data=json.dumps({"dryrun": True}), headers=SECRET)
@@ -34,6 +41,31 @@ class TestRefusals:
         detail = trigger.post("/", data=body, headers=SECRET).get_json()["detail"]
         assert "'dryrun'" in detail and "1 other unknown field(s)" in detail
         assert "<img" not in detail
+
+    def test_misspelt_query_parameter_is_named(self, status_app) -> None:
+        """`?run=3` was once ignored (the default 5 runs came back as if asked for)."""
+        response = status_app.get("/?run=3", headers=SECRET)
+        assert response.status_code == 400
+        detail = response.get_json()["detail"]
+        assert "unknown query parameter 'run'" in detail and "runs" in detail
+        assert status_app.get("/?runs=3", headers=SECRET).status_code == 200
+        response = status_app.get("/?clients=5&runs=2", headers=SECRET)
+        assert response.status_code == 400  # the client grid reads only clients and after
+        assert "'runs'" in response.get_json()["detail"]
+
+    def test_trigger_refuses_query_parameters(self, trigger, db) -> None:
+        """Options go in the body: `?dryRun=1` must not start a real run."""
+        seed_clients(db, 1)
+        response = trigger.post("/?dryRun=1", headers=SECRET)
+        assert response.status_code == 400
+        assert "unknown query parameter 'dryRun'" in response.get_json()["detail"]
+        assert not db.document("locks/smart-resume").get().exists  # nothing ran
+
+    def test_both_functions_word_an_unknown_field_alike(self, trigger, status_app) -> None:
+        run = trigger.post("/", data=json.dumps({"dryrun": 1}), headers=SECRET)
+        act = status_app.post("/", data=json.dumps({"acton": "cancel"}), headers=SECRET)
+        assert run.get_json()["detail"].startswith("unknown field 'dryrun'; allowed: ")
+        assert act.get_json()["detail"].startswith("unknown field 'acton'; allowed: ")
 
     def test_every_400_leaves_a_warning_line(self, trigger, capsys) -> None:
         trigger.post("/", data="{not json", headers=SECRET)

@@ -301,7 +301,7 @@ class TestSecrets:
 
 
 def test_variables_table_lists_every_contract_variable() -> None:
-    """The mapping the README is checked against holds every CONTRACT section 6 variable."""
+    """The mapping the README is checked against holds every documented variable."""
     for name in (
         "SMART_RESUME_WEBHOOK_SECRET",
         "SMART_RESUME_CONCURRENCY",

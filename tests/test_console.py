@@ -1,4 +1,4 @@
-"""The console (CONTRACT section 12) through `functions_framework.create_app`: the page a
+"""The console through `functions_framework.create_app`: the page a
 browser gets, its Content-Security-Policy, and the `?clients=N[&after=ID]` listing."""
 
 from __future__ import annotations

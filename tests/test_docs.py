@@ -156,3 +156,19 @@ class TestCommands:
             "RELIABILITY.md",
         ):
             assert needle in readme, needle
+
+
+def test_nothing_sends_readers_to_a_document_they_do_not_have() -> None:
+    """The specification the project was built from is not in the repository: no file of it
+    may send a reader there (the reference is docs/reference.md)."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    offenders = [
+        name
+        for name in tracked
+        if name.endswith((".py", ".md", ".toml", ".sh", ".html", ".j2", ".example", ".txt"))
+        and re.search(r"\bCONTRACT\b|\.\./shared/", (ROOT / name).read_text(encoding="utf-8"))
+        and name != "tests/test_docs.py"
+    ]
+    assert offenders == []

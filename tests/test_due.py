@@ -1,4 +1,4 @@
-"""Due work (CONTRACT §9): a tick reads what is due, sees new and changed data, backs off
+"""Due work: a tick reads what is due, sees new and changed data, backs off
 failing work and quarantines it until an operator releases it."""
 
 from __future__ import annotations

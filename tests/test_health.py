@@ -1,5 +1,5 @@
 """Health: every state reached for real, precedence, `?check=health`, progress that moves apart
-from heartbeats, and reports left `sending` settled by the next run (CONTRACT section 10)."""
+from heartbeats, and reports left `sending` settled by the next run."""
 
 from __future__ import annotations
 

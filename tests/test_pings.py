@@ -1,6 +1,6 @@
 """The dead man's switch: `/start`, success and `/fail` pings received by a local server, in
 order, with one-line bodies; a server that hangs or refuses changes nothing about the run; the
-URL never shows (CONTRACT section 10)."""
+URL never shows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Polite to the services it calls (CONTRACT section 11): shared rate and concurrency limits,
+"""Polite to the services it calls (per-operation limits): shared rate and concurrency limits,
 Retry-After, idempotency keys and calls that fit the run, against a local service that enforces
 its own limits and the real emulator.
 

@@ -141,7 +141,9 @@ TABLE = [
     Hostile("status action array", S, 400, body=js({"action": ["unlock"]})),
     Hostile("status cancel with force", S, 400, body=js({"action": "cancel", "force": True})),
     Hostile("status force string", S, 400, body=js({"action": "unlock", "force": "yes"})),
-    Hostile("status unknown key", S, 400, body=js({"action": "unlock", MARK: 1})),
+    # A plain short identifier is named (a misspelling); anything else is only counted.
+    Hostile("status unknown key", S, 400, body=js({"action": "unlock", f"<b>{MARK}</b>": 1})),
+    Hostile("status unknown query parameter", S, 400, "GET", path=f"/?runs=1&%3Cb%3E{MARK}=1"),
     Hostile("status JSON array", S, 400, body=js([{"action": "unlock"}])),
     Hostile("status malformed JSON", S, 400, body=b'{"action": "unl'),
     Hostile("status 100 kB body", S, 413, body=js({"action": "x" * 100_000})),

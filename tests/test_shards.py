@@ -1,4 +1,4 @@
-"""Shards (CONTRACT §14): separate runs with their own locks, on separate processes, sharing
+"""Shards: separate runs with their own locks, on separate processes, sharing
 nothing but Firestore."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The status function through `functions_framework.create_app`: CONTRACT §3."""
+"""The status function through `create_app`: every answer in docs/reference.md."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class TestGet:
         }
 
     def test_health_and_quarantined_are_always_there(self, status_fn) -> None:
-        """CONTRACT section 10: `health` with its four keys, and `quarantined` (empty)."""
+        """`health` with its four keys, and `quarantined` (empty)."""
         body = status_fn.get("/", headers=SECRET).get_json()
         assert set(body["health"]) == {"state", "reasons", "lastSuccessAt", "expectedEverySeconds"}
         assert body["health"]["state"] == "unknown"

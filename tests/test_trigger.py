@@ -1,4 +1,4 @@
-"""The trigger function through `functions_framework.create_app`: every status of CONTRACT §2."""
+"""The trigger function through `create_app`: every status in docs/reference.md."""
 
 from __future__ import annotations
 

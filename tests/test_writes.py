@@ -1,4 +1,4 @@
-"""The write path at production scale (CONTRACT §8), on the real emulator.
+"""The write path at production scale, on the real emulator.
 
 Each test pins one defect that the emulator does not show by itself: merged checkpoints, a run
 record over 1 MiB, a hot fence document, lost answers, contention errors, a stream outside the

@@ -23,7 +23,7 @@ from shared.errors import PipelineError  # noqa: E402
 from shared.resume.pipeline import Pipeline, load_pipeline  # noqa: E402
 from shared.runner import plan_run, start_run  # noqa: E402
 from shared.store import get_client  # noqa: E402
-from shared.validation import read_json, trigger_options  # noqa: E402
+from shared.validation import only_params, read_json, trigger_options  # noqa: E402
 from shared.web import reply, serve  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def smart_resume(request: Request) -> Response:
         request: POST with `X-Webhook-Secret` and an optional JSON body
             `{"clientId", "operations", "dryRun", "stream"}`.
     Returns:
-        The run's outcome as JSON (see CONTRACT section 2 for every status).
+        The run's outcome as JSON (every status: docs/reference.md).
     """
     return serve(request, ("POST",), "the trigger", lambda settings: _trigger(request, settings))
 
@@ -47,6 +47,7 @@ def _trigger(request: Request, settings) -> Response:  # type: ignore[no-untyped
         pipeline = load_pipeline(settings.pipeline_path)
     except PipelineError as exc:
         pipeline_error = exc  # the run records and reports it; names cannot be checked
+    only_params(request.args, ())  # everything is in the body: `?dryRun=1` must not run
     body = read_json(request)
     options = trigger_options(
         body, pipeline.names if pipeline else None, settings.stream, settings.shards

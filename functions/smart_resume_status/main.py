@@ -23,11 +23,18 @@ from shared.errors import InvalidRequest, LockHeld  # noqa: E402
 from shared.lock import NotRunning  # noqa: E402
 from shared.resume.pipeline import load_pipeline  # noqa: E402
 from shared.store import get_client  # noqa: E402
-from shared.validation import document_id, read_json, runs_param, shard_param  # noqa: E402
+from shared.validation import (  # noqa: E402
+    document_id,
+    only_params,
+    read_json,
+    runs_param,
+    shard_param,
+    unknown_names,
+)
 from shared.web import reply, serve  # noqa: E402
 
 ACTIONS = ("cancel", "unlock", "retry")
-FIELDS = {"action", "force", "clientId", "operation", "shard"}
+FIELDS = ("action", "force", "clientId", "operation", "shard")
 
 
 @functions_framework.http
@@ -43,7 +50,7 @@ def smart_resume_status(request: Request) -> Response:
             `{"action": "retry", "clientId": "...", "operation": "..."}`, with
             `X-Webhook-Secret`.
     Returns:
-        JSON as in CONTRACT section 3; the console page as in section 12.
+        JSON (every answer: docs/reference.md), or the console page.
     """
     if console.wants_page(request):
         return console.page()
@@ -54,6 +61,7 @@ def _answer(request: Request, settings) -> Response:  # type: ignore[no-untyped-
     client = get_client(settings)
     if request.method == "GET":
         if "check" in request.args:
+            only_params(request.args, ("check", "shard"))
             if request.args.get("check") != "health" or len(request.args.getlist("check")) > 1:
                 raise InvalidRequest("'check' must be health")
             shard = shard_param(request.args.get("shard"), settings.shards)
@@ -63,8 +71,10 @@ def _answer(request: Request, settings) -> Response:  # type: ignore[no-untyped-
             body, code = health.check(settings, client)
             return reply(body, code)
         if "clients" in request.args:
+            only_params(request.args, ("clients", "after"))
             limit, after = console.clients_params(request.args)
             return reply(console.list_clients(settings, client, limit, after), 200)
+        only_params(request.args, ("runs", "shard", "check", "clients"))
         runs = runs_param(request.args.get("runs"))
         shard = shard_param(request.args.get("shard"), settings.shards)
         return reply(status.snapshot(settings, client, runs, shard), 200)
@@ -72,10 +82,11 @@ def _answer(request: Request, settings) -> Response:  # type: ignore[no-untyped-
 
 
 def _action(request: Request, settings, client) -> Response:  # type: ignore[no-untyped-def]
+    only_params(request.args, ())
     body = read_json(request)
-    unknown = sorted(set(body) - FIELDS)
+    unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise InvalidRequest(f"unknown field(s); allowed: {', '.join(sorted(FIELDS))}")
+        raise InvalidRequest(f"{unknown_names(unknown, 'field')}; allowed: {', '.join(FIELDS)}")
     action = body.get("action")
     if action not in ACTIONS:
         raise InvalidRequest(f"'action' must be one of {', '.join(ACTIONS)}")

@@ -1,4 +1,4 @@
-"""Polite calls (CONTRACT section 11): one shared limiter per run and operation, on the run's clock.
+"""Polite calls: one shared limiter per run and operation, on the run's clock.
 
 Every worker of a run asks the same `Limiter` before it starts a call of an operation, so
 `max_per_second`, `max_concurrent` and a service's `Retry-After` hold across all of them, not

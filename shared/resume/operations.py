@@ -33,7 +33,7 @@ log = get_logger("operations")
 MAX_RESPONSE_BYTES = 1 << 20  # an operations service answers with a small JSON document
 READ_CHUNK = 64 * 1024
 MAX_BACKOFF_SECONDS = 30.0
-#: Answers whose `Retry-After` holds back every call of the operation (CONTRACT section 11).
+#: Answers whose `Retry-After` holds back every call of the operation.
 HOLD_STATUSES = (429, 503)
 _session_factory: Callable[[], requests.Session] = stamped_session
 
@@ -277,7 +277,7 @@ def validate_counts(counts: Any) -> dict[str, int]:
 
 
 class Context:
-    """What a `python` operation receives as `ctx` (CONTRACT sections 5 and 11)."""
+    """What a `python` operation receives as `ctx` (docs/reference.md, "The pipeline file")."""
 
     def __init__(
         self,

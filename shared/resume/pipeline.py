@@ -31,7 +31,7 @@ TIMING = {
 }
 TOP_KEYS = {"operation", *TIMING}
 #: Limits on the calls of one operation, held across every client and worker of a run
-#: (CONTRACT section 11): set per operation only.
+#: set per operation only.
 LIMITS = ("max_per_second", "max_concurrent")
 OP_KEYS = {
     *TIMING,
