@@ -238,3 +238,20 @@ def test_status_shows_clients_done_and_failed_during_a_run(db, configure, pipeli
         worker.join(30)
     assert "at client c00001 (2 of 2), operation second" in out
     assert "clients done: 1, failed so far: 1" in out
+
+
+def test_cancel_and_retry_print_text_or_json(db, settings, capsys) -> None:
+    """Every command answers in words by default and in JSON with --json."""
+    seed_clients(db, 1)
+    assert main(["cancel"]) == 3
+    assert capsys.readouterr().out == "nothing is running\n"
+    assert main(["cancel", "--json"]) == 3
+    assert json.loads(capsys.readouterr().out) == {"status": "not running"}
+    Lock(db, settings).acquire("someone", {"host": "h"})
+    assert main(["cancel", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"status": "cancel requested", "runId": "someone"}
+    assert main(["retry", "c00000"]) == 0
+    assert "nothing to release: no operation of c00000 is failing" in capsys.readouterr().out
+    assert main(["retry", "c00000", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer == {"status": "released", "clientId": "c00000", "operations": []}

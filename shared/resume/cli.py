@@ -87,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--runs", type=int, default=5, metavar="N", help="recent runs (1-50)")
     status.add_argument("--json", action="store_true", help="print JSON")
     shard(status)
-    shard(sub.add_parser("cancel", help="ask the running run to stop at its next check"))
+    cancel = sub.add_parser("cancel", help="ask the running run to stop at its next check")
+    shard(cancel)
+    cancel.add_argument("--json", action="store_true", help="print JSON")
     unlock = sub.add_parser("unlock", help="release a stale lock (marks its run abandoned)")
     shard(unlock)
     unlock.add_argument("--force", action="store_true", help="release even a live lock")
@@ -100,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument(
         "--operation", metavar="NAME", help="only this operation (default: every one failing)"
     )
+    retry.add_argument("--json", action="store_true", help="print JSON")
     seed = sub.add_parser("seed-demo", help="write the demo clients and leads to Firestore")
     seed.add_argument("--clients", type=int, default=5, metavar="N", help="demo clients")
     seed.add_argument("--leads", type=int, default=60, metavar="N", help="leads per client")
@@ -194,9 +197,10 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
         try:
             run_id = status.cancel(settings, client, args.shard)
         except NotRunning:
-            print("nothing is running")
+            _say(args, {"status": "not running"}, "nothing is running")
             return EXIT_LOCKED
-        print(f"cancel requested for run {run_id}")
+        body = {"status": "cancel requested", "runId": run_id}
+        _say(args, body, f"cancel requested for run {run_id}")
         return EXIT_OK
     if args.command == "unlock":
         try:
@@ -230,9 +234,10 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             return EXIT_USAGE
         names = released["operations"]
         if names:
-            print(f"released {', '.join(names)} of {args.client}: due on the next run")
+            text = f"released {', '.join(names)} of {args.client}: due on the next run"
         else:
-            print(f"nothing to release: no operation of {args.client} is failing")
+            text = f"nothing to release: no operation of {args.client} is failing"
+        _say(args, released, text)
         return EXIT_OK
     if args.command == "seed-demo":
         from examples.seed import seed_demo
@@ -241,6 +246,11 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
         print(f"seeded {args.clients} demo clients with {count} leads")
         return EXIT_OK
     raise AssertionError(args.command)
+
+
+def _say(args: argparse.Namespace, body: dict[str, Any], text: str) -> None:
+    """`text` for people, `body` as JSON with --json."""
+    print(json.dumps(body, default=str) if args.json else text)
 
 
 def _print(body: dict[str, Any], as_json: bool) -> None:
