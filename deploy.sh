@@ -29,10 +29,16 @@ MONITORING_AGENT_DOMAIN=gcp-sa-monitoring-notification.iam.gserviceaccount.com
 SHORT_NAMES=(LOCK_NAME STREAM TIME_BUDGET_SECONDS EMAIL_TRANSPORT EMAIL_FROM EMAIL_TO)
 REQUIRED=(PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NAME
     WEBHOOK_SECRET_VERSION)
+# The other settings of deploy.sh itself, in the order the settings listing shows them. Any
+# SMART_RESUME_* variable that shared/config.py reads is a setting too (passed to both functions).
+OPTIONAL=(SENDGRID_SECRET_NAME SENDGRID_SECRET_VERSION PING_SECRET_NAME PING_SECRET_VERSION
+    OIDC_SERVICE_ACCOUNT ALLOW_UNAUTHENTICATED FUNCTION_NAME STATUS_FUNCTION_NAME SCHEDULER_JOB
+    SCHEDULER_LOCATION SHARDS TRIGGER_CONCURRENCY TRIGGER_MEMORY DATABASE ALERT_CHANNEL
+    RUN_WAIT_SECONDS AWS_REGION)
 
 usage() {
     cat <<'EOF'
-Usage: ./deploy.sh [deploy|stage] [--dry-run] [--build-dir DIR] [--env-file FILE]
+Usage: ./deploy.sh [deploy|stage] [--dry-run] [--build-dir DIR] [--env-file FILE] [KEY=VALUE...]
 
 Commands:
   deploy   (default) stage, create the Firestore indexes (an existing one is kept), deploy
@@ -41,17 +47,25 @@ Commands:
            uptime check on ?check=health and its alert policy; then run the job (each shard's)
            once and report the run's answer (the deployment proven end to end)
   stage    only build build/smart_resume/ and build/smart_resume_status/: each bundle holds
-           its main.py, shared/, the pipeline file, the local packages its python operations
-           name, and requirements.txt
+           its main.py, shared/, the configured pipeline file (SMART_RESUME_PIPELINE, else
+           pipeline.toml), the local packages its python operations name, and requirements.txt
 
 Options:
   --dry-run         print every gcloud command it would run (secrets as ***) and run none;
                     needs neither gcloud nor network (the bundles are still staged)
   --build-dir DIR   where to stage the bundles (default: build/ beside this script)
   --env-file FILE   settings file (default: deploy.env beside this script)
+  KEY=VALUE         a setting for this run, over the settings file's (KEY= clears it), e.g.
+                    ./deploy.sh --dry-run REGION=us-central1 SMART_RESUME_EMAIL_ON=failure
   -h, --help        this help
 
-Settings come from the environment or the settings file; the environment wins.
+Settings come only from the settings file and KEY=VALUE arguments. Variables of the shell are
+ignored (a note names those set, never their values), so a shell set up for local tests
+(local_emulator.md) cannot deploy its test values. A key that is not a setting is refused.
+A deploy lists every setting and where it came from (comment lines before the commands) and
+warns about values that look like test settings: a lease, heartbeat or time budget under a
+minute, the log or outbox email transport, the example's my-project or example.com, a
+pipeline under examples/.
 Required: PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NAME
 WEBHOOK_SECRET_VERSION. See deploy.env.example for every setting.
 
@@ -75,6 +89,10 @@ COMMAND=deploy
 DRY_RUN=0
 BUILD_DIR="$ROOT/build"
 ENV_FILE="$ROOT/deploy.env"
+# How the settings file is named in messages: as given to --env-file, or deploy.env.
+ENV_LABEL=deploy.env
+# KEY=VALUE arguments, in order (a later one wins); applied over the settings file.
+ARG_SETTINGS=()
 while (($#)); do
     case $1 in
         deploy | stage) COMMAND=$1 ;;
@@ -85,11 +103,15 @@ while (($#)); do
             ;;
         --build-dir | --env-file)
             (($# >= 2)) || fail 2 "$1 needs a value (see --help)"
-            if [[ $1 == --build-dir ]]; then BUILD_DIR=$2; else ENV_FILE=$2; fi
+            if [[ $1 == --build-dir ]]; then BUILD_DIR=$2; else ENV_FILE=$2 ENV_LABEL=$2; fi
             shift
             ;;
         --build-dir=*) BUILD_DIR=${1#*=} ;;
-        --env-file=*) ENV_FILE=${1#*=} ;;
+        --env-file=*) ENV_FILE=${1#*=} ENV_LABEL=${1#*=} ;;
+        *=*)
+            [[ $1 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || fail 2 "unknown argument: $1 (see --help)"
+            ARG_SETTINGS+=("$1")
+            ;;
         *) fail 2 "unknown argument: $1 (see --help)" ;;
     esac
     shift
@@ -97,10 +119,90 @@ done
 
 # --- settings ------------------------------------------------------------------------------
 
-# KEY=VALUE lines, read as data (never executed); a variable already set in the environment
-# keeps its value (set it empty to clear a setting of the file).
+PROBLEMS=()
+problem() { PROBLEMS+=("$*"); }
+WARNINGS=()
+warn() { WARNINGS+=("$*"); }
+# Where each setting's value came from: "deploy.env:LINE", "command line", "default",
+# "derived from SCHEDULE", "from EMAIL_TO, deploy.env:LINE"; shown by a deploy, named by
+# warnings. Only settings that are set have an entry.
+declare -A FROM=()
+
+# A setting of deploy.sh itself (SMART_RESUME_* variables are checked against shared/config.py).
+is_deploy_setting() { [[ " ${REQUIRED[*]} ${OPTIONAL[*]} ${SHORT_NAMES[*]} " == *" $1 "* ]]; }
+
+# Why NAME cannot be a setting in the settings file or a KEY=VALUE argument; nothing when it can.
+# Secrets are refused with the settings that deploy them: their values belong in Secret Manager,
+# never in a file or on a command line.
+not_a_setting() {
+    case $1 in
+        SMART_RESUME_WEBHOOK_SECRET)
+            echo "$1 is a secret, not a setting: store it in Secret Manager and set" \
+                "WEBHOOK_SECRET_NAME and WEBHOOK_SECRET_VERSION"
+            ;;
+        SMART_RESUME_PING_URL)
+            echo "$1 is a secret, not a setting: store it in Secret Manager and set" \
+                "PING_SECRET_NAME and PING_SECRET_VERSION"
+            ;;
+        SENDGRID_API_KEY)
+            echo "$1 is a secret, not a setting: store it in Secret Manager and set" \
+                "SENDGRID_SECRET_NAME and SENDGRID_SECRET_VERSION"
+            ;;
+        SMART_RESUME_*)
+            grep -q "^ *\"$1\":" "$ROOT/shared/config.py" ||
+                echo "$1 is not a smart-resume setting (see shared/config.py)"
+            ;;
+        *) is_deploy_setting "$1" || echo "$1 is not a deploy.sh setting (see deploy.env.example)" ;;
+    esac
+}
+
+# set_setting NAME VALUE SOURCE: a plain shell variable, never exported (gcloud and python get
+# only what they need); an empty VALUE clears the setting.
+set_setting() {
+    if [[ -z $2 ]]; then
+        unset "$1" "FROM[$1]"
+    else
+        printf -v "$1" '%s' "$2"
+        FROM[$1]=$3
+    fi
+}
+
+# The shell's variables are not settings: a shell set up by local_emulator.md exports a 10 s
+# lease, the outbox transport and perhaps a local pipeline, which must not reach production.
+# Every variable named like a setting (deploy.sh's own, any SMART_RESUME_*) is dropped here; a
+# note names those that were set, never their values (one could be a secret). PATH, HOME,
+# CLOUDSDK_*, credentials and the like are not settings and stay.
+ignore_shell_settings() {
+    local name ignored=() list
+    while IFS= read -r name; do
+        [[ $name == SMART_RESUME_* ]] || is_deploy_setting "$name" || continue
+        if [[ -n ${!name} ]]; then
+            case $name in
+                SMART_RESUME_WEBHOOK_SECRET)
+                    note "note: SMART_RESUME_WEBHOOK_SECRET in the environment is not deployed;" \
+                        "the functions read it from Secret Manager (WEBHOOK_SECRET_NAME)"
+                    ;;
+                SMART_RESUME_PING_URL)
+                    note "note: SMART_RESUME_PING_URL in the environment is not deployed (it is a" \
+                        "secret); the functions read it from Secret Manager (PING_SECRET_NAME)"
+                    ;;
+                *) ignored+=("$name") ;;
+            esac
+        fi
+        unset "$name"
+    done < <(compgen -e | sort)
+    if ((${#ignored[@]})); then
+        printf -v list '%s, ' "${ignored[@]}"
+        note "note: ignored from the shell's environment: ${list%, } (deploy.sh takes settings" \
+            "from $ENV_LABEL and KEY=VALUE arguments only)"
+    fi
+}
+
+# KEY=VALUE lines, read as data (never executed). A key that is not a setting is a problem
+# named with its line; a key set twice keeps its first value (a note says so).
 load_env_file() {
-    local file=$1 line key value n=0
+    local file=$1 line key value n=0 where why
+    local -A line_of=()
     [[ -f $file ]] || return 0
     while IFS= read -r line || [[ -n $line ]]; do
         n=$((n + 1))
@@ -108,16 +210,45 @@ load_env_file() {
         line=${line%"${line##*[![:space:]]}"}
         [[ -z $line || $line == \#* ]] && continue
         line=${line#export }
-        [[ $line =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || fail 2 "$file:$n: expected KEY=VALUE"
+        where="$ENV_LABEL:$n"
+        [[ $line =~ ^([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || fail 2 "$where: expected KEY=VALUE"
         key=${BASH_REMATCH[1]}
         value=${BASH_REMATCH[2]}
         if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
             value=${BASH_REMATCH[1]}
         fi
-        if [[ -z ${!key+set} ]]; then
-            export "$key=$value"
+        if [[ -n ${line_of[$key]:-} ]]; then
+            note "note: $where: $key is set again; the value of line ${line_of[$key]} is kept"
+            continue
+        fi
+        line_of[$key]=$n
+        why=$(not_a_setting "$key")
+        if [[ -n $why ]]; then
+            problem "$where: $why"
+        else
+            set_setting "$key" "$value" "$where"
         fi
     done <"$file"
+}
+
+# KEY=VALUE arguments, over the file's settings (KEY= clears one).
+apply_arguments() {
+    local arg why
+    for arg in "${ARG_SETTINGS[@]}"; do
+        why=$(not_a_setting "${arg%%=*}")
+        # One line per setting, as in the file (and in the settings listing).
+        [[ $arg == *$'\n'* ]] && why="${arg%%=*}: a value cannot hold a line break"
+        if [[ -n $why ]]; then
+            problem "command line: $why"
+        else
+            set_setting "${arg%%=*}" "${arg#*=}" "command line"
+        fi
+    done
+}
+
+# default_setting NAME VALUE [SOURCE]: NAME's value unless it is set ("default" by default).
+default_setting() {
+    [[ -n ${!1:-} ]] || set_setting "$1" "$2" "${3:-default}"
 }
 
 # The default documented in shared/config.py VARIABLES, so the two cannot drift.
@@ -206,19 +337,80 @@ print(found or "")
 PY
 }
 
-load_env_file "$ENV_FILE"
+# said NAME: NAME=VALUE and where the value came from, for messages.
+said() { printf '%s=%s (%s)' "$1" "${!1}" "${FROM[$1]:-default}"; }
 
-PROBLEMS=()
-problem() { PROBLEMS+=("$*"); }
+# under_a_minute VALUE: a number of seconds below 60 (a bad number is the functions' to refuse).
+under_a_minute() {
+    [[ $1 =~ [0-9] && $1 =~ ^([0-9]*)([.][0-9]*)?$ ]] || return 1
+    local whole=${BASH_REMATCH[1]}
+    while [[ $whole == 0?* ]]; do whole=${whole#0}; done
+    ((${#whole} <= 2 && 10#${whole:-0} < 60))
+}
+
+# Values that look like test settings (local_emulator.md's, deploy.env.example's placeholders):
+# deployed all the same, but each is said, with where it came from and what it does in
+# production. Uses `transport` and `transport_from` of the checks above.
+warn_test_like_settings() {
+    local name value
+    if under_a_minute "${SMART_RESUME_LEASE_SECONDS:-}"; then
+        warn "$(said SMART_RESUME_LEASE_SECONDS) is under a minute, a test value: another run" \
+            "takes the lock over after one slow heartbeat" \
+            "(default $(config_default SMART_RESUME_LEASE_SECONDS))"
+    fi
+    if under_a_minute "${SMART_RESUME_HEARTBEAT_SECONDS:-}"; then
+        warn "$(said SMART_RESUME_HEARTBEAT_SECONDS) is under a minute, a test value: the lock" \
+            "is written that often for the whole run" \
+            "(default $(config_default SMART_RESUME_HEARTBEAT_SECONDS))"
+    fi
+    if under_a_minute "${SMART_RESUME_TIME_BUDGET_SECONDS:-}"; then
+        warn "$(said SMART_RESUME_TIME_BUDGET_SECONDS) is under a minute, a test value: each run" \
+            "stops that soon and leaves the rest to the next tick" \
+            "(default $(config_default SMART_RESUME_TIME_BUDGET_SECONDS))"
+    fi
+    case $transport in
+        log)
+            warn "SMART_RESUME_EMAIL_TRANSPORT=log ($transport_from): reports are only logged," \
+                "never emailed; set EMAIL_TRANSPORT=sendgrid (with SENDGRID_SECRET_NAME) or ses"
+            ;;
+        outbox)
+            warn "SMART_RESUME_EMAIL_TRANSPORT=outbox ($transport_from): reports are written to" \
+                "the instance's temporary disk and lost with it, never emailed; set" \
+                "EMAIL_TRANSPORT=sendgrid (with SENDGRID_SECRET_NAME) or ses"
+            ;;
+    esac
+    for name in PROJECT_ID SERVICE_ACCOUNT OIDC_SERVICE_ACCOUNT; do
+        if [[ ${!name:-} =~ (^|[@.])my-project($|[.]) ]]; then
+            warn "$(said "$name") holds my-project, the placeholder of deploy.env.example:" \
+                "set your project"
+        fi
+    done
+    for name in SMART_RESUME_EMAIL_FROM SMART_RESUME_EMAIL_TO; do
+        value=$(printf '%s' "${!name:-}" | tr '[:upper:]' '[:lower:]')
+        if [[ $value =~ [@.]example[.](com|org|net)([^a-z0-9.-]|$) ]]; then
+            warn "$(said "$name") has an example.com address, the placeholder of" \
+                "deploy.env.example: set real addresses"
+        fi
+    done
+    if [[ ${SMART_RESUME_PIPELINE:-} == examples/* || ${SMART_RESUME_PIPELINE:-} == ./examples/* ]]; then
+        warn "$(said SMART_RESUME_PIPELINE) is under examples/, a demo pipeline: set your own" \
+            "(or none, for pipeline.toml)"
+    fi
+}
+
+ignore_shell_settings
+load_env_file "$ENV_FILE"
+apply_arguments
 
 # Short names set their SMART_RESUME_* variable; both set to different values is ambiguous.
 for short in "${SHORT_NAMES[@]}"; do
     long="SMART_RESUME_$short"
     if [[ -n ${!short:-} ]]; then
         if [[ -n ${!long:-} && ${!long} != "${!short}" ]]; then
-            problem "$short and $long are both set, to different values"
+            problem "$short and $long are both set, to different values" \
+                "(${FROM[$short]} and ${FROM[$long]})"
         fi
-        export "$long=${!short}"
+        set_setting "$long" "${!short}" "from $short, ${FROM[$short]}"
     fi
 done
 
@@ -245,21 +437,26 @@ if [[ $COMMAND == deploy ]]; then
         problem "missing settings: ${missing[*]}"
     fi
 
-    FUNCTION_NAME=${FUNCTION_NAME:-smart-resume}
-    STATUS_FUNCTION_NAME=${STATUS_FUNCTION_NAME:-smart-resume-status}
-    SCHEDULER_JOB=${SCHEDULER_JOB:-smart-resume}
-    SCHEDULER_LOCATION=${SCHEDULER_LOCATION:-${REGION:-}}
-    ALLOW_UNAUTHENTICATED=${ALLOW_UNAUTHENTICATED:-0}
-    TRIGGER_CONCURRENCY=${TRIGGER_CONCURRENCY:-4}
-    TRIGGER_MEMORY=${TRIGGER_MEMORY:-512Mi}
-    DATABASE=${DATABASE:-(default)}
-    RUN_WAIT_SECONDS=${RUN_WAIT_SECONDS:-300}
+    default_setting FUNCTION_NAME smart-resume
+    default_setting STATUS_FUNCTION_NAME smart-resume-status
+    default_setting SCHEDULER_JOB smart-resume
+    default_setting SCHEDULER_LOCATION "${REGION:-}" "default: REGION"
+    default_setting ALLOW_UNAUTHENTICATED 0
+    default_setting TRIGGER_CONCURRENCY 4
+    default_setting TRIGGER_MEMORY 512Mi
+    default_setting DATABASE "(default)"
+    default_setting RUN_WAIT_SECONDS 300
     # SHARDS (or SMART_RESUME_SHARDS; both set to different values is refused like the short
     # names): one Scheduler job per shard, and as many trigger instances.
     if [[ -n ${SHARDS:-} && -n ${SMART_RESUME_SHARDS:-} && $SHARDS != "$SMART_RESUME_SHARDS" ]]; then
-        problem "SHARDS and SMART_RESUME_SHARDS are both set, to different values"
+        problem "SHARDS and SMART_RESUME_SHARDS are both set, to different values" \
+            "(${FROM[SHARDS]} and ${FROM[SMART_RESUME_SHARDS]})"
     fi
-    SHARDS=${SHARDS:-${SMART_RESUME_SHARDS:-1}}
+    if [[ -n ${SMART_RESUME_SHARDS:-} ]]; then
+        default_setting SHARDS "$SMART_RESUME_SHARDS" \
+            "from SMART_RESUME_SHARDS, ${FROM[SMART_RESUME_SHARDS]}"
+    fi
+    default_setting SHARDS 1
 
     # Pinned versions only: `latest` would change what runs without a deploy.
     for name in WEBHOOK_SECRET_VERSION SENDGRID_SECRET_VERSION PING_SECRET_VERSION; do
@@ -325,9 +522,10 @@ if [[ $COMMAND == deploy ]]; then
     fi
     # Passed to both functions only with shards: with 1, the deployed settings stay as they were.
     if ((SHARDS > 1)); then
-        export SMART_RESUME_SHARDS=$SHARDS
+        [[ ${SMART_RESUME_SHARDS:-} == "$SHARDS" ]] ||
+            set_setting SMART_RESUME_SHARDS "$SHARDS" "from SHARDS, ${FROM[SHARDS]}"
     else
-        unset SMART_RESUME_SHARDS
+        set_setting SMART_RESUME_SHARDS "" ""
     fi
     if [[ ! $RUN_WAIT_SECONDS =~ ^[0-9]{1,4}$ ]] || ((10#$RUN_WAIT_SECONDS > 3600)); then
         problem "RUN_WAIT_SECONDS=$RUN_WAIT_SECONDS must be a whole number of seconds from 0 to 3600"
@@ -344,7 +542,7 @@ if [[ $COMMAND == deploy ]]; then
     # How often a run should end well, for the status function's `overdue` health: set, or
     # derived from SCHEDULE when the cron expression has a fixed period; `none` turns it off.
     if [[ ${SMART_RESUME_EXPECTED_EVERY_SECONDS:-} == none ]]; then
-        unset SMART_RESUME_EXPECTED_EVERY_SECONDS
+        set_setting SMART_RESUME_EXPECTED_EVERY_SECONDS "" ""
     elif [[ -n ${SMART_RESUME_EXPECTED_EVERY_SECONDS:-} ]]; then
         if [[ ! $SMART_RESUME_EXPECTED_EVERY_SECONDS =~ ^[0-9]+([.][0-9]+)?$ ||
             $SMART_RESUME_EXPECTED_EVERY_SECONDS =~ ^0+([.]0+)?$ ]]; then
@@ -354,13 +552,14 @@ if [[ $COMMAND == deploy ]]; then
     elif [[ -n ${SCHEDULE:-} ]]; then
         period=$(schedule_period "$SCHEDULE") || fail 2 "could not read SCHEDULE (python needed)"
         if [[ -n $period ]]; then
-            export SMART_RESUME_EXPECTED_EVERY_SECONDS=$period
+            set_setting SMART_RESUME_EXPECTED_EVERY_SECONDS "$period" "derived from SCHEDULE"
             # A run may start up to a period after the last one ended and take its whole
             # budget and margin: the grace covers that, or a long run would look overdue.
             if [[ -z ${SMART_RESUME_GRACE_SECONDS:-} ]] && is_count "$budget"; then
                 grace=$((period / 2))
                 ((budget + TIMEOUT_MARGIN_SECONDS > grace)) && grace=$((budget + TIMEOUT_MARGIN_SECONDS))
-                export SMART_RESUME_GRACE_SECONDS=$grace
+                set_setting SMART_RESUME_GRACE_SECONDS "$grace" \
+                    "derived from SCHEDULE and the time budget"
             fi
             note "note: SCHEDULE '$SCHEDULE' runs every $period s:" \
                 "SMART_RESUME_EXPECTED_EVERY_SECONDS=$period," \
@@ -373,9 +572,14 @@ if [[ $COMMAND == deploy ]]; then
     fi
 
     # The same cross-checks the functions make at startup, found before a deploy, not after.
-    transport=log
-    [[ -n ${SENDGRID_SECRET_NAME:-} ]] && transport=sendgrid
-    transport=$(printf '%s' "${SMART_RESUME_EMAIL_TRANSPORT:-$transport}" | tr '[:upper:]' '[:lower:]')
+    transport=log transport_from="default without SENDGRID_SECRET_NAME"
+    if [[ -n ${SENDGRID_SECRET_NAME:-} ]]; then
+        transport=sendgrid transport_from="default with SENDGRID_SECRET_NAME"
+    fi
+    if [[ -n ${SMART_RESUME_EMAIL_TRANSPORT:-} ]]; then
+        transport=$SMART_RESUME_EMAIL_TRANSPORT transport_from=${FROM[SMART_RESUME_EMAIL_TRANSPORT]}
+    fi
+    transport=$(printf '%s' "$transport" | tr '[:upper:]' '[:lower:]')
     case $transport in
         sendgrid | ses)
             [[ -n ${SMART_RESUME_EMAIL_FROM:-} ]] ||
@@ -393,27 +597,22 @@ if [[ $COMMAND == deploy ]]; then
         problem "AWS_REGION is required for the ses transport"
     fi
 
-    # Every SMART_RESUME_* variable is passed on; a name the code does not read is a typo.
+    # The SMART_RESUME_* settings, passed to both functions (each name was checked against
+    # shared/config.py when read, and the secrets refused).
     PASS_THROUGH=()
-    while IFS= read -r name; do
-        [[ -n ${!name:-} ]] || continue
-        if [[ $name == SMART_RESUME_WEBHOOK_SECRET ]]; then
-            note "note: SMART_RESUME_WEBHOOK_SECRET in the environment is not deployed;" \
-                "the functions read it from Secret Manager (WEBHOOK_SECRET_NAME)"
-        elif [[ $name == SMART_RESUME_PING_URL ]]; then
-            note "note: SMART_RESUME_PING_URL in the environment is not deployed (it is a" \
-                "secret); the functions read it from Secret Manager (PING_SECRET_NAME)"
-        elif ! grep -q "^ *\"$name\":" "$ROOT/shared/config.py"; then
-            problem "$name is not a smart-resume setting (see shared/config.py)"
-        else
-            PASS_THROUGH+=("$name")
-        fi
-    done < <(compgen -e | grep '^SMART_RESUME_' | sort)
+    for name in $(printf '%s\n' "${!FROM[@]}" | sort); do
+        if [[ $name == SMART_RESUME_* ]]; then PASS_THROUGH+=("$name"); fi
+    done
+
+    warn_test_like_settings
 fi
 
+if ((${#WARNINGS[@]})); then
+    printf 'warning: %s\n' "${WARNINGS[@]}" >&2
+fi
 if ((${#PROBLEMS[@]})); then
     {
-        printf 'deploy.sh: cannot %s, fix these settings (environment or %s):\n' \
+        printf 'deploy.sh: cannot %s, fix these settings (%s or KEY=VALUE arguments):\n' \
             "$COMMAND" "$ENV_FILE"
         printf '  - %s\n' "${PROBLEMS[@]}"
     } >&2
@@ -460,14 +659,19 @@ for path in sys.argv[1:]:
 PY
 }
 
+# Each bundle holds what the functions will load, and nothing else: the pipeline they read
+# (SMART_RESUME_PIPELINE, else the default pipeline.toml; not both, nor the demo's examples/ when
+# the pipeline does not name them), the local packages its python operations target, and a
+# custom SMART_RESUME_MODULE's.
 stage() {
     local fn dest pkg pipelines=() packages=()
-    [[ -f $ROOT/pipeline.toml ]] && pipelines+=(pipeline.toml)
-    if [[ -n ${SMART_RESUME_PIPELINE:-} && ${SMART_RESUME_PIPELINE#./} != pipeline.toml ]]; then
+    if [[ -n ${SMART_RESUME_PIPELINE:-} ]]; then
         pipelines+=("${SMART_RESUME_PIPELINE#./}")
+    elif [[ -f $ROOT/pipeline.toml ]]; then
+        pipelines+=(pipeline.toml)
+    else
+        note "note: no pipeline.toml in $ROOT; staging without one"
     fi
-    ((${#pipelines[@]})) || note "note: no pipeline.toml in $ROOT; staging without one"
-    # Local packages: those the operations target, and a custom SMART_RESUME_MODULE's.
     local names
     names=$(pipeline_targets "${pipelines[@]}")
     for pkg in $names ${SMART_RESUME_MODULE:+"${SMART_RESUME_MODULE%%.*}"}; do
@@ -499,7 +703,8 @@ stage() {
             fi
         done
     done
-    note "staged ${FUNCTIONS[*]} into $BUILD_DIR${packages[*]:+ (with ${packages[*]})}"
+    note "staged ${FUNCTIONS[*]} into $BUILD_DIR" \
+        "(pipeline: ${pipelines[*]:-none}${packages[*]:+; with ${packages[*]}})"
 }
 
 stage
@@ -509,18 +714,38 @@ stage
 
 SECRET_VALUE=""
 
+# quote VAR WORD: VAR gets WORD as the shell reads it back (single quotes only when needed).
+quote() {
+    if [[ $2 =~ ^[A-Za-z0-9_@%+=:,./*^-]+$ ]]; then
+        printf -v "$1" '%s' "$2"
+    else
+        printf -v "$1" "'%s'" "${2//\'/\'\\\'\'}"
+    fi
+}
+
 # Shell-quoted for copying, with the secret shown as ***.
 show() {
-    local arg out=()
+    local arg word out=()
     for arg in "$@"; do
         [[ -n $SECRET_VALUE ]] && arg=${arg//"$SECRET_VALUE"/***}
-        if [[ $arg =~ ^[A-Za-z0-9_@%+=:,./*^-]+$ ]]; then
-            out+=("$arg")
-        else
-            out+=("'${arg//\'/\'\\\'\'}'")
-        fi
+        quote word "$arg"
+        out+=("$word")
     done
     printf '+ %s\n' "${out[*]}"
+}
+
+# Every setting in effect and where its value came from, as comment lines (told apart from the
+# commands, which start with `+ `): the required ones, deploy.sh's others that are set or
+# defaulted, then the SMART_RESUME_* ones passed to both functions. Each line is KEY=VALUE as a
+# KEY=VALUE argument takes it. No secret is a setting, so no value here needs masking.
+show_settings() {
+    local name word
+    echo "# settings (where each value came from):"
+    for name in "${REQUIRED[@]}" "${OPTIONAL[@]}" "${PASS_THROUGH[@]}"; do
+        [[ -n ${!name:-} ]] || continue
+        quote word "$name=${!name}"
+        printf '#   %s  (%s)\n' "$word" "${FROM[$name]:-default}"
+    done
 }
 
 run() {
@@ -622,6 +847,7 @@ common=(--gen2 --runtime=python312 "--region=$REGION" "--project=$PROJECT_ID" --
 timeout=$((budget + TIMEOUT_MARGIN_SECONDS))
 deadline=$timeout
 
+show_settings
 ((DRY_RUN)) && echo "# dry run: these are the commands a deploy runs; none is run"
 
 # Firestore indexes first, so the functions never query without them. Creating an index that

@@ -96,6 +96,8 @@ def path_without_gcloud(tmp_path_factory: pytest.TempPathFactory) -> str:
 def run_deploy(
     *args: str, path: str, env: dict[str, str] | None = None, script: Path = SCRIPT
 ) -> subprocess.CompletedProcess[str]:
+    """deploy.sh with `args`; `env` is the shell's environment over a minimal one (settings
+    there are ignored by deploy.sh: give them as KEY=VALUE arguments, see `as_args`)."""
     base = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
     return subprocess.run(
         [BASH, str(script), *args],
@@ -116,13 +118,55 @@ def command(stdout: str, start: str) -> str:
     return found[0]
 
 
-def dry_run(path: str, build: Path, env: dict[str, str] | None = None) -> str:
-    """The dry run's output with the example settings (and `env` over them); it must succeed."""
-    result = run_deploy(
-        "--dry-run", "--env-file", str(EXAMPLE), "--build-dir", str(build), path=path, env=env
-    )
+def as_args(settings: dict[str, str] | None) -> list[str]:
+    """Settings as deploy.sh's KEY=VALUE arguments (over the settings file; `KEY=` clears)."""
+    return [f"{key}={value}" for key, value in (settings or {}).items()]
+
+
+def example_run(
+    path: str, build: Path, settings: dict[str, str] | None = None, *, dry: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """deploy.sh with the example settings file and `settings` as arguments over it."""
+    args = ["--dry-run"] if dry else []
+    args += ["--env-file", str(EXAMPLE), "--build-dir", str(build), *as_args(settings)]
+    return run_deploy(*args, path=path)
+
+
+def dry_run(path: str, build: Path, settings: dict[str, str] | None = None) -> str:
+    """The dry run's output with the example settings (and `settings` over them); it must
+    succeed."""
+    result = example_run(path, build, settings)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def example_line(name: str) -> str:
+    """Where the example sets `name`, as deploy.sh names it: FILE:LINE."""
+    lines = EXAMPLE.read_text().splitlines()
+    return f"{EXAMPLE}:{next(i for i, x in enumerate(lines, 1) if x.startswith(f'{name}='))}"
+
+
+def settings_listing(stdout: str) -> dict[str, tuple[str, str]]:
+    """The deploy's settings listing: name -> (value, where it came from)."""
+    lines = stdout.splitlines()
+    start = lines.index("# settings (where each value came from):")
+    found = {}
+    for line in lines[start + 1 :]:
+        if not line.startswith("#   "):
+            break
+        word, source = re.fullmatch(r"#   (.+)  \((.+)\)", line).groups()
+        name, value = shlex.split(word)[0].split("=", 1)
+        found[name] = (value, source)
+    return found
+
+
+def without_listing(stdout: str) -> list[str]:
+    """The output but the settings listing's lines."""
+    return [line for line in stdout.splitlines() if not line.startswith("#   ")]
+
+
+def warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning: ")]
 
 
 # --- the real gcloud parser ----------------------------------------------------------------
@@ -276,7 +320,8 @@ class TestDryRun:
     def test_secret_values_are_never_printed(
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
-        """Secret values lying in the environment reach neither the output nor the commands."""
+        """Secret values lying in the shell's environment reach neither the output nor the
+        commands (nor the functions: they come from Secret Manager)."""
         result = run_deploy(
             "--dry-run",
             "--env-file",
@@ -290,25 +335,23 @@ class TestDryRun:
         for value in (SECRET, "SG.key-value"):
             assert value not in result.stdout + result.stderr
         assert "X-Webhook-Secret=***" in result.stdout
+        assert "SMART_RESUME_WEBHOOK_SECRET in the environment is not deployed" in result.stderr
+        assert "SMART_RESUME_WEBHOOK_SECRET" not in env_vars(result.stdout)
 
-    def test_the_environment_wins_over_the_file(
-        self, path_without_gcloud: str, tmp_path: Path
-    ) -> None:
-        """A setting in the environment overrides the same setting in the settings file."""
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={"REGION": "us-central1", "SMART_RESUME_EMAIL_ON": "failure"},
+    def test_arguments_win_over_the_file(self, path_without_gcloud: str, tmp_path: Path) -> None:
+        """A KEY=VALUE argument overrides the same setting of the settings file; `KEY=` clears
+        one."""
+        result = example_run(
+            path_without_gcloud,
+            tmp_path,
+            {"REGION": "us-central1", "SMART_RESUME_EMAIL_ON": "failure", "LOCK_NAME": ""},
         )
         assert result.returncode == 0, result.stderr
         trigger = command(result.stdout, "gcloud functions deploy smart-resume ")
         assert "--region=us-central1" in trigger
         assert "SMART_RESUME_EMAIL_ON=failure" in trigger
-        assert "europe-west1" not in result.stdout
+        assert "SMART_RESUME_LOCK_NAME" not in trigger
+        assert "europe-west1" not in "\n".join(commands(result.stdout))
 
     @pytest.mark.parametrize(
         ("budget", "max_run", "seconds"),
@@ -337,21 +380,11 @@ class TestDryRun:
     ) -> None:
         """Budget + 120 s over Cloud Scheduler's 1800 s: one line naming the setting and both
         limits, and no command, in a dry run as in a deploy."""
-        for args in (("--dry-run",), ()):
-            result = run_deploy(
-                *args,
-                "--env-file",
-                str(EXAMPLE),
-                "--build-dir",
-                str(tmp_path),
-                path=path_without_gcloud,
-                # The example sets TIME_BUDGET_SECONDS: cleared, unless it is the one tested.
-                env={
-                    "TIME_BUDGET_SECONDS": "",
-                    name: budget,
-                    "SMART_RESUME_MAX_RUN_SECONDS": "99999",
-                },
-            )
+        for dry in (True, False):
+            # The example sets TIME_BUDGET_SECONDS: cleared, unless it is the one tested.
+            settings = {"TIME_BUDGET_SECONDS": "", name: budget}
+            settings["SMART_RESUME_MAX_RUN_SECONDS"] = "99999"
+            result = example_run(path_without_gcloud, tmp_path, settings, dry=dry)
             assert result.returncode == 2, result.stderr
             assert "gcloud" not in result.stdout
             lines = [line for line in result.stderr.splitlines() if "1800 s" in line]
@@ -415,14 +448,10 @@ class TestDryRun:
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
         """ALLOW_UNAUTHENTICATED=1 without OIDC opens only the trigger and clears the job token."""
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={"OIDC_SERVICE_ACCOUNT": "", "ALLOW_UNAUTHENTICATED": "1"},
+        result = example_run(
+            path_without_gcloud,
+            tmp_path,
+            {"OIDC_SERVICE_ACCOUNT": "", "ALLOW_UNAUTHENTICATED": "1"},
         )
         assert result.returncode == 0, result.stderr
         out = result.stdout
@@ -495,14 +524,10 @@ class TestSettingsErrors:
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
         """An unpinned secret version, a typo'd variable and a bad budget are all reported."""
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={
+        result = example_run(
+            path_without_gcloud,
+            tmp_path,
+            {
                 "WEBHOOK_SECRET_VERSION": "latest",
                 "SMART_RESUME_TIME_BUDGET": "100",
                 "TIME_BUDGET_SECONDS": "1900",
@@ -537,15 +562,7 @@ class TestSettingsErrors:
     ) -> None:
         """A concurrency of 1 (Cloud Run's 429 again), too little memory for 1 vCPU, or a
         database id Firestore would refuse stop the deploy before any command."""
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={name: value},
-        )
+        result = example_run(path_without_gcloud, tmp_path, {name: value})
         assert result.returncode == 2
         assert "gcloud" not in result.stdout
         assert f"{name}={value} must be" in result.stderr
@@ -574,12 +591,306 @@ class TestSettingsErrors:
         assert "Firestore indexes" in help_text.stdout
 
 
+#: A production-like settings file: nothing in it looks like a test setting.
+PRODUCTION = """\
+PROJECT_ID=acme-prod
+REGION=europe-west1
+SERVICE_ACCOUNT=smart-resume@acme-prod.iam.gserviceaccount.com
+SCHEDULE=0 * * * *
+TIME_ZONE=Europe/Paris
+WEBHOOK_SECRET_NAME=smart-resume-webhook
+WEBHOOK_SECRET_VERSION=3
+SENDGRID_SECRET_NAME=smart-resume-sendgrid
+SENDGRID_SECRET_VERSION=2
+EMAIL_FROM=smart-resume@acme.io
+EMAIL_TO=ops@acme.io,oncall@acme.io
+OIDC_SERVICE_ACCOUNT=smart-resume-scheduler@acme-prod.iam.gserviceaccount.com
+SMART_RESUME_LEASE_SECONDS=300
+SMART_RESUME_HEARTBEAT_SECONDS=60
+"""
+#: What local_emulator.md has a shell export (its section 2), and a region of its last section.
+LOCAL_SHELL = {
+    "FIRESTORE_EMULATOR_HOST": "127.0.0.1:8085",
+    "GOOGLE_CLOUD_PROJECT": "smart-resume-local",
+    "SMART_RESUME_WEBHOOK_SECRET": "local-secret",
+    "SMART_RESUME_EMAIL_TRANSPORT": "outbox",
+    "SMART_RESUME_OUTBOX": "outbox",
+    "SMART_RESUME_HEARTBEAT_SECONDS": "1",
+    "SMART_RESUME_LEASE_SECONDS": "10",
+    "REGION": "us-central1",
+}
+
+
+class TestWhereSettingsComeFrom:
+    """Settings come from the settings file and KEY=VALUE arguments only, each value listed
+    with its source, and values that look like test settings are warned about."""
+
+    def test_the_shell_s_settings_are_not_deployed(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """A shell set up for local tests deploys none of its values; one note names the
+        variables it ignored, without their values; other variables are left alone."""
+        shell = {
+            **LOCAL_SHELL,
+            "SMART_RESUME_PIPELINE": "examples/local-only.toml",  # no such file: unused
+            "SHARDS": "",  # set, but empty: nothing was ignored
+            "CLOUDSDK_CORE_PROJECT": "gcloud-s-own",  # not a setting
+        }
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(EXAMPLE),
+            "--build-dir",
+            str(tmp_path),
+            path=path_without_gcloud,
+            env=shell,
+        )
+        assert result.returncode == 0, result.stderr
+        found = env_vars(result.stdout)
+        for name in (
+            "SMART_RESUME_LEASE_SECONDS",
+            "SMART_RESUME_HEARTBEAT_SECONDS",
+            "SMART_RESUME_OUTBOX",
+            "SMART_RESUME_PIPELINE",
+            "SMART_RESUME_WEBHOOK_SECRET",
+        ):
+            assert name not in found, name
+        assert found["SMART_RESUME_EMAIL_TRANSPORT"] == "sendgrid"  # the file's
+        assert found["GOOGLE_CLOUD_PROJECT"] == "my-project"
+        assert "--region=europe-west1" in command(
+            result.stdout, "gcloud functions deploy smart-resume "
+        )
+        notes = [line for line in result.stderr.splitlines() if "ignored from the shell" in line]
+        assert notes == [
+            "note: ignored from the shell's environment: REGION, SMART_RESUME_EMAIL_TRANSPORT, "
+            "SMART_RESUME_HEARTBEAT_SECONDS, SMART_RESUME_LEASE_SECONDS, SMART_RESUME_OUTBOX, "
+            f"SMART_RESUME_PIPELINE (deploy.sh takes settings from {EXAMPLE} and KEY=VALUE "
+            "arguments only)"
+        ]
+        for value in ("local-only", "us-central1", "local-secret", "gcloud-s-own"):
+            assert value not in result.stdout + result.stderr, value
+        assert not [w for w in warnings(result.stderr) if "SECONDS" in w or "outbox" in w]
+
+    def test_the_deploy_lists_each_setting_and_where_it_came_from(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """Before the commands, as comment lines: the file's line, the command line, a default,
+        a value derived from SCHEDULE, a short name's; every value passed to the functions."""
+        result = example_run(
+            path_without_gcloud,
+            tmp_path,
+            {"REGION": "us-central1", "SMART_RESUME_EMAIL_ON": "failure"},
+        )
+        assert result.returncode == 0, result.stderr
+        listing = settings_listing(result.stdout)
+        assert listing["PROJECT_ID"] == ("my-project", example_line("PROJECT_ID"))
+        assert listing["SCHEDULE"] == ("0 * * * *", example_line("SCHEDULE"))
+        assert listing["REGION"] == ("us-central1", "command line")
+        assert listing["SMART_RESUME_EMAIL_ON"] == ("failure", "command line")
+        assert listing["FUNCTION_NAME"] == ("smart-resume", "default")
+        assert listing["TRIGGER_CONCURRENCY"] == ("4", "default")
+        assert listing["SCHEDULER_LOCATION"] == ("us-central1", "default: REGION")
+        assert listing["SMART_RESUME_EMAIL_TO"] == (
+            "ops@example.com,oncall@example.com",
+            f"from EMAIL_TO, {example_line('EMAIL_TO')}",
+        )
+        assert listing["SMART_RESUME_EXPECTED_EVERY_SECONDS"] == ("3600", "derived from SCHEDULE")
+        assert listing["SMART_RESUME_GRACE_SECONDS"][1].startswith("derived from SCHEDULE")
+        assert set(REQUIRED) <= set(listing)
+        passed = env_vars(result.stdout)
+        del passed["GOOGLE_CLOUD_PROJECT"]  # PROJECT_ID's
+        assert {name: listing[name][0] for name in passed} == passed
+        # Comment lines before the first command (which the command helpers skip).
+        lines = result.stdout.splitlines()
+        start = lines.index("# settings (where each value came from):")
+        assert start < min(i for i, line in enumerate(lines) if line.startswith("+ "))
+        assert "ALERT_CHANNEL" not in listing and "SENDGRID_API_KEY" not in listing
+
+    def test_the_default_settings_file_is_named_deploy_env(
+        self, fake_repo: Path, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """Without --env-file, sources say deploy.env:LINE."""
+        (fake_repo / "deploy.env").write_text(EXAMPLE.read_text())
+        result = run_deploy(
+            "--dry-run",
+            "--build-dir",
+            str(tmp_path / "build"),
+            path=path_without_gcloud,
+            script=fake_repo / "deploy.sh",
+        )
+        assert result.returncode == 0, result.stderr
+        line = example_line("TIME_ZONE").rsplit(":", 1)[1]
+        assert settings_listing(result.stdout)["TIME_ZONE"] == (
+            "Europe/Paris",
+            f"deploy.env:{line}",
+        )
+
+    def test_test_like_values_are_warned_about(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """A lease or heartbeat under a minute, the outbox transport, the example's my-project
+        and example.com: one warning each, naming the setting and its source; deployed anyway."""
+        result = example_run(
+            path_without_gcloud,
+            tmp_path,
+            {
+                "SMART_RESUME_LEASE_SECONDS": "10",
+                "SMART_RESUME_HEARTBEAT_SECONDS": "1",
+                "EMAIL_TRANSPORT": "outbox",
+            },
+        )
+        assert result.returncode == 0, result.stderr
+        assert "SMART_RESUME_LEASE_SECONDS=10" in flag(
+            command(result.stdout, "gcloud functions deploy smart-resume "), "set-env-vars"
+        )
+        found = warnings(result.stderr)
+        expected = [
+            "warning: SMART_RESUME_LEASE_SECONDS=10 (command line) is under a minute",
+            "warning: SMART_RESUME_HEARTBEAT_SECONDS=1 (command line) is under a minute",
+            "warning: SMART_RESUME_EMAIL_TRANSPORT=outbox (from EMAIL_TRANSPORT, command line):"
+            " reports are written to the instance's temporary disk",
+            f"warning: PROJECT_ID=my-project ({example_line('PROJECT_ID')}) holds my-project",
+            f"warning: SERVICE_ACCOUNT=smart-resume@my-project.iam.gserviceaccount.com"
+            f" ({example_line('SERVICE_ACCOUNT')}) holds my-project",
+            f"warning: OIDC_SERVICE_ACCOUNT=smart-resume-scheduler@my-project.iam."
+            f"gserviceaccount.com ({example_line('OIDC_SERVICE_ACCOUNT')}) holds my-project",
+            "warning: SMART_RESUME_EMAIL_FROM=smart-resume@example.com (from EMAIL_FROM, "
+            f"{example_line('EMAIL_FROM')}) has an example.com address",
+            "warning: SMART_RESUME_EMAIL_TO=ops@example.com,oncall@example.com (from EMAIL_TO, "
+            f"{example_line('EMAIL_TO')}) has an example.com address",
+        ]
+        assert len(found) == len(expected), result.stderr
+        for line, start in zip(found, expected, strict=True):
+            assert line.startswith(start), (line, start)
+
+    @pytest.mark.parametrize(
+        ("settings", "source"),
+        [
+            ({"EMAIL_TRANSPORT": "LOG"}, "from EMAIL_TRANSPORT, command line"),
+            (
+                {
+                    "EMAIL_TRANSPORT": "",
+                    "SENDGRID_SECRET_NAME": "",
+                    "EMAIL_FROM": "",
+                    "EMAIL_TO": "",
+                },
+                "default without SENDGRID_SECRET_NAME",
+            ),
+        ],
+    )
+    def test_the_log_transport_is_warned_about(
+        self, path_without_gcloud: str, tmp_path: Path, settings: dict[str, str], source: str
+    ) -> None:
+        """Set, or the default without a SendGrid secret: in production reports are only logged."""
+        result = example_run(path_without_gcloud, tmp_path, settings)
+        assert result.returncode == 0, result.stderr
+        found = [w for w in warnings(result.stderr) if "TRANSPORT" in w]
+        assert found == [
+            f"warning: SMART_RESUME_EMAIL_TRANSPORT=log ({source}): reports are only logged, "
+            "never emailed; set EMAIL_TRANSPORT=sendgrid (with SENDGRID_SECRET_NAME) or ses"
+        ]
+
+    def test_a_production_like_file_gets_no_warning(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """Nothing to warn about, even from a shell set up by local_emulator.md."""
+        settings = tmp_path / "production.env"
+        settings.write_text(PRODUCTION)
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(settings),
+            "--build-dir",
+            str(tmp_path / "build"),
+            path=path_without_gcloud,
+            env=LOCAL_SHELL,
+        )
+        assert result.returncode == 0, result.stderr
+        assert warnings(result.stderr) == []
+        assert "warning" not in result.stderr
+
+    def test_a_pipeline_under_examples_is_warned_about(
+        self, fake_repo: Path, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        (fake_repo / "examples" / "demo.toml").write_text("")
+        (fake_repo / "deploy.env").write_text(
+            PRODUCTION + "SMART_RESUME_PIPELINE=examples/demo.toml\n"
+        )
+        result = run_deploy(
+            "--dry-run",
+            "--build-dir",
+            str(tmp_path / "build"),
+            path=path_without_gcloud,
+            script=fake_repo / "deploy.sh",
+        )
+        assert result.returncode == 0, result.stderr
+        line = len(PRODUCTION.splitlines()) + 1
+        assert warnings(result.stderr) == [
+            f"warning: SMART_RESUME_PIPELINE=examples/demo.toml (deploy.env:{line}) is under "
+            "examples/, a demo pipeline: set your own (or none, for pipeline.toml)"
+        ]
+
+    def test_an_unknown_key_is_refused_with_where_it_is(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """A typo in the file or on the command line stops the deploy, naming it and where."""
+        settings = tmp_path / "typo.env"
+        settings.write_text(EXAMPLE.read_text() + "REGOIN=us-central1\n")
+        line = len(EXAMPLE.read_text().splitlines()) + 1
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(settings),
+            "--build-dir",
+            str(tmp_path / "build"),
+            "SMART_RESUME_LEASE=60",
+            "region=us-central1",
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 2
+        assert "gcloud" not in result.stdout
+        for problem in (
+            f"  - {settings}:{line}: REGOIN is not a deploy.sh setting",
+            "  - command line: SMART_RESUME_LEASE is not a smart-resume setting",
+            "  - command line: region is not a deploy.sh setting",
+        ):
+            assert problem in result.stderr, problem
+        assert not (tmp_path / "build").exists()
+
+    def test_a_secret_is_never_a_setting(self, path_without_gcloud: str, tmp_path: Path) -> None:
+        """A secret's value in the file or on the command line is refused (it comes from Secret
+        Manager), by name only."""
+        settings = tmp_path / "secret.env"
+        settings.write_text(EXAMPLE.read_text() + f"SMART_RESUME_WEBHOOK_SECRET={SECRET}\n")
+        line = len(EXAMPLE.read_text().splitlines()) + 1
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(settings),
+            "--build-dir",
+            str(tmp_path / "build"),
+            "SMART_RESUME_PING_URL=https://hc-ping.com/0f9e-deploy-token",
+            "SENDGRID_API_KEY=SG.key-value",
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 2
+        for problem in (
+            f"{settings}:{line}: SMART_RESUME_WEBHOOK_SECRET is a secret, not a setting: store it"
+            " in Secret Manager and set WEBHOOK_SECRET_NAME and WEBHOOK_SECRET_VERSION",
+            "command line: SMART_RESUME_PING_URL is a secret, not a setting",
+            "command line: SENDGRID_API_KEY is a secret, not a setting",
+        ):
+            assert problem in result.stderr, problem
+        for value in (SECRET, "0f9e-deploy-token", "SG.key-value"):
+            assert value not in result.stdout + result.stderr
+
+
 class TestExample:
     def test_every_setting_is_documented(self) -> None:
         """Each setting deploy.sh reads (the new ones included) has a line in the example."""
         script = SCRIPT.read_text()
         read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):?[-+=]", script))
-        for array in ("SHORT_NAMES", "REQUIRED"):
+        for array in ("SHORT_NAMES", "REQUIRED", "OPTIONAL"):
             match = re.search(rf"^{array}=\(([^)]*)\)", script, re.M)
             assert match, array
             read |= set(match.group(1).split())
@@ -687,8 +998,11 @@ def fake_deploy(
     tmp_path: Path,
     job_exists: bool,
     env: dict[str, str] | None = None,
+    settings: dict[str, str] | None = None,
 ):
-    """A real deploy through the fake gcloud: its result and the gcloud calls, in order."""
+    """A real deploy through the fake gcloud, with the example settings and `settings` as
+    arguments over them (`env`: the fake's FAKE_* variables): its result and the gcloud calls,
+    in order."""
     path, log = fake_gcloud
     if log.exists():
         log.unlink()
@@ -698,6 +1012,7 @@ def fake_deploy(
         str(EXAMPLE),
         "--build-dir",
         str(tmp_path / "build"),
+        *as_args(settings),
         path=path,
         env={
             "FAKE_GCLOUD_LOG": str(log),
@@ -751,6 +1066,8 @@ class TestDeploy:
         assert SECRET not in result.stdout + result.stderr
         assert "X-Webhook-Secret=***" in result.stdout
         assert (tmp_path / "build" / "smart_resume" / "main.py").is_file()
+        # A real deploy lists its settings too, as comment lines before the commands.
+        assert settings_listing(result.stdout)["REGION"] == ("europe-west1", example_line("REGION"))
 
     def test_an_existing_index_does_not_fail_the_deploy(
         self, fake_gcloud: tuple[str, Path], tmp_path: Path
@@ -833,15 +1150,7 @@ class TestHealthSettings:
     def test_a_fixed_period_schedule_sets_the_expected_interval(
         self, path_without_gcloud: str, tmp_path: Path, schedule: str, expected: str, grace: str
     ) -> None:
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={"SCHEDULE": schedule},
-        )
+        result = example_run(path_without_gcloud, tmp_path, {"SCHEDULE": schedule})
         assert result.returncode == 0, result.stderr
         found = env_vars(result.stdout)
         assert found["SMART_RESUME_EXPECTED_EVERY_SECONDS"] == expected
@@ -854,15 +1163,7 @@ class TestHealthSettings:
     def test_an_irregular_schedule_is_not_guessed(
         self, path_without_gcloud: str, tmp_path: Path, schedule: str
     ) -> None:
-        out = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={"SCHEDULE": schedule},
-        )
+        out = example_run(path_without_gcloud, tmp_path, {"SCHEDULE": schedule})
         assert out.returncode == 0, out.stderr
         assert "SMART_RESUME_EXPECTED_EVERY_SECONDS" not in env_vars(out.stdout)
         assert "SMART_RESUME_GRACE_SECONDS" not in env_vars(out.stdout)
@@ -906,18 +1207,10 @@ class TestHealthSettings:
     def test_bad_health_settings_are_refused(
         self, path_without_gcloud: str, tmp_path: Path, name: str, value: str
     ) -> None:
-        env = {name: value}
+        settings = {name: value}
         if name == "PING_SECRET_VERSION":
-            env["PING_SECRET_NAME"] = "smart-resume-ping"
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env=env,
-        )
+            settings["PING_SECRET_NAME"] = "smart-resume-ping"
+        result = example_run(path_without_gcloud, tmp_path, settings)
         assert result.returncode == 2
         assert "gcloud" not in result.stdout
         assert f"{name}={value} must be" in result.stderr
@@ -940,14 +1233,8 @@ class TestHealthSettings:
         assert result.returncode == 0, result.stderr
         assert "0f9e-deploy-token" not in result.stdout + result.stderr
         assert "SMART_RESUME_PING_URL in the environment is not deployed" in result.stderr
-        missing = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={"PING_SECRET_NAME": "smart-resume-ping"},
+        missing = example_run(
+            path_without_gcloud, tmp_path, {"PING_SECRET_NAME": "smart-resume-ping"}
         )
         assert missing.returncode == 2 and "PING_SECRET_VERSION" in missing.stderr
         out = dry_run(
@@ -1034,8 +1321,8 @@ class TestDeployHealth:
     def fake(self, tmp_path: Path) -> tuple[str, Path]:
         return make_fake_gcloud(tmp_path)
 
-    def deploy(self, fake, tmp_path: Path, env: dict[str, str]):
-        return fake_deploy(fake, tmp_path, job_exists=True, env=env)
+    def deploy(self, fake, tmp_path: Path, settings: dict[str, str], env=None):
+        return fake_deploy(fake, tmp_path, job_exists=True, env=env, settings=settings)
 
     def test_alerting_is_created_then_updated(self, fake, tmp_path: Path) -> None:
         result, calls = self.deploy(fake, tmp_path, ALERT)
@@ -1056,7 +1343,7 @@ class TestDeployHealth:
         check = "projects/my-project/uptimeCheckConfigs/existing-3"
         existing_policy = "projects/my-project/alertPolicies/99"
         again, calls = self.deploy(
-            fake, tmp_path, {**ALERT, "FAKE_CHECK": check, "FAKE_POLICY": existing_policy}
+            fake, tmp_path, ALERT, env={"FAKE_CHECK": check, "FAKE_POLICY": existing_policy}
         )
         assert again.returncode == 0, again.stderr
         assert SECRET not in again.stdout + again.stderr
@@ -1115,7 +1402,7 @@ class TestDeployHealth:
         job = {"FAKE_TRIGGER_URL": trigger.url, "FAKE_STATUS_URL": status.url}
         if outcome == "refused":
             job["FAKE_JOB_SECRET"] = "an-old-secret-nobody-accepts"
-        result, calls = self.deploy(fake, tmp_path, {**job, "RUN_WAIT_SECONDS": "20"})
+        result, calls = self.deploy(fake, tmp_path, {"RUN_WAIT_SECONDS": "20"}, env=job)
         assert calls[-1][:3] == ["scheduler", "jobs", "run"]
         if outcome == "completed":
             assert result.returncode == 0, result.stderr
@@ -1195,14 +1482,20 @@ class TestShards:
             command(out, "gcloud scheduler jobs run smart-resume-shard-0 ")
         )
 
-    @pytest.mark.parametrize("env", [{"SHARDS": "1"}, {"SMART_RESUME_SHARDS": "1"}])
+    @pytest.mark.parametrize("settings", [{"SHARDS": "1"}, {"SMART_RESUME_SHARDS": "1"}])
     def test_one_shard_is_today_s_deploy(
-        self, path_without_gcloud: str, tmp_path: Path, env: dict[str, str]
+        self, path_without_gcloud: str, tmp_path: Path, settings: dict[str, str]
     ) -> None:
         """SHARDS=1 prints exactly what a deploy without it prints: one job named
         SCHEDULER_JOB without a body, one instance, no SMART_RESUME_SHARDS."""
         default = dry_run(path_without_gcloud, tmp_path)
-        assert dry_run(path_without_gcloud, tmp_path, env) == default
+        out = dry_run(path_without_gcloud, tmp_path, settings)
+        # The same, but for where the settings listing says SHARDS came from.
+        assert settings_listing(out)["SHARDS"] == (
+            "1",
+            "command line" if "SHARDS" in settings else "from SMART_RESUME_SHARDS, command line",
+        )
+        assert without_listing(out) == without_listing(default)
         assert "SMART_RESUME_SHARDS" not in env_vars(default)
         assert "--max-instances=1" in command(default, "gcloud functions deploy smart-resume ")
         assert "--message-body" not in default and "Content-Type" not in default
@@ -1224,15 +1517,7 @@ class TestShards:
         self, path_without_gcloud: str, tmp_path: Path, value: str
     ) -> None:
         """One line naming SHARDS and its range, exit 2, and no command."""
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={"SHARDS": value},
-        )
+        result = example_run(path_without_gcloud, tmp_path, {"SHARDS": value})
         assert result.returncode == 2
         assert "gcloud" not in result.stdout
         lines = [line for line in result.stderr.splitlines() if "SHARDS" in line]
@@ -1242,14 +1527,8 @@ class TestShards:
     def test_shards_and_smart_resume_shards_must_agree(
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(EXAMPLE),
-            "--build-dir",
-            str(tmp_path),
-            path=path_without_gcloud,
-            env={"SHARDS": "2", "SMART_RESUME_SHARDS": "3"},
+        result = example_run(
+            path_without_gcloud, tmp_path, {"SHARDS": "2", "SMART_RESUME_SHARDS": "3"}
         )
         assert result.returncode == 2
         assert "SHARDS and SMART_RESUME_SHARDS are both set, to different values" in result.stderr
@@ -1311,7 +1590,7 @@ class TestDeployShards:
     def test_shards_create_their_jobs_and_delete_the_stale_ones(self, fake, tmp_path) -> None:
         existing = "smart-resume,smart-resume-shard-1,smart-resume-shard-3,smart-resume-shard-7"
         result, calls = fake_deploy(
-            fake, tmp_path, job_exists=False, env={"SHARDS": "3", "FAKE_JOBS": existing}
+            fake, tmp_path, job_exists=False, env={"FAKE_JOBS": existing}, settings={"SHARDS": "3"}
         )
         assert result.returncode == 0, result.stderr
         assert SECRET not in result.stdout + result.stderr
@@ -1447,13 +1726,65 @@ class TestStage:
         (fake_repo / "myresume.py").write_text("def run_smart_resume(**kw):\n    pass\n")
         result = run_deploy(
             "stage",
+            "SMART_RESUME_MODULE=myresume",
             path=path_without_gcloud,
             script=fake_repo / "deploy.sh",
-            env={"SMART_RESUME_MODULE": "myresume"},
         )
         assert result.returncode == 0, result.stderr
         assert (fake_repo / "build" / "smart_resume" / "myresume.py").is_file()
         assert not (fake_repo / "build" / "smart_resume" / "unrelated").exists()
+
+    def test_a_custom_pipeline_bundles_only_what_it_names(
+        self, fake_repo: Path, path_without_gcloud: str
+    ) -> None:
+        """SMART_RESUME_PIPELINE (from the settings file or an argument) is the one pipeline
+        bundled, with the package its operation targets: neither pipeline.toml nor examples/,
+        which it does not name. The shell's SMART_RESUME_PIPELINE is ignored."""
+        files = {
+            "custom/pipe.toml": (
+                '[[operation]]\nname = "mine"\nkind = "python"\ntarget = "mypkg.ops:run"\n'
+            ),
+            "mypkg/__init__.py": "",
+            "mypkg/ops.py": "def run(ctx):\n    return None\n",
+            "mypkg/tests/test_ops.py": "",
+        }
+        for name, text in files.items():
+            (fake_repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (fake_repo / name).write_text(text)
+        custom = {"main.py", "requirements.txt", "custom/pipe.toml", "mypkg/__init__.py"}
+        custom |= {"mypkg/ops.py"} | runtime_files(fake_repo / "shared", "shared")
+        default = {"main.py", "requirements.txt", "pipeline.toml", "examples/__init__.py"}
+        default |= {"examples/ops.py"} | runtime_files(fake_repo / "shared", "shared")
+        script = fake_repo / "deploy.sh"
+
+        (fake_repo / "deploy.env").write_text("SMART_RESUME_PIPELINE=custom/pipe.toml\n")
+        result = run_deploy("stage", path=path_without_gcloud, script=script)
+        assert result.returncode == 0, result.stderr
+        for fn in FUNCTIONS:
+            assert bundle_files(fake_repo / "build" / fn) == custom
+        assert "(pipeline: custom/pipe.toml; with mypkg)" in result.stderr
+
+        (fake_repo / "deploy.env").write_text("PROJECT_ID=p\n")
+        by_argument = run_deploy(
+            "stage",
+            "SMART_RESUME_PIPELINE=./custom/pipe.toml",
+            path=path_without_gcloud,
+            script=script,
+        )
+        assert by_argument.returncode == 0, by_argument.stderr
+        assert bundle_files(fake_repo / "build" / "smart_resume") == custom
+
+        from_the_shell = run_deploy(
+            "stage",
+            path=path_without_gcloud,
+            script=script,
+            env={"SMART_RESUME_PIPELINE": "custom/pipe.toml"},
+        )
+        assert from_the_shell.returncode == 0, from_the_shell.stderr
+        assert bundle_files(fake_repo / "build" / "smart_resume") == default
+        assert "ignored from the shell's environment: SMART_RESUME_PIPELINE " in (
+            from_the_shell.stderr
+        )
 
     def test_an_invalid_pipeline_stops_the_stage(
         self, fake_repo: Path, path_without_gcloud: str
