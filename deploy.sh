@@ -91,6 +91,7 @@ BUILD_DIR="$ROOT/build"
 ENV_FILE="$ROOT/deploy.env"
 # How the settings file is named in messages: as given to --env-file, or deploy.env.
 ENV_LABEL=deploy.env
+ENV_FILE_GIVEN=0
 # KEY=VALUE arguments, in order (a later one wins); applied over the settings file.
 ARG_SETTINGS=()
 while (($#)); do
@@ -103,11 +104,15 @@ while (($#)); do
             ;;
         --build-dir | --env-file)
             (($# >= 2)) || fail 2 "$1 needs a value (see --help)"
-            if [[ $1 == --build-dir ]]; then BUILD_DIR=$2; else ENV_FILE=$2 ENV_LABEL=$2; fi
+            if [[ $1 == --build-dir ]]; then
+                BUILD_DIR=$2
+            else
+                ENV_FILE=$2 ENV_LABEL=$2 ENV_FILE_GIVEN=1
+            fi
             shift
             ;;
         --build-dir=*) BUILD_DIR=${1#*=} ;;
-        --env-file=*) ENV_FILE=${1#*=} ENV_LABEL=${1#*=} ;;
+        --env-file=*) ENV_FILE=${1#*=} ENV_LABEL=${1#*=} ENV_FILE_GIVEN=1 ;;
         *=*)
             [[ $1 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || fail 2 "unknown argument: $1 (see --help)"
             ARG_SETTINGS+=("$1")
@@ -199,11 +204,18 @@ ignore_shell_settings() {
 }
 
 # KEY=VALUE lines, read as data (never executed). A key that is not a setting is a problem
-# named with its line; a key set twice keeps its first value (a note says so).
+# named with its line; a key set twice takes its last value, as a shell would (a note says so).
+# A settings file named with --env-file must exist; without deploy.env a note says where the
+# settings would come from.
 load_env_file() {
     local file=$1 line key value n=0 where why
     local -A line_of=()
-    [[ -f $file ]] || return 0
+    if [[ ! -f $file ]]; then
+        ((ENV_FILE_GIVEN)) && fail 2 "--env-file $file: no such file"
+        note "note: no $ENV_LABEL beside deploy.sh: copy deploy.env.example to deploy.env and" \
+            "fill it in (or pass every setting as KEY=VALUE)"
+        return 0
+    fi
     while IFS= read -r line || [[ -n $line ]]; do
         n=$((n + 1))
         line=${line#"${line%%[![:space:]]*}"}
@@ -218,8 +230,7 @@ load_env_file() {
             value=${BASH_REMATCH[1]}
         fi
         if [[ -n ${line_of[$key]:-} ]]; then
-            note "note: $where: $key is set again; the value of line ${line_of[$key]} is kept"
-            continue
+            note "note: $where: $key is set again; this value wins over line ${line_of[$key]}'s"
         fi
         line_of[$key]=$n
         why=$(not_a_setting "$key")

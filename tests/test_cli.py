@@ -22,6 +22,16 @@ from shared.resume.cli import main
 COMMANDS = ["run", "plan", "status", "cancel", "unlock", "seed-demo"]
 
 
+@pytest.fixture(autouse=True)
+def _logs_back_to_stdout():
+    """The command line sends log lines to standard error; the tests after these expect the
+    functions' standard output again."""
+    yield
+    from shared import log
+
+    log.configure()
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command) -> None:
     result = subprocess.run(

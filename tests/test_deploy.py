@@ -671,6 +671,29 @@ class TestWhereSettingsComeFrom:
             assert value not in result.stdout + result.stderr, value
         assert not [w for w in warnings(result.stderr) if "SECONDS" in w or "outbox" in w]
 
+    def test_a_named_settings_file_must_exist_and_a_repeated_key_takes_its_last_value(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        missing = run_deploy(
+            "--dry-run", "--env-file", str(tmp_path / "nope.env"), path=path_without_gcloud
+        )
+        assert missing.returncode == 2
+        assert f"--env-file {tmp_path / 'nope.env'}: no such file" in missing.stderr
+        twice = tmp_path / "twice.env"
+        twice.write_text(EXAMPLE.read_text() + "REGION=us-east1\n")
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(twice),
+            "--build-dir",
+            str(tmp_path / "build"),
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 0, result.stderr
+        last = len(twice.read_text().splitlines())
+        assert settings_listing(result.stdout)["REGION"] == ("us-east1", f"{twice}:{last}")
+        assert f"{twice}:{last}: REGION is set again; this value wins" in result.stderr
+
     def test_the_deploy_lists_each_setting_and_where_it_came_from(
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
