@@ -162,3 +162,33 @@ def test_cli_run_needs_a_shard_and_exits_5_on_failures(db, configure, pipeline_f
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert "shard 0:" in out and "shard 1:" in out
+
+
+def test_shards_back_to_an_earlier_count_lose_no_client(db, configure, pipeline_file) -> None:
+    """3 shards, then 2, then 3 again within a day: shard 2's record of its last full pass
+    still matches, but the clients it owns were stamped with shard 0 or 1 meanwhile. Another
+    shard's full pass (which reads every active client anyway) repairs their stored shard, so
+    shard 2 runs them on its next tick instead of a day later."""
+    import opfuncs
+    from conftest import run_once
+
+    pipeline_file(
+        "fresh_hours = 0.0005\n"  # 1.8 s: every client is due again on each step
+        '[[operation]]\nname = "first"\nkind = "python"\ntarget = "opfuncs:ok"\n'
+    )
+    ids = seed_clients(db, 30)
+
+    def tick(count: int) -> None:
+        settings = configure(SMART_RESUME_SHARDS=str(count))
+        time.sleep(1.9)
+        for shard in range(count):
+            assert run_once(settings, db, shard=shard).status == "completed"
+
+    tick(3)
+    tick(2)
+    opfuncs.SEEN.clear()
+    tick(3)
+    ran = collections.Counter(seen["client"] for seen in opfuncs.SEEN)
+    assert sorted(ran) == ids and set(ran.values()) == {1}
+    stored = {s.id: s.get("shard") for s in db.collection("clients").stream()}
+    assert stored == {i: shard_of(i, 3) for i in ids}

@@ -20,10 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
 from shared import store
 from shared.config import Settings
+from shared.errors import StoreUnavailable
 from shared.resume.pipeline import Pipeline
 from shared.resume.plan import (
     DECISION_FIELDS,
@@ -33,7 +35,7 @@ from shared.resume.plan import (
     next_due,
     plan_client,
 )
-from shared.resume.shards import shard_of
+from shared.resume.shards import base_name, shard_of
 
 PAGE_SIZE = 200  # due clients per page: memory stays one page, round trips stay few
 FULL_PAGE_SIZE = 500
@@ -237,19 +239,39 @@ class Reconcile:
             .document(name)
         )
         self.active: int | None = None
+        # With shards, one document for all of them counts the changes of their number
+        # (`epoch`): N -> M -> N within a day leaves a shard's last pass, made under N,
+        # looking current although the M shards restamped its clients meanwhile.
+        self.shards_ref = (
+            sel.client.collection(store.LOCKS)
+            .document(base_name(sel.settings.lock_name, sel.shard))
+            .collection(store.META)
+            .document(name.replace("due", "shards", 1))
+            if sel.shard is not None
+            else None
+        )
+        self.epoch: int | None = None
 
     def reason(self, now: dt.datetime) -> str | None:
         """Why a full pass must run on this tick, or None."""
         sel = self.selection
+        refs = [self.ref] + ([self.shards_ref] if self.shards_ref is not None else [])
         with store.translate_errors("reading the due-work state"):
-            snap = self.ref.get(**store.call(sel.settings))
-        sel.reads.add(1)
+            found = {
+                s.reference.path: s for s in sel.client.get_all(refs, **store.call(sel.settings))
+            }
+        sel.reads.add(len(refs))
+        snap = found[self.ref.path]
         meta = snap.to_dict() if snap.exists else None
+        if self.shards_ref is not None:
+            self.epoch = self._shard_epoch(found[self.shards_ref.path])
         self.active = sel.count_active()
         if not meta:
             return "first tick of due-work selection"
         if meta.get("fingerprint") != self.fingerprint:
             return "the pipeline's operations or timing, or the number of shards, changed"
+        if meta.get("shardsEpoch") != self.epoch:
+            return "the number of shards changed since this shard's last full pass"
         if meta.get("activeCount") != self.active:
             return f"active clients changed from {meta.get('activeCount')} to {self.active}"
         at = meta.get("reconciledAt")
@@ -257,6 +279,37 @@ class Reconcile:
         if not isinstance(at, dt.datetime) or now - at >= dt.timedelta(hours=hours):
             return f"no full pass for {hours:g}h"
         return None
+
+    def _shard_epoch(self, snap: Any) -> int:
+        """The shards' change count, moved on by whichever shard first sees a new number.
+
+        A conditional write: of two shards that see the change on the same tick, one moves
+        the count on and the other reads it back, so it moves by one per change."""
+        sel = self.selection
+        assert self.shards_ref is not None
+        for _ in range(3):
+            data = (snap.to_dict() or {}) if snap.exists else {}
+            epoch = data.get("epoch") if isinstance(data.get("epoch"), int) else 0
+            if snap.exists and data.get("count") == sel.shards:
+                return epoch
+            change = {
+                "count": sel.shards,
+                "epoch": epoch + 1,
+                "changedAt": firestore.SERVER_TIMESTAMP,
+            }
+            try:
+                with store.translate_errors("recording the number of shards"):
+                    if snap.exists:
+                        option = sel.client.write_option(last_update_time=snap.update_time)
+                        self.shards_ref.update(change, option=option, **store.call(sel.settings))
+                    else:
+                        self.shards_ref.create(change, **store.call(sel.settings))
+                return epoch + 1
+            except (gexc.FailedPrecondition, gexc.AlreadyExists):
+                with store.translate_errors("reading the number of shards"):
+                    snap = self.shards_ref.get(**store.call(sel.settings))
+                sel.reads.add(1)
+        raise StoreUnavailable("the number of shards kept changing under this run")
 
     def run(self, now: dt.datetime, should_stop: Any) -> tuple[int, int]:
         """Repair every active client's due fields; returns (clients read, repaired). Records
@@ -283,6 +336,7 @@ class Reconcile:
             "lockName": sel.settings.lock_name,
             "stream": sel.options.stream,
             "shard": sel.shard,
+            "shardsEpoch": self.epoch,
         }
         self.fence.transaction("recording the full pass", lambda tx: tx.set(self.ref, meta))
         return seen, repaired

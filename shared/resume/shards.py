@@ -18,3 +18,9 @@ def shard_of(client_id: str, shards: int) -> int:
 def lock_name(base: str, shard: int | None) -> str:
     """Shard k's lock document id; the base name itself without shards."""
     return base if shard is None else f"{base}-shard-{shard}"
+
+
+def base_name(name: str, shard: int | None) -> str:
+    """The lock name that shard k's lock name was made from (`lock_name` undone)."""
+    suffix = f"-shard-{shard}"
+    return name[: -len(suffix)] if shard is not None and name.endswith(suffix) else name
