@@ -191,22 +191,35 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def configure(log_format: str = "text", level: int = logging.INFO, to_stderr: bool = False) -> None:
-    """Install the handler once; calling again switches the format (tests do).
+def configure(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Install the handler once; calling again switches the format (tests do)."""
+    handler = _handler()
+    logging.getLogger(LOGGER_NAME).setLevel(level)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
 
-    The functions log to standard output (Cloud Logging reads it); the command line logs to
-    standard error, so that its standard output holds only its answer (`--json` for machines).
-    """
+
+def _handler() -> _StdoutHandler:
     logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(level)
     logger.propagate = False
     handler = next((h for h in logger.handlers if isinstance(h, _StdoutHandler)), None)
     if handler is None:
         handler = _StdoutHandler()
         handler.addFilter(_ContextFilter())
         logger.addHandler(handler)
-    handler.target = "stderr" if to_stderr else "stdout"
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    return handler
+
+
+@contextlib.contextmanager
+def to_stderr() -> Iterator[None]:
+    """Log to standard error for a while: the functions log to standard output (Cloud Logging
+    reads it), the command line to standard error, so that its standard output holds only its
+    answer (`--json` for machines). Restored after, for whoever calls the command in-process."""
+    handler = _handler()
+    before, handler.target = handler.target, "stderr"
+    try:
+        yield
+    finally:
+        handler.target = before
 
 
 def get_logger(component: str) -> logging.LoggerAdapter[logging.Logger]:

@@ -22,16 +22,6 @@ from shared.resume.cli import main
 COMMANDS = ["run", "plan", "status", "cancel", "unlock", "seed-demo"]
 
 
-@pytest.fixture(autouse=True)
-def _logs_back_to_stdout():
-    """The command line sends log lines to standard error; the tests after these expect the
-    functions' standard output again."""
-    yield
-    from shared import log
-
-    log.configure()
-
-
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command) -> None:
     result = subprocess.run(
@@ -142,6 +132,10 @@ def test_progress_lines_when_not_a_terminal(db, configure, pipeline_file, capsys
         for m in found
     )
     assert "run started" in err  # log lines go to standard error too
+    from shared.log import get_logger
+
+    get_logger("test").info("after the command")  # and back to standard output after it
+    assert "after the command" in capsys.readouterr().out
 
 
 def test_progress_off_prints_nothing_but_the_answer(db, configure, pipeline_file, capsys) -> None:
@@ -235,10 +229,12 @@ def test_status_shows_clients_done_and_failed_during_a_run(db, configure, pipeli
     try:
         assert opfuncs.BEHAVIOUR["entered"].wait(10)  # c00000 failed; c00001 waits in `second`
         deadline = time.monotonic() + 10
-        while (db.document("locks/smart-resume").get().to_dict() or {}).get("progress", {}).get(
-            "clientsDone"
-        ) != 1:
-            assert time.monotonic() < deadline, "the heartbeat never stored the counts"
+        wanted = {"clientId": "c00001", "operation": "second", "clientsDone": 1, "failed": 1}
+        while True:  # a beat stores the progress: wait for the one after `second` started
+            progress = (db.document("locks/smart-resume").get().to_dict() or {}).get("progress")
+            if wanted.items() <= (progress or {}).items():
+                break
+            assert time.monotonic() < deadline, f"the heartbeat never stored {wanted}"
             time.sleep(0.05)
         capsys.readouterr()
         assert main(["status"]) == 0

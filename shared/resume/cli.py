@@ -119,13 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging_setup.configure(settings.log_format, to_stderr=True)  # stdout: the answer only
+    logging_setup.configure(settings.log_format)
     logging_setup.register_secrets(settings.secrets)
     from shared.store import get_client
 
     client = get_client(settings)
     try:
-        return _dispatch(args, settings, client)
+        with logging_setup.to_stderr():  # standard output: the answer only
+            return _dispatch(args, settings, client)
     except (PipelineError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE  # a missing or broken pipeline is a configuration error, like the rest
