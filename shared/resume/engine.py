@@ -34,7 +34,8 @@ from shared.lock import Lease, Lock
 from shared.log import bind, get_logger, mask
 from shared.resume import limits
 from shared.resume.due import Reconcile, Selection, client_fields
-from shared.resume.operations import Context, Outcome, run_http, run_python
+from shared.resume.http_operation import run_http
+from shared.resume.operations import Context, Outcome, run_python
 from shared.resume.pipeline import Operation, Pipeline
 from shared.resume.plan import RESUMES, ClientPlan, RunOptions, Step, failures_of, next_due
 from shared.resume.results import ResultSink

@@ -1,9 +1,9 @@
-"""Running one client-operation: the `http` call loop and the in-process `python` call.
+"""Running one client-operation: what both kinds share, and the in-process `python` call.
 
-Both report through the same small interface (`OperationIO`): save a checkpoint (a fenced write,
-made before the next call so a crash resumes from it), count things, ask whether to stop, and
-pass through the operation's `Gate` (`limits.py`) before every call, so the operation's rate,
-concurrency and `Retry-After` limits hold across all workers and no call outlives the run.
+Both kinds report through the same small interface (`OperationIO`): save a checkpoint (a fenced
+write, made before the next call so a crash resumes from it), count things, ask whether to stop,
+and pass through the operation's `Gate` (`limits.py`) before every call. The `http` call loop is
+in `http_operation.py`.
 
 Chunks are delivered at least once: a crash between a chunk's work and its saved checkpoint
 repeats that chunk. Every call of a chunk carries the same `Idempotency-Key` (derived from the
@@ -16,26 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import requests
-
 from shared.errors import OperationFailed
-from shared.log import get_logger
-from shared.resume.limits import HELD_PAST_BUDGET, STOPPING, Gate, retry_after, stamped_session
+from shared.resume.limits import Gate
 from shared.resume.pipeline import Operation
-
-log = get_logger("operations")
-MAX_RESPONSE_BYTES = 1 << 20  # an operations service answers with a small JSON document
-READ_CHUNK = 64 * 1024
-MAX_BACKOFF_SECONDS = 30.0
-#: Answers whose `Retry-After` holds back every call of the operation.
-HOLD_STATUSES = (429, 503)
-_session_factory: Callable[[], requests.Session] = stamped_session
 
 
 class OperationIO(Protocol):
@@ -53,21 +39,6 @@ class Outcome:
     counts: dict[str, int] = field(default_factory=dict)
     #: Why a not-done operation stopped, when it was not the run's stop (a hold past the budget).
     reason: str | None = None
-
-
-class _Transient(Exception):
-    """An answer worth retrying: 429, 5xx, or a connection problem."""
-
-    def __init__(self, message: str, wait: float | None = None) -> None:
-        super().__init__(message)
-        self.wait = wait  # from Retry-After (429 and 503 only); None: the normal backoff
-
-
-@dataclass(frozen=True)
-class _NotNow:
-    """The call was not made, or not retried: the operation is deferred with its checkpoint."""
-
-    reason: str
 
 
 def idempotency_key(client_id: str, operation: str, checkpoint: dict[str, Any] | None) -> str:
@@ -89,180 +60,6 @@ def _canonical(value: Any) -> str:
         aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
         return aware.astimezone(dt.UTC).isoformat()
     return str(value)
-
-
-def run_http(op: Operation, io: OperationIO, body: dict[str, Any]) -> Outcome:
-    """POST until the service says done, saving each checkpoint before the next call."""
-    session = _session_factory()
-    calls = 0
-    try:
-        while True:
-            if io.should_stop():
-                return Outcome(done=False)
-            if calls >= op.max_calls:
-                raise OperationFailed(
-                    f"max_calls ({op.max_calls}) reached before the service said done"
-                )
-            calls += 1
-            headers = {
-                "Idempotency-Key": idempotency_key(body["clientId"], op.name, io.checkpoint),
-                "X-Smart-Resume-Run": str(body["runId"]),
-            }
-            payload = {**body, "checkpoint": io.checkpoint}
-            answer = _call_with_retries(session, op, payload, headers, io.gate)
-            if isinstance(answer, _NotNow):
-                return Outcome(done=False, reason=answer.reason)
-            done, checkpoint, counts = _parse_answer(answer)
-            for name, n in counts.items():
-                io.count(name, n)
-            if done:
-                return Outcome(done=True)
-            if checkpoint is not None:
-                io.save_checkpoint(checkpoint)
-    finally:
-        session.close()
-
-
-def _backoff(op: Operation, attempt: int) -> float:
-    """Exponential from `retry_initial_seconds`, at most 30 s, plus up to one initial of jitter."""
-    initial = op.retry_initial_seconds
-    return min(MAX_BACKOFF_SECONDS, initial * 2 ** (attempt - 1)) + random.uniform(0, initial)
-
-
-def _call_with_retries(
-    session: requests.Session,
-    op: Operation,
-    payload: dict[str, Any],
-    headers: dict[str, str],
-    gate: Gate,
-) -> Any:
-    """One chunk: the call, retried on transient failures within the budget; `_NotNow` when
-    the run stops or a `Retry-After` reaches past the budget."""
-    attempts = op.retries + 1
-    attempt = 0
-    while True:
-        attempt += 1
-        refused = gate.enter()
-        if refused is not None:
-            return _NotNow(refused)
-        try:
-            return _post(session, op, payload, headers, gate)
-        except _Transient as exc:
-            failure = exc
-        finally:
-            gate.leave()
-        if gate.stop():
-            return _NotNow(STOPPING)
-        if failure.wait is not None and not gate.hold(failure.wait):
-            log.warning(
-                "%s; Retry-After %.0f s is past the time budget: deferred, resumes from its "
-                "checkpoint",
-                failure,
-                failure.wait,
-                fields={"attempt": attempt, "waitSeconds": round(failure.wait, 3)},
-            )
-            return _NotNow(HELD_PAST_BUDGET)
-        if attempt >= attempts:
-            raise OperationFailed(f"{failure} (after {attempts} attempts)")
-        wait = failure.wait if failure.wait is not None else _backoff(op, attempt)
-        why = f"{failure}" + (
-            " (Retry-After: every call of this operation waits)" if failure.wait is not None else ""
-        )
-        log.warning(
-            "retrying: attempt %d of %d in %.2f s, because %s",
-            attempt + 1,
-            attempts,
-            wait,
-            why,
-            fields={"attempt": attempt + 1, "attempts": attempts, "waitSeconds": round(wait, 3)},
-        )
-        gate.note_retry()
-        # A Retry-After hold is waited out in `enter`, together with every other worker.
-        if failure.wait is None and not gate.sleep(wait):
-            return _NotNow(STOPPING)
-
-
-def _post(
-    session: requests.Session,
-    op: Operation,
-    payload: dict[str, Any],
-    headers: dict[str, str],
-    gate: Gate,
-) -> Any:
-    assert op.url is not None
-    timeout = gate.budget.timeout(op.timeout_seconds)
-    cut = " (cut to the run's remaining time)" if timeout < op.timeout_seconds else ""
-    ends = time.monotonic() + timeout
-    try:
-        with gate.sending():
-            response = session.post(
-                op.url, json=payload, headers=headers, timeout=timeout, stream=True
-            )
-    except requests.Timeout:
-        raise _Transient(f"no answer from {op.url} within {timeout:.3g}s{cut}") from None
-    except requests.ConnectionError as exc:
-        raise _Transient(f"cannot reach {op.url}: {type(exc).__name__}") from None
-    with response:
-        status = response.status_code
-        if status == 429 or status >= 500:
-            wait = retry_after(response.headers.get("Retry-After"))
-            if status not in HOLD_STATUSES:
-                wait = None
-            raise _Transient(f"{op.url} answered {status}", wait)
-        if not 200 <= status < 300:
-            raise OperationFailed(f"{op.url} answered {status}: {_snippet(response)}")
-        raw = _read(response, op, ends, f"{timeout:.3g}s{cut}")
-    if len(raw) > MAX_RESPONSE_BYTES:
-        raise OperationFailed(f"{op.url} answered more than {MAX_RESPONSE_BYTES} bytes")
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except ValueError:
-        if "json" in response.headers.get("Content-Type", ""):
-            raise OperationFailed(f"{op.url} answered malformed JSON") from None
-        return {}  # a plain-text 2xx means done
-
-
-def _read(response: requests.Response, op: Operation, ends: float, within: str) -> bytes:
-    """The body, up to one byte over the limit, within the call's timeout as a whole (a
-    service trickling bytes does not stretch it)."""
-    parts: list[bytes] = []
-    size = 0
-    try:
-        while size <= MAX_RESPONSE_BYTES:
-            chunk = response.raw.read(
-                min(READ_CHUNK, MAX_RESPONSE_BYTES + 1 - size), decode_content=True
-            )
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-            if time.monotonic() > ends:
-                raise _Transient(f"no complete answer from {op.url} within {within}")
-    except (requests.RequestException, OSError) as exc:
-        raise _Transient(f"reading the answer of {op.url} failed: {exc}") from None
-    return b"".join(parts)
-
-
-def _snippet(response: requests.Response) -> str:
-    try:
-        text = response.raw.read(300, decode_content=True).decode("utf-8", "replace")
-    except Exception:
-        return ""
-    return " ".join(text.split())[:200]
-
-
-def _parse_answer(answer: Any) -> tuple[bool, dict[str, Any] | None, dict[str, int]]:
-    if not isinstance(answer, dict):
-        raise OperationFailed(f"the answer is JSON but not an object: {type(answer).__name__}")
-    done = answer.get("done", True)
-    if not isinstance(done, bool):
-        raise OperationFailed(f"'done' must be true or false, got {done!r}"[:200])
-    checkpoint = answer.get("checkpoint")
-    if checkpoint is not None and not isinstance(checkpoint, dict):
-        raise OperationFailed("'checkpoint' must be an object")
-    return done, checkpoint, validate_counts(answer.get("counts"))
 
 
 def validate_counts(counts: Any) -> dict[str, int]:
