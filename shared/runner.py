@@ -224,6 +224,28 @@ def start_run(
             )
 
 
+@contextlib.contextmanager
+def _watching(watch: Watch | None, heartbeat: Heartbeat) -> Iterator[None]:
+    """`watch(heartbeat)`, whose own failures (a progress display's terminal gone) are logged
+    and dropped: they must never fail, record or strand a run."""
+    view: contextlib.AbstractContextManager[Any] | None = None
+    if watch is not None:
+        try:
+            view = watch(heartbeat)
+            view.__enter__()
+        except Exception as exc:
+            log.warning("progress display failed to start: %s", one_line(exc))
+            view = None
+    try:
+        yield
+    finally:
+        if view is not None:
+            try:
+                view.__exit__(None, None, None)
+            except Exception as exc:
+                log.warning("progress display failed: %s", one_line(exc))
+
+
 def _run_locked(
     settings, client, lock, lease, runs, entry, pipeline, options, deadline, watch
 ) -> Outcome:  # type: ignore[no-untyped-def]
@@ -237,7 +259,7 @@ def _run_locked(
     pings = RunPings(settings)
     with (
         Heartbeat(lock, lease, settings.heartbeat_seconds, settings.lease_seconds) as hb,
-        watch(hb) if watch else contextlib.nullcontext(),
+        _watching(watch, hb),
     ):
         # In the background: the run does not wait for the dead man's switch to answer.
         pings.start(run_id, lease.token, lease.previous_run_id, lease.previous_age_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -119,7 +120,7 @@ def test_progress_lines_when_not_a_terminal(db, configure, pipeline_file, capsys
     assert code == 5  # completed, with one failed client-operation
     assert json.loads(out)["summary"]["failed"] == 1  # stdout: the answer only, no log lines
     lines = [line for line in err.splitlines() if line.startswith("progress: ")]
-    pattern = r"progress: 0:00:\d\d (\d) of 4 clients done, (\d) failed(; at .*)?"
+    pattern = r"progress: 0:00:\d\d (\d) of 4 clients done, (\d) operations? failed(; at .*)?"
     found = [re.fullmatch(pattern, line) for line in lines]
     # Until the due query's first page is read, the total is not known yet.
     before = [line for line, m in zip(lines, found, strict=True) if m is None]
@@ -144,15 +145,60 @@ def test_progress_off_prints_nothing_but_the_answer(db, configure, pipeline_file
     pipeline_file(SLOW_THEN_BOOM)
     seed_clients(db, 2)
     opfuncs.BEHAVIOUR.update(delay=0.2, fail_for=set())
-    assert main(["run", "--progress", "off", "--progress-every", "0.05"]) == 0
+    assert main(["run", "--progress", "off", "--progress-every", "0.1"]) == 0
     out, err = capsys.readouterr()
     assert "status: completed" in out
     assert "progress:" not in err
 
 
-def test_bad_progress_interval_is_a_usage_error(capsys) -> None:
-    assert main(["run", "--progress-every", "0"]) == 2
-    assert "--progress-every" in capsys.readouterr().err
+@pytest.mark.parametrize("every", ["0", "-1", "nan", "inf", "1e-6", "1e12"])
+def test_bad_progress_interval_is_a_usage_error(every, capsys) -> None:
+    assert main(["run", "--progress-every", every]) == 2
+    assert "--progress-every must be from 0.1 to 86400 seconds" in capsys.readouterr().err
+
+
+class _BreakingTerminal(io.StringIO):
+    """A terminal whose writes fail with EPIPE after the first few (the reader went away)."""
+
+    def __init__(self, good_writes: int) -> None:
+        super().__init__()
+        self.left = good_writes
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.left -= 1
+        if self.left < 0:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+@pytest.mark.parametrize("mode", ["bar", "lines"])
+def test_a_broken_terminal_never_breaks_the_run(db, configure, pipeline_file, monkeypatch, mode):
+    """The display's writes fail mid-run: the run still completes, is recorded and released,
+    and the command returns (a tqdm lock once stayed held and hung every log line)."""
+    import threading
+
+    import opfuncs
+
+    pipeline_file(SLOW_THEN_BOOM.replace("opfuncs:boom", "opfuncs:ok"))
+    configure(SMART_RESUME_CONCURRENCY="1")
+    seed_clients(db, 3)
+    opfuncs.BEHAVIOUR.update(delay=0.3)
+    terminal = _BreakingTerminal(good_writes=3)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    box: dict = {}
+    args = ["run", "--progress", mode, "--progress-every", "0.1"]
+    worker = threading.Thread(target=lambda: box.update(code=main(args)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the command hung on a broken terminal"
+    assert box["code"] == 0
+    assert sys.stderr is terminal  # put back as it was
+    runs = [r.to_dict()["status"] for r in db.collection("runs").stream()]
+    assert runs == ["completed"]
+    assert db.document("locks/smart-resume").get().to_dict()["held"] is False
 
 
 def test_progress_bar_on_a_terminal(db, tmp_path) -> None:
@@ -243,7 +289,7 @@ def test_status_shows_clients_done_and_failed_during_a_run(db, configure, pipeli
         opfuncs.BEHAVIOUR["release"].set()
         worker.join(30)
     assert "at client c00001 (2 of 2), operation second" in out
-    assert "clients done: 1, failed so far: 1" in out
+    assert "clients done: 1, client-operations failed so far: 1" in out
 
 
 def test_cancel_and_retry_print_text_or_json(db, settings, capsys) -> None:

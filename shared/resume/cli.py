@@ -28,6 +28,8 @@ from shared.lock import NotRunning
 from shared.resume import live
 from shared.resume.live import MODES
 
+#: Bounds of --progress-every: a busy loop below, and beyond what a thread can wait above.
+MIN_EVERY, MAX_EVERY = 0.1, 86400.0
 EPILOG = """exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled,
 5 completed with failed client-operations.
 Settings come from the environment (see the README); FIRESTORE_EMULATOR_HOST points at the
@@ -80,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         metavar="S",
-        help="seconds between progress lines (default 30)",
+        help="seconds between progress lines, 0.1 to 86400 (default 30)",
     )
     filters(sub.add_parser("plan", help="show what would be skipped or run, and why"))
     status = sub.add_parser("status", help="what is running, and how the last runs ended")
@@ -173,8 +175,10 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             outcome = plan_run(settings, client, _options(args, True), pipeline)
             _print_plan(outcome.body["plan"], args.json)
             return EXIT_OK
-        if not args.progress_every > 0:
-            raise ValueError("--progress-every must be a positive number of seconds")
+        if not MIN_EVERY <= args.progress_every <= MAX_EVERY:  # NaN fails both
+            raise ValueError(
+                f"--progress-every must be from {MIN_EVERY:g} to {MAX_EVERY:g} seconds"
+            )
         outcome = start_run(
             settings,
             client,
@@ -324,7 +328,8 @@ def _print_status(body: dict[str, Any], as_json: bool) -> None:
             position = f"{index + 1} of {p.get('clientCount')}" if isinstance(index, int) else "?"
             print(f"  at client {p.get('clientId')} ({position}), operation {p.get('operation')}")
             if "clientsDone" in p:
-                print(f"  clients done: {p['clientsDone']}, failed so far: {p.get('failed', 0)}")
+                done, failed = p["clientsDone"], p.get("failed", 0)
+                print(f"  clients done: {done}, client-operations failed so far: {failed}")
     elif body["stale"]:
         print(
             f"STALE lock held by run {body['runId']} (heartbeat {body['heartbeatAgeSeconds']}s"

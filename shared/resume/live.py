@@ -53,17 +53,23 @@ def _width(stream: Any) -> int:
 
 
 def describe(progress: dict[str, Any], elapsed: float) -> str:
-    """One plain line: `0:01:05 12 of 40 clients done, 1 failed; at acme score_leads`."""
+    """One plain line: `0:01:05 12 of 40 clients done, 1 operation failed; at acme score_leads`.
+
+    A client is done when its turn in the run ended: run, skipped, or deferred by a cancel or
+    the time budget."""
     clock = _clock(elapsed)
     total = progress.get("clientCount")
     if total is None:
         return f"{clock} selecting the due clients"
     done = progress.get("clientsDone", 0)
-    failed = progress.get("failed", 0)
+    line = f"{clock} {done} of {total} clients done, {failed_text(progress.get('failed', 0))}"
     where = _where(progress)
-    return f"{clock} {done} of {total} clients done, {failed} failed" + (
-        f"; at {where}" if where else ""
-    )
+    return line + (f"; at {where}" if where else "")
+
+
+def failed_text(failed: int) -> str:
+    """`failed` counts client-operations, not clients: say so."""
+    return f"{failed} operation{'' if failed == 1 else 's'} failed"
 
 
 def _where(progress: dict[str, Any]) -> str:
@@ -94,7 +100,11 @@ def _lines(heartbeat: Heartbeat, every: float, stream: TextIO | None = None) -> 
     def loop() -> None:
         while not stop.wait(every):
             line = describe(heartbeat.progress, time.monotonic() - started)
-            print(f"progress: {line}", file=stream or sys.stderr, flush=True)
+            try:  # one write: a log line from another thread cannot split it
+                (stream or sys.stderr).write(f"progress: {line}\n")
+                (stream or sys.stderr).flush()
+            except (OSError, ValueError):  # a closed or broken stream: show nothing more
+                return
 
     thread = threading.Thread(target=loop, name="smart-resume-progress", daemon=True)
     thread.start()
@@ -107,6 +117,9 @@ def _lines(heartbeat: Heartbeat, every: float, stream: TextIO | None = None) -> 
 
 @contextlib.contextmanager
 def _bar(heartbeat: Heartbeat) -> Iterator[None]:
+    """The bar, drawn by a thread of its own. Whatever goes wrong with the terminal (a broken
+    pipe, a full disk) stops the bar, never the run: every draw holds tqdm's lock only inside
+    a `with`, so a failed write cannot leave it held for the log lines that go through it."""
     from tqdm import tqdm
     from tqdm.contrib import DummyTqdmFile
 
@@ -123,22 +136,30 @@ def _bar(heartbeat: Heartbeat) -> Iterator[None]:
         bar_format="{n_fmt}/{total_fmt} clients |{bar}| {elapsed}{postfix}",
     )
     stop = threading.Event()
+    broken = threading.Event()
 
     def draw() -> None:
+        if broken.is_set():
+            return
         progress = heartbeat.progress
-        total = progress.get("clientCount")
-        if total is not None and total != bar.total:
-            bar.total = total
-        bar.n = progress.get("clientsDone", 0)
-        failed = progress.get("failed", 0)
         parts = [_where(progress) or "selecting the due clients"]
+        failed = progress.get("failed", 0)
         if failed:
-            parts.append(f"{failed} failed")
-        bar.set_postfix_str(", ".join(parts), refresh=False)
-        bar.refresh()
+            parts.append(failed_text(failed))
+        try:
+            with tqdm.get_lock():
+                total = progress.get("clientCount")
+                if total is not None and total != bar.total:
+                    bar.total = total
+                bar.n = progress.get("clientsDone", 0)
+                bar.set_postfix_str(", ".join(parts), refresh=False)
+                bar.refresh(nolock=True)
+        except Exception:  # the display must never break the run
+            broken.set()
+            sys.stderr = terminal  # log lines straight to the stream again
 
     def loop() -> None:
-        while not stop.wait(BAR_REFRESH_SECONDS):
+        while not stop.wait(BAR_REFRESH_SECONDS) and not broken.is_set():
             draw()
 
     thread = threading.Thread(target=loop, name="smart-resume-progress", daemon=True)
@@ -150,6 +171,7 @@ def _bar(heartbeat: Heartbeat) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        draw()
+        draw()  # the final state stays on screen
         sys.stderr = terminal
-        bar.close()
+        with contextlib.suppress(Exception):
+            bar.close()
