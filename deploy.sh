@@ -61,7 +61,8 @@ Options:
 
 Settings come only from the settings file and KEY=VALUE arguments. Variables of the shell are
 ignored (a note names those set, never their values), so a shell set up for local tests
-(local_emulator.md) cannot deploy its test values. A key that is not a setting is refused.
+(local_emulator.md) cannot deploy its test values. A key that is not a setting is refused, and
+so is a value the functions would refuse at startup (their own checks run on it first).
 A deploy lists every setting and where it came from (comment lines before the commands) and
 warns about values that look like test settings: a lease, heartbeat or time budget under a
 minute, the log or outbox email transport, the example's my-project or example.com, a
@@ -210,8 +211,10 @@ ignore_shell_settings() {
 load_env_file() {
     local file=$1 line key value n=0 where why
     local -A line_of=()
-    if [[ ! -f $file ]]; then
-        ((ENV_FILE_GIVEN)) && fail 2 "--env-file $file: no such file"
+    if [[ -d $file ]]; then
+        fail 2 "--env-file $file is a folder, not a settings file"
+    elif [[ ! -r $file ]]; then  # a named pipe (<(sops -d ...)) is readable: fine
+        ((ENV_FILE_GIVEN)) && fail 2 "--env-file $file: no such file, or not readable"
         note "note: no $ENV_LABEL beside deploy.sh: copy deploy.env.example to deploy.env and" \
             "fill it in (or pass every setting as KEY=VALUE)"
         return 0
@@ -228,6 +231,11 @@ load_env_file() {
         value=${BASH_REMATCH[2]}
         if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then
             value=${BASH_REMATCH[1]}
+        elif [[ $value == *[[:space:]]#* ]]; then
+            # `KEY=value  # why` would deploy the comment as part of the value.
+            problem "$where: $key: a comment after the value would be part of it; put it on a" \
+                "line of its own (or quote the whole value)"
+            continue
         fi
         if [[ -n ${line_of[$key]:-} ]]; then
             note "note: $where: $key is set again; this value wins over line ${line_of[$key]}'s"
@@ -351,12 +359,12 @@ PY
 # said NAME: NAME=VALUE and where the value came from, for messages.
 said() { printf '%s=%s (%s)' "$1" "${!1}" "${FROM[$1]:-default}"; }
 
-# under_a_minute VALUE: a number of seconds below 60 (a bad number is the functions' to refuse).
+# under_a_minute VALUE: a number of seconds below 60, read as the functions read it (Python's
+# float: `3e1` and ` 30` are 30 s too); a bad number is the functions' check to refuse.
 under_a_minute() {
-    [[ $1 =~ [0-9] && $1 =~ ^([0-9]*)([.][0-9]*)?$ ]] || return 1
-    local whole=${BASH_REMATCH[1]}
-    while [[ $whole == 0?* ]]; do whole=${whole#0}; done
-    ((${#whole} <= 2 && 10#${whole:-0} < 60))
+    [[ -n $1 ]] || return 1
+    "$(python_bin)" -c 'import sys; sys.exit(0 if float(sys.argv[1]) < 60 else 1)' "$1" \
+        2>/dev/null
 }
 
 # Values that look like test settings (local_emulator.md's, deploy.env.example's placeholders):
@@ -418,8 +426,16 @@ for short in "${SHORT_NAMES[@]}"; do
     long="SMART_RESUME_$short"
     if [[ -n ${!short:-} ]]; then
         if [[ -n ${!long:-} && ${!long} != "${!short}" ]]; then
-            problem "$short and $long are both set, to different values" \
-                "(${FROM[$short]} and ${FROM[$long]})"
+            # A KEY=VALUE argument wins over the file, whichever of the two names it uses;
+            # two of the same kind are ambiguous.
+            long_arg=0 short_arg=0
+            [[ ${FROM[$long]} == "command line" ]] && long_arg=1
+            [[ ${FROM[$short]} == "command line" ]] && short_arg=1
+            ((long_arg && !short_arg)) && continue
+            if ((long_arg == short_arg)); then
+                problem "$short and $long are both set, to different values" \
+                    "(${FROM[$short]} and ${FROM[$long]})"
+            fi
         fi
         set_setting "$long" "${!short}" "from $short, ${FROM[$short]}"
     fi
@@ -430,6 +446,10 @@ if [[ -n ${SMART_RESUME_PIPELINE:-} ]]; then
         problem "SMART_RESUME_PIPELINE must be a path relative to the repository (it is staged)"
     elif [[ ! -f $ROOT/$SMART_RESUME_PIPELINE ]]; then
         problem "SMART_RESUME_PIPELINE=$SMART_RESUME_PIPELINE: no such file in $ROOT"
+    elif [[ /$SMART_RESUME_PIPELINE/ == */../* ]]; then
+        # Staged at this same path inside each bundle: `..` would land outside it.
+        problem "SMART_RESUME_PIPELINE=$SMART_RESUME_PIPELINE must not go through '..': give" \
+            "its path inside the repository"
     fi
 fi
 
@@ -616,6 +636,35 @@ if [[ $COMMAND == deploy ]]; then
     done
 
     warn_test_like_settings
+fi
+
+# The functions' own startup checks (shared/config.py) on the values they will be deployed with:
+# a value they would refuse (`SMART_RESUME_LEASE_SECONDS=soon`) is found here, not by every
+# request after the deploy answering 500. Secrets stand in as placeholders (Secret Manager's).
+function_settings_problems() {
+    local pairs=("GOOGLE_CLOUD_PROJECT=${PROJECT_ID:-}") name
+    for name in "${PASS_THROUGH[@]}"; do pairs+=("$name=${!name}"); done
+    [[ -n ${AWS_REGION:-} ]] && pairs+=("AWS_REGION=$AWS_REGION")
+    [[ -n ${SENDGRID_SECRET_NAME:-} ]] && pairs+=("SENDGRID_API_KEY=placeholder")
+    [[ -n ${PING_SECRET_NAME:-} ]] && pairs+=("SMART_RESUME_PING_URL=https://ping.invalid/x")
+    pairs+=("SMART_RESUME_WEBHOOK_SECRET=placeholder")
+    (cd "$ROOT" && "$(python_bin)" - "${pairs[@]}") <<'PY'
+import sys
+
+from shared.config import load_settings
+from shared.errors import ConfigError
+
+try:
+    load_settings(dict(pair.split("=", 1) for pair in sys.argv[1:]))
+except ConfigError as exc:
+    print("\n".join(exc.problems))
+PY
+}
+
+if [[ $COMMAND == deploy ]] && ((${#PROBLEMS[@]} == 0)); then
+    while IFS= read -r line; do
+        [[ -z $line ]] || problem "the functions would refuse this at startup: $line"
+    done < <(function_settings_problems)
 fi
 
 if ((${#WARNINGS[@]})); then

@@ -694,6 +694,82 @@ class TestWhereSettingsComeFrom:
         assert settings_listing(result.stdout)["REGION"] == ("us-east1", f"{twice}:{last}")
         assert f"{twice}:{last}: REGION is set again; this value wins" in result.stderr
 
+    def test_values_the_functions_would_refuse_are_refused_before_deploying(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """The functions' own startup checks run on the values they would be deployed with:
+        otherwise every request after the deploy answers 500."""
+        result = example_run(
+            path_without_gcloud,
+            tmp_path,
+            {"SMART_RESUME_LEASE_SECONDS": "soon", "SMART_RESUME_CONCURRENCY": "100"},
+        )
+        assert result.returncode == 2
+        assert "the functions would refuse this at startup: SMART_RESUME_LEASE_SECONDS" in (
+            result.stderr
+        )
+        assert "SMART_RESUME_CONCURRENCY must be between 1 and 64, got 100" in result.stderr
+        assert commands(result.stdout) == []
+
+    def test_a_comment_after_a_value_is_refused_not_deployed(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        settings = tmp_path / "deploy.env"
+        settings.write_text(EXAMPLE.read_text() + "EMAIL_TO=ops@x.example # on call\n")
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(settings),
+            "--build-dir",
+            str(tmp_path / "b"),
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 2
+        assert "EMAIL_TO: a comment after the value would be part of it" in result.stderr
+        quoted = tmp_path / "quoted.env"
+        quoted.write_text(EXAMPLE.read_text() + 'EMAIL_FROM="Ops #1 <ops@x.example>"\n')
+        result = run_deploy(
+            "--dry-run",
+            "--env-file",
+            str(quoted),
+            "--build-dir",
+            str(tmp_path / "b"),
+            path=path_without_gcloud,
+        )
+        assert result.returncode == 0, result.stderr  # a quoted value may hold " #"
+        assert env_vars(result.stdout)["SMART_RESUME_EMAIL_FROM"] == "Ops #1 <ops@x.example>"
+
+    def test_odd_inputs_are_named(self, path_without_gcloud: str, tmp_path: Path) -> None:
+        folder = run_deploy("--dry-run", "--env-file", str(tmp_path), path=path_without_gcloud)
+        assert folder.returncode == 2 and "is a folder, not a settings file" in folder.stderr
+        outside = example_run(
+            path_without_gcloud, tmp_path, {"SMART_RESUME_PIPELINE": "../main/pipeline.toml"}
+        )
+        assert outside.returncode == 2
+        assert "must not go through '..'" in outside.stderr
+        # Read as the functions read it (3e1 is 30 s): still a test value.
+        sneaky = example_run(path_without_gcloud, tmp_path, {"SMART_RESUME_LEASE_SECONDS": "3e1"})
+        assert any("SMART_RESUME_LEASE_SECONDS=3e1" in w for w in warnings(sneaky.stderr))
+
+    def test_an_argument_wins_over_the_file_under_either_name(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """The file says EMAIL_TRANSPORT=sendgrid; SMART_RESUME_EMAIL_TRANSPORT=ses as an
+        argument wins (not a conflict); the two names on the command line at once are."""
+        out = dry_run(
+            path_without_gcloud,
+            tmp_path,
+            {"SMART_RESUME_EMAIL_TRANSPORT": "ses", "AWS_REGION": "eu-west-1"},
+        )
+        assert env_vars(out)["SMART_RESUME_EMAIL_TRANSPORT"] == "ses"
+        both = example_run(
+            path_without_gcloud,
+            tmp_path,
+            {"EMAIL_TRANSPORT": "log", "SMART_RESUME_EMAIL_TRANSPORT": "ses"},
+        )
+        assert both.returncode == 2
+        assert "both set, to different values (command line and command line)" in both.stderr
+
     def test_the_deploy_lists_each_setting_and_where_it_came_from(
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
