@@ -246,7 +246,7 @@ class Reconcile:
             sel.client.collection(store.LOCKS)
             .document(base_name(sel.settings.lock_name, sel.shard))
             .collection(store.META)
-            .document(name.replace("due", "shards", 1))
+            .document("shards")  # one for every stream: they share the clients' `shard`
             if sel.shard is not None
             else None
         )
