@@ -444,12 +444,12 @@ done
 if [[ -n ${SMART_RESUME_PIPELINE:-} ]]; then
     if [[ $SMART_RESUME_PIPELINE == /* ]]; then
         problem "SMART_RESUME_PIPELINE must be a path relative to the repository (it is staged)"
-    elif [[ ! -f $ROOT/$SMART_RESUME_PIPELINE ]]; then
-        problem "SMART_RESUME_PIPELINE=$SMART_RESUME_PIPELINE: no such file in $ROOT"
     elif [[ /$SMART_RESUME_PIPELINE/ == */../* ]]; then
         # Staged at this same path inside each bundle: `..` would land outside it.
         problem "SMART_RESUME_PIPELINE=$SMART_RESUME_PIPELINE must not go through '..': give" \
             "its path inside the repository"
+    elif [[ ! -f $ROOT/$SMART_RESUME_PIPELINE ]]; then
+        problem "SMART_RESUME_PIPELINE=$SMART_RESUME_PIPELINE: no such file in $ROOT"
     fi
 fi
 

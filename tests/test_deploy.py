@@ -743,7 +743,9 @@ class TestWhereSettingsComeFrom:
         folder = run_deploy("--dry-run", "--env-file", str(tmp_path), path=path_without_gcloud)
         assert folder.returncode == 2 and "is a folder, not a settings file" in folder.stderr
         outside = example_run(
-            path_without_gcloud, tmp_path, {"SMART_RESUME_PIPELINE": "../main/pipeline.toml"}
+            path_without_gcloud,
+            tmp_path,
+            {"SMART_RESUME_PIPELINE": f"../{ROOT.name}/pipeline.toml"},
         )
         assert outside.returncode == 2
         assert "must not go through '..'" in outside.stderr
