@@ -66,7 +66,7 @@ so is a value the functions would refuse at startup (their own checks run on it 
 A deploy lists every setting and where it came from (comment lines before the commands) and
 warns about values that look like test settings: a lease, heartbeat or time budget under a
 minute, the log or outbox email transport, the example's my-project or example.com, a
-pipeline under examples/.
+pipeline under examples/ or one that runs the demo's operations (pipeline.toml does).
 Required: PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NAME
 WEBHOOK_SECRET_VERSION. See deploy.env.example for every setting.
 
@@ -356,6 +356,31 @@ print(found or "")
 PY
 }
 
+# Top-level names of the modules that the pipeline's python operations target (arguments:
+# pipeline files, relative to ROOT).
+pipeline_targets() {
+    (($#)) || return 0
+    (cd "$ROOT" && "$(python_bin)" - "$@") <<'PY'
+import sys
+
+try:
+    import tomllib
+except ModuleNotFoundError:
+    sys.exit("deploy.sh: reading the pipeline file needs Python 3.11 or later")
+
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        try:
+            pipeline = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            sys.exit(f"deploy.sh: {path} is not valid TOML: {e}")
+    for op in pipeline.get("operation", []):
+        target = op.get("target") if isinstance(op, dict) else None
+        if isinstance(target, str) and target.strip():
+            print(target.strip().split(":")[0].split(".")[0])
+PY
+}
+
 # said NAME: NAME=VALUE and where the value came from, for messages.
 said() { printf '%s=%s (%s)' "$1" "${!1}" "${FROM[$1]:-default}"; }
 
@@ -411,6 +436,17 @@ warn_test_like_settings() {
                 "deploy.env.example: set real addresses"
         fi
     done
+    # The repository's own pipeline.toml runs the demo's operations: fine locally, a surprise
+    # in production (the demo's "leads" of every client scored by examples/leads.py).
+    local pipeline=${SMART_RESUME_PIPELINE:-pipeline.toml} demo
+    if [[ -f $ROOT/$pipeline && /$pipeline/ != */../* ]]; then
+        demo=$(pipeline_targets "$pipeline" 2>/dev/null | grep -x examples | head -1) || true
+        if [[ -n $demo ]]; then
+            warn "the pipeline $pipeline (${FROM[SMART_RESUME_PIPELINE]:-default}) runs the" \
+                "demo's operations (examples/): write your own pipeline (edit pipeline.toml, or set" \
+                "SMART_RESUME_PIPELINE)"
+        fi
+    fi
     if [[ ${SMART_RESUME_PIPELINE:-} == examples/* || ${SMART_RESUME_PIPELINE:-} == ./examples/* ]]; then
         warn "$(said SMART_RESUME_PIPELINE) is under examples/, a demo pipeline: set your own" \
             "(or none, for pipeline.toml)"
@@ -692,31 +728,6 @@ copy_tree() {
     tar -C "$1" -cf - --exclude=__pycache__ --exclude='*.py[co]' --exclude=.pytest_cache \
         --exclude=tests --exclude='test_*.py' --exclude='*_test.py' --exclude=conftest.py \
         --exclude=.DS_Store . | tar -C "$2" -xf -
-}
-
-# Top-level names of the modules that the pipeline's python operations target (arguments:
-# pipeline files, relative to ROOT).
-pipeline_targets() {
-    (($#)) || return 0
-    (cd "$ROOT" && "$(python_bin)" - "$@") <<'PY'
-import sys
-
-try:
-    import tomllib
-except ModuleNotFoundError:
-    sys.exit("deploy.sh: reading the pipeline file needs Python 3.11 or later")
-
-for path in sys.argv[1:]:
-    with open(path, "rb") as f:
-        try:
-            pipeline = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            sys.exit(f"deploy.sh: {path} is not valid TOML: {e}")
-    for op in pipeline.get("operation", []):
-        target = op.get("target") if isinstance(op, dict) else None
-        if isinstance(target, str) and target.strip():
-            print(target.strip().split(":")[0].split(".")[0])
-PY
 }
 
 # Each bundle holds what the functions will load, and nothing else: the pipeline they read

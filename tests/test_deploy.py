@@ -859,6 +859,8 @@ class TestWhereSettingsComeFrom:
             f"{example_line('EMAIL_FROM')}) has an example.com address",
             "warning: SMART_RESUME_EMAIL_TO=ops@example.com,oncall@example.com (from EMAIL_TO, "
             f"{example_line('EMAIL_TO')}) has an example.com address",
+            # The repository's pipeline.toml is the demo's.
+            "warning: the pipeline pipeline.toml (default) runs the demo's operations (examples/)",
         ]
         assert len(found) == len(expected), result.stderr
         for line, start in zip(found, expected, strict=True):
@@ -892,9 +894,13 @@ class TestWhereSettingsComeFrom:
         ]
 
     def test_a_production_like_file_gets_no_warning(
-        self, path_without_gcloud: str, tmp_path: Path
+        self, fake_repo: Path, path_without_gcloud: str, tmp_path: Path
     ) -> None:
-        """Nothing to warn about, even from a shell set up by local_emulator.md."""
+        """Nothing to warn about, even from a shell set up by local_emulator.md, with a
+        pipeline of the user's own (the repository's pipeline.toml is the demo's)."""
+        (fake_repo / "pipeline.toml").write_text(
+            '[[operation]]\nname = "score"\nkind = "http"\nurl = "https://ops.acme.io/score"\n'
+        )
         settings = tmp_path / "production.env"
         settings.write_text(PRODUCTION)
         result = run_deploy(
@@ -905,6 +911,7 @@ class TestWhereSettingsComeFrom:
             str(tmp_path / "build"),
             path=path_without_gcloud,
             env=LOCAL_SHELL,
+            script=fake_repo / "deploy.sh",
         )
         assert result.returncode == 0, result.stderr
         assert warnings(result.stderr) == []
