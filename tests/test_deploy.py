@@ -124,12 +124,26 @@ def as_args(settings: dict[str, str] | None) -> list[str]:
 
 
 def example_run(
-    path: str, build: Path, settings: dict[str, str] | None = None, *, dry: bool = True
+    path: str,
+    build: Path,
+    settings: dict[str, str] | None = None,
+    *,
+    dry: bool = True,
+    env_file: Path = EXAMPLE,
 ) -> subprocess.CompletedProcess[str]:
-    """deploy.sh with the example settings file and `settings` as arguments over it."""
+    """deploy.sh with the example settings file (or `env_file`) and `settings` as arguments
+    over it."""
     args = ["--dry-run"] if dry else []
-    args += ["--env-file", str(EXAMPLE), "--build-dir", str(build), *as_args(settings)]
+    args += ["--env-file", str(env_file), "--build-dir", str(build), *as_args(settings)]
     return run_deploy(*args, path=path)
+
+
+def example_plus(tmp_path: Path, name: str, line: str) -> tuple[Path, int]:
+    """A settings file `name`: the example with `line` added at its end; and that line's
+    number, as deploy.sh names it."""
+    settings = tmp_path / name
+    settings.write_text(EXAMPLE.read_text() + line + "\n")
+    return settings, len(EXAMPLE.read_text().splitlines()) + 1
 
 
 def dry_run(path: str, build: Path, settings: dict[str, str] | None = None) -> str:
@@ -679,18 +693,9 @@ class TestWhereSettingsComeFrom:
         )
         assert missing.returncode == 2
         assert f"--env-file {tmp_path / 'nope.env'}: no such file" in missing.stderr
-        twice = tmp_path / "twice.env"
-        twice.write_text(EXAMPLE.read_text() + "REGION=us-east1\n")
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(twice),
-            "--build-dir",
-            str(tmp_path / "build"),
-            path=path_without_gcloud,
-        )
+        twice, last = example_plus(tmp_path, "twice.env", "REGION=us-east1")
+        result = example_run(path_without_gcloud, tmp_path / "build", env_file=twice)
         assert result.returncode == 0, result.stderr
-        last = len(twice.read_text().splitlines())
         assert settings_listing(result.stdout)["REGION"] == ("us-east1", f"{twice}:{last}")
         assert f"{twice}:{last}: REGION is set again; this value wins" in result.stderr
 
@@ -714,28 +719,12 @@ class TestWhereSettingsComeFrom:
     def test_a_comment_after_a_value_is_refused_not_deployed(
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
-        settings = tmp_path / "deploy.env"
-        settings.write_text(EXAMPLE.read_text() + "EMAIL_TO=ops@x.example # on call\n")
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(settings),
-            "--build-dir",
-            str(tmp_path / "b"),
-            path=path_without_gcloud,
-        )
+        settings, _ = example_plus(tmp_path, "deploy.env", "EMAIL_TO=ops@x.example # on call")
+        result = example_run(path_without_gcloud, tmp_path / "b", env_file=settings)
         assert result.returncode == 2
         assert "EMAIL_TO: a comment after the value would be part of it" in result.stderr
-        quoted = tmp_path / "quoted.env"
-        quoted.write_text(EXAMPLE.read_text() + 'EMAIL_FROM="Ops #1 <ops@x.example>"\n')
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(quoted),
-            "--build-dir",
-            str(tmp_path / "b"),
-            path=path_without_gcloud,
-        )
+        quoted, _ = example_plus(tmp_path, "quoted.env", 'EMAIL_FROM="Ops #1 <ops@x.example>"')
+        result = example_run(path_without_gcloud, tmp_path / "b", env_file=quoted)
         assert result.returncode == 0, result.stderr  # a quoted value may hold " #"
         assert env_vars(result.stdout)["SMART_RESUME_EMAIL_FROM"] == "Ops #1 <ops@x.example>"
 
@@ -942,18 +931,12 @@ class TestWhereSettingsComeFrom:
         self, path_without_gcloud: str, tmp_path: Path
     ) -> None:
         """A typo in the file or on the command line stops the deploy, naming it and where."""
-        settings = tmp_path / "typo.env"
-        settings.write_text(EXAMPLE.read_text() + "REGOIN=us-central1\n")
-        line = len(EXAMPLE.read_text().splitlines()) + 1
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(settings),
-            "--build-dir",
-            str(tmp_path / "build"),
-            "SMART_RESUME_LEASE=60",
-            "region=us-central1",
-            path=path_without_gcloud,
+        settings, line = example_plus(tmp_path, "typo.env", "REGOIN=us-central1")
+        result = example_run(
+            path_without_gcloud,
+            tmp_path / "build",
+            {"SMART_RESUME_LEASE": "60", "region": "us-central1"},
+            env_file=settings,
         )
         assert result.returncode == 2
         assert "gcloud" not in result.stdout
@@ -968,18 +951,17 @@ class TestWhereSettingsComeFrom:
     def test_a_secret_is_never_a_setting(self, path_without_gcloud: str, tmp_path: Path) -> None:
         """A secret's value in the file or on the command line is refused (it comes from Secret
         Manager), by name only."""
-        settings = tmp_path / "secret.env"
-        settings.write_text(EXAMPLE.read_text() + f"SMART_RESUME_WEBHOOK_SECRET={SECRET}\n")
-        line = len(EXAMPLE.read_text().splitlines()) + 1
-        result = run_deploy(
-            "--dry-run",
-            "--env-file",
-            str(settings),
-            "--build-dir",
-            str(tmp_path / "build"),
-            "SMART_RESUME_PING_URL=https://hc-ping.com/0f9e-deploy-token",
-            "SENDGRID_API_KEY=SG.key-value",
-            path=path_without_gcloud,
+        settings, line = example_plus(
+            tmp_path, "secret.env", f"SMART_RESUME_WEBHOOK_SECRET={SECRET}"
+        )
+        result = example_run(
+            path_without_gcloud,
+            tmp_path / "build",
+            {
+                "SMART_RESUME_PING_URL": "https://hc-ping.com/0f9e-deploy-token",
+                "SENDGRID_API_KEY": "SG.key-value",
+            },
+            env_file=settings,
         )
         assert result.returncode == 2
         for problem in (
