@@ -16,7 +16,7 @@ from typing import Any
 from flask import Request, Response
 from google.cloud import firestore
 
-from shared import store
+from shared import documents, store
 from shared.config import Settings
 from shared.errors import InvalidRequest, PipelineError
 from shared.resume.pipeline import Pipeline, load_pipeline
@@ -24,7 +24,6 @@ from shared.resume.plan import (
     DECISION_FIELDS,
     EPOCH,
     NEVER,
-    client_operations,
     decide,
     failures_of,
 )
@@ -120,7 +119,7 @@ def _states(
     refs = [
         s.reference.collection(store.OPERATIONS).document(name)
         for s in snaps
-        for name in client_operations(s.to_dict() or {}, pipeline)[0]
+        for name in _operations(documents.client(s.id, s.to_dict(), pipeline.names), pipeline)
     ]
     found: dict[tuple[str, str], dict[str, Any]] = {}
     if refs:
@@ -128,7 +127,8 @@ def _states(
             for snap in client.get_all(refs, field_paths=DECISION_FIELDS, **store.call(settings)):
                 now = max(now, snap.read_time) if now and snap.read_time else now
                 if snap.exists:
-                    found[(snap.reference.parent.parent.id, snap.id)] = snap.to_dict() or {}
+                    owner = snap.reference.parent.parent.id
+                    found[(owner, snap.id)] = documents.state(owner, snap.id, snap.to_dict())[0]
     return found, now or dt.datetime.now(dt.UTC)
 
 
@@ -138,18 +138,18 @@ def _client(
     states: dict[tuple[str, str], dict[str, Any]],
     now: dt.datetime,
 ) -> dict[str, Any]:
-    data = snap.to_dict() or {}
+    doc = documents.client(snap.id, snap.to_dict(), pipeline.names if pipeline else ())
     out: dict[str, Any] = {
-        "clientId": snap.id,
-        "name": str(data.get("name") or snap.id),
-        "active": data.get("active") is True,
-        "nextDueAt": _due(data.get("nextDueAt")),
+        "clientId": documents.text(snap.id),
+        "name": doc.name,
+        "active": doc.active,
+        "nextDueAt": _due(doc.next_due),
         "operations": {},
     }
     if pipeline is None:
         return out
-    names, _, invalid = client_operations(data, pipeline)
-    if invalid:
+    names = _operations(doc, pipeline)
+    if doc.operations_invalid:
         out["invalidOperations"] = True
     gate = EPOCH  # a failing operation holds back the ones after it, as the engine does
     for name in names:
@@ -173,6 +173,13 @@ def _client(
             "reason": "blocked by an earlier operation" if label == "blocked" else step.reason,
         }
     return out
+
+
+def _operations(doc: documents.Client, pipeline: Pipeline) -> list[str]:
+    """The client's operations in pipeline order (none when its `operations` is unusable)."""
+    if doc.operations_invalid:
+        return []
+    return list(doc.operations) if doc.operations is not None else list(pipeline.names)
 
 
 def _due(value: Any) -> str | None:

@@ -62,3 +62,21 @@ class ModuleLoadError(SmartResumeError):
 
 class OperationFailed(SmartResumeError):
     """A client-operation failed; the run goes on with the next client."""
+
+
+class ClientTrouble(SmartResumeError):
+    """One client cannot be worked on now (deleted, claimed by a live run of another lock,
+    its document kept changing, a write the store refused): that client only is skipped or
+    failed, and the run goes on."""
+
+    def __init__(self, client_id: str, reason: str) -> None:
+        self.client_id = client_id
+        self.reason = reason
+        super().__init__(f"client {client_id}: {reason}")
+
+
+class ClientGone(ClientTrouble):
+    """The client document was deleted while the run worked on it."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(client_id, "its document was deleted during the run")

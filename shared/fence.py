@@ -13,19 +13,28 @@ sustained write per second per document as soon as a run is busy, so instead:
    nothing keeps the update time (Firestore's documented behaviour), so the chain costs no
    change per commit.
 3. **Revoke.** Whoever takes the lock over, or force-unlocks it, closes the old run's open
-   claims: the old run's next chained commit fails its precondition, it reads its claim back,
-   finds it no longer its own, and stops with `LeaseLost`.
+   claims before doing anything else (retried until done; the lock document keeps the run to
+   revoke until then, so a lost answer or a failed attempt is finished by the next holder):
+   the old run's next chained commit fails its precondition, it reads its claim back, finds it
+   revoked, and stops with `LeaseLost`.
 
 A precondition can also fail because the user's own application wrote the client document;
 the claim read back is then still ours, and the commit is retried on the new update time.
+
+A claim also respects runs of *other* locks (another shard layout, another stream): a client
+whose open claim belongs to a live run of another lock is skipped (`ClientTrouble`), not the
+run; a claim of a run that is no longer live is taken. Trouble with one client (deleted,
+claimed elsewhere, a document that keeps changing) is that client's only: `ClientTrouble`.
+`LeaseLost` means this run's own lock is gone, and nothing else.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -33,21 +42,15 @@ from google.cloud import firestore
 
 from shared import store
 from shared.config import Settings
-from shared.errors import LeaseLost, SmartResumeError
-from shared.lock import Lease
+from shared.errors import ClientGone, ClientTrouble, LeaseLost, StoreUnavailable
+from shared.lock import Lease, recorded_stale
 from shared.log import get_logger
 
 log = get_logger("fence")
 _ATTEMPTS = 5
 Write = tuple[firestore.DocumentReference, dict[str, Any]]
-
-
-class ClientGone(SmartResumeError):
-    """The client document was deleted while the run worked on it."""
-
-    def __init__(self, client_id: str) -> None:
-        self.client_id = client_id
-        super().__init__(f"client {client_id} was deleted during the run")
+#: How long a takeover or unlock keeps trying to close the old run's claims.
+REVOKE_SECONDS = 60.0
 
 
 @dataclass
@@ -57,17 +60,6 @@ class Claim:
     client_id: str
     ref: firestore.DocumentReference
     update_time: dt.datetime
-    data: dict[str, Any] = field(default_factory=dict)  # the client document at claim time
-
-
-@dataclass
-class Group:
-    """One client's writes in a commit: state documents, then the client document itself
-    (`client_fields`, or None for an update that only checks the chain)."""
-
-    claim: Claim
-    writes: list[Write] = field(default_factory=list)
-    client_fields: dict[str, Any] | None = None
 
 
 def state_write(batch: Any, ref: firestore.DocumentReference, fields: dict[str, Any]) -> None:
@@ -96,15 +88,13 @@ class Fence:
         self.busiest: tuple[str, int] = ("", 0)
         self._count_mutex = threading.Lock()
 
-    def _count(self, paths: list[str], done: list[Group] | None = None) -> None:
+    def _count(self, paths: list[str], done: Claim | None = None) -> None:
         with self._count_mutex:
             self.commits += 1
             self.writes.update(paths)
-            for group in done or []:
-                if group.client_fields is None:
-                    continue  # the client is still in flight
+            if done is not None:
                 # The client is done: forget its documents, keeping the busiest one seen.
-                client = group.claim.ref.path
+                client = done.ref.path
                 for path in [p for p in self.writes if p == client or p.startswith(client + "/")]:
                     n = self.writes.pop(path)
                     if n > self.busiest[1]:
@@ -124,6 +114,7 @@ class Fence:
             "claim": {
                 "runId": self.lease.run_id,
                 "token": self.lease.token,
+                "lock": self.settings.lock_name,
                 "open": True,
                 "at": firestore.SERVER_TIMESTAMP,
             }
@@ -131,7 +122,10 @@ class Fence:
 
     def _check(self, tx: Any) -> None:
         snap = self.fence_ref.get(transaction=tx, **store.call(self.settings))
-        data = snap.to_dict() if snap.exists else {}
+        self._ours(snap)
+
+    def _ours(self, fence: Any) -> None:
+        data = (fence.to_dict() or {}) if fence.exists else {}
         if data.get("token") != self.lease.token or data.get("runId") != self.lease.run_id:
             raise LeaseLost(f"run {self.lease.run_id} no longer holds the lock")
 
@@ -148,135 +142,118 @@ class Fence:
             self.commits += 1
         return results
 
-    def claim(
-        self, client_id: str, writes: list[Write] | None = None, carry: Group | None = None
-    ) -> Claim | None:
-        """Claim `client_id` (with `writes` for it, and the previous client's last `carry`
-        group, in the same commit). None when the client document no longer exists (the
-        carried group is still committed). Raises `LeaseLost` once the lock is not ours."""
+    def claim(self, client_id: str, writes: list[Write] | None = None) -> Claim:
+        """Claim `client_id`, with `writes` for it in the same commit. Raises `ClientGone`
+        when the document no longer exists, `ClientTrouble` when a live run of another lock
+        holds it, and `LeaseLost` once the lock is not ours."""
         ref = self.client.collection(store.CLIENTS).document(client_id)
-        for _ in range(_ATTEMPTS):
-            found: dict[str, Any] = {}
 
-            def body(tx: Any, found: dict[str, Any] = found) -> None:
-                fence, snap = self.client.get_all(
-                    [self.fence_ref, ref], transaction=tx, **store.call(self.settings)
-                )
-                if fence.reference.path != self.fence_ref.path:
-                    fence, snap = snap, fence
-                data = fence.to_dict() if fence.exists else {}
-                if data.get("token") != self.lease.token or data.get("runId") != self.lease.run_id:
-                    raise LeaseLost(f"run {self.lease.run_id} no longer holds the lock")
-                if carry is not None:
-                    self._add(tx, carry)
-                if snap.exists:
-                    found["data"] = snap.to_dict() or {}
-                    tx.update(ref, self._claim_fields())
-                    for state_ref, fields in writes or []:
-                        state_write(tx, state_ref, fields)
-
-            try:
-                results = store.read_then_commit(self.client, self.settings, "claiming", body)
-            except gexc.FailedPrecondition:
-                if carry is None:  # only the carried group has a precondition
-                    raise
-                self._revalidate([carry])
-                continue
-            except gexc.NotFound as exc:
-                raise ClientGone(carry.claim.client_id if carry else client_id) from exc
-            paths = self._paths(carry) + (
-                [ref.path] + [r.path for r, _ in writes or []] if "data" in found else []
+        def body(tx: Any) -> None:
+            fence, snap = self.client.get_all(
+                [self.fence_ref, ref], transaction=tx, **store.call(self.settings)
             )
-            self._count(paths, [carry] if carry is not None else None)
-            offset = 0
-            if carry is not None:
-                carry.claim.update_time = results[len(carry.writes)].update_time
-                offset = len(carry.writes) + 1
-            if "data" not in found:
-                return None
-            return Claim(client_id, ref, results[offset].update_time, found["data"])
-        raise LeaseLost("could not claim the client: its document keeps changing")
+            if fence.reference.path != self.fence_ref.path:
+                fence, snap = snap, fence
+            self._ours(fence)
+            if not snap.exists:
+                raise ClientGone(client_id)
+            self._respect(tx, client_id, (snap.to_dict() or {}).get("claim"))
+            tx.update(ref, self._claim_fields())
+            for state_ref, fields in writes or []:
+                state_write(tx, state_ref, fields)
 
-    def commit(self, groups: list[Group]) -> None:
-        """Commit every group's writes, each client's fenced by its chain."""
-        groups = [g for g in groups if g.writes or g.client_fields is not None]
-        if not groups:
+        try:
+            results = store.read_then_commit(self.client, self.settings, "claiming", body)
+        except gexc.NotFound as exc:  # deleted between the read and the commit
+            raise ClientGone(client_id) from exc
+        self._count([ref.path] + [r.path for r, _ in writes or []])
+        return Claim(client_id, ref, results[0].update_time)
+
+    def _respect(self, tx: Any, client_id: str, claim: Any) -> None:
+        """Refuse a client that a live run of another lock holds open (a shard layout being
+        replaced, another stream). Our own lock's earlier runs are over: we hold the lock."""
+        if not isinstance(claim, dict) or claim.get("open") is not True:
             return
+        other = claim.get("lock")
+        if not isinstance(other, str) or not other or other == self.settings.lock_name:
+            return
+        lock_ref = self.client.collection(store.LOCKS).document(other)
+        snap = lock_ref.get(transaction=tx, **store.call(self.settings))
+        data = (snap.to_dict() or {}) if snap.exists else {}
+        live = (
+            data.get("held") is True
+            and data.get("runId") == claim.get("runId")
+            and not recorded_stale(data, snap.read_time, self.settings)
+        )
+        if live:
+            raise ClientTrouble(
+                client_id, f"run {claim.get('runId')} of lock {other} is working on it"
+            )
+
+    def commit(self, claim: Claim, writes: list[Write], client_fields: dict[str, Any] | None):  # type: ignore[no-untyped-def]
+        """Commit one client's writes, fenced by its chain: the client document is updated
+        (with `client_fields`, or a no-op that only checks the chain) on the update time of
+        its previous commit."""
         for _ in range(_ATTEMPTS):
             batch = self.client.batch()
-            for group in groups:
-                self._add(batch, group)
+            for ref, fields in writes:
+                state_write(batch, ref, fields)
+            batch.update(
+                claim.ref,
+                client_fields or {"claim.token": self.lease.token},
+                option=self.client.write_option(last_update_time=claim.update_time),
+            )
             try:
                 results = store.retrying(
                     self.settings,
                     "saving state",
                     lambda batch=batch: batch.commit(**store.commit_call(self.settings)),
                 )
-            except gexc.FailedPrecondition:
-                self._revalidate(groups)
+            except (gexc.FailedPrecondition, gexc.NotFound):
+                self._revalidate(claim)  # raises unless the claim is still ours
                 continue
-            except gexc.NotFound:
-                self._revalidate(groups)  # raises ClientGone for the deleted one
-                continue
-            self._count([p for g in groups for p in self._paths(g)], groups)
-            index = 0
-            for group in groups:
-                index += len(group.writes)
-                group.claim.update_time = results[index].update_time
-                index += 1
-            return
-        raise LeaseLost("could not save state: a client document keeps changing")
-
-    def _add(self, batch: Any, group: Group) -> None:
-        for ref, fields in group.writes:
-            state_write(batch, ref, fields)
-        batch.update(
-            group.claim.ref,
-            group.client_fields or {"claim.token": self.lease.token},
-            option=self.client.write_option(last_update_time=group.claim.update_time),
-        )
-
-    @staticmethod
-    def _paths(group: Group | None) -> list[str]:
-        if group is None:
-            return []
-        return [r.path for r, _ in group.writes] + [group.claim.ref.path]
-
-    def _revalidate(self, groups: list[Group]) -> None:
-        """After a refused precondition: continue on each claim that is still ours (someone
-        else wrote the client document), stop on one that is not."""
-        refs = [g.claim.ref for g in groups]
-        with store.translate_errors("checking claims"):
-            snaps = {
-                s.reference.path: s
-                for s in self.client.get_all(
-                    refs, field_paths=["claim"], **store.call(self.settings)
-                )
-            }
-        for group in groups:
-            snap = snaps.get(group.claim.ref.path)
-            if snap is None or not snap.exists:
-                raise ClientGone(group.claim.client_id)
-            claim = (snap.to_dict() or {}).get("claim") or {}
-            ours = (
-                claim.get("runId") == self.lease.run_id
-                and claim.get("token") == self.lease.token
-                and not claim.get("revoked")
+            self._count(
+                [r.path for r, _ in writes] + [claim.ref.path],
+                claim if client_fields is not None else None,
             )
-            if not ours:
-                raise LeaseLost(
-                    f"run {self.lease.run_id} lost client {group.claim.client_id} "
-                    "(claim revoked after a takeover or unlock)"
-                )
-            group.claim.update_time = snap.update_time
+            claim.update_time = results[len(writes)].update_time
+            return
+        raise ClientTrouble(claim.client_id, "its document kept changing while the run saved")
+
+    def _revalidate(self, claim: Claim) -> None:
+        """After a refused precondition: continue on a claim that is still ours (someone else
+        wrote the client document), stop on one that is not."""
+        with store.translate_errors("checking a claim"):
+            snap = claim.ref.get(field_paths=["claim"], **store.call(self.settings))
+        if not snap.exists:
+            raise ClientGone(claim.client_id)
+        found = (snap.to_dict() or {}).get("claim")
+        found = found if isinstance(found, dict) else {}
+        if (
+            found.get("runId") == self.lease.run_id
+            and found.get("token") == self.lease.token
+            and not found.get("revoked")
+        ):
+            claim.update_time = snap.update_time
+            return
+        other = found.get("lock")
+        if isinstance(other, str) and other and other != self.settings.lock_name:
+            raise ClientTrouble(
+                claim.client_id, f"run {found.get('runId')} of lock {other} claimed it"
+            )
+        raise LeaseLost(
+            f"run {self.lease.run_id} lost client {claim.client_id} "
+            "(claim revoked after a takeover or unlock)"
+        )
 
 
 def revoke(client: firestore.Client, settings: Settings, run_id: str) -> int:
     """Close every open claim of `run_id`, so that run (a zombie now) lands no further write.
 
-    Called right after the commit that took its lock over or force-unlocked it. Each close is
-    preconditioned on what was read, so a claim written meanwhile by a newer run is never
-    touched; a lost race simply reads again. Returns how many claims were closed.
+    Called right after the commit that took its lock over or force-unlocked it, and retried
+    (transient errors, lost races) for up to `REVOKE_SECONDS`; raises `StoreUnavailable` if it
+    could not finish. Each close is preconditioned on what was read, so a claim written
+    meanwhile is read again rather than overwritten. Returns how many claims were closed.
     """
     query = (
         client.collection(store.CLIENTS)
@@ -286,33 +263,49 @@ def revoke(client: firestore.Client, settings: Settings, run_id: str) -> int:
         .limit(400)
     )
     closed = 0
-    for _ in range(50):
-        with store.translate_errors("reading the claims to revoke"):
-            snaps = list(query.stream(**store.call(settings)))
-        if not snaps:
-            return closed
-        batch = client.batch()
-        for snap in snaps:
-            batch.update(
-                snap.reference,
-                {"claim.open": False, "claim.revoked": True},
-                option=client.write_option(last_update_time=snap.update_time),
-            )
+    deadline = time.monotonic() + REVOKE_SECONDS
+    delay = 0.05
+    while True:
         try:
-            with store.translate_errors("revoking claims"):
-                batch.commit(**store.commit_call(settings))
-            closed += len(snaps)
-        except gexc.FailedPrecondition:
-            for snap in snaps:  # one moved under us: close them one by one
-                try:
-                    with store.translate_errors("revoking a claim"):
-                        snap.reference.update(
-                            {"claim.open": False, "claim.revoked": True},
-                            option=client.write_option(last_update_time=snap.update_time),
-                            **store.commit_call(settings),
-                        )
-                    closed += 1
-                except (gexc.FailedPrecondition, gexc.NotFound):
-                    continue
-    log.warning("still finding open claims of run %s after 50 rounds", run_id)
+            with store.translate_errors("reading the claims to revoke"):
+                snaps = list(query.stream(**store.call(settings)))
+            if not snaps:
+                return closed
+            closed += _close(client, settings, snaps)
+            delay = 0.05
+        except StoreUnavailable:
+            if time.monotonic() + delay >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        if time.monotonic() >= deadline:
+            raise StoreUnavailable(f"still finding open claims of run {run_id}")
+
+
+def _close(client: firestore.Client, settings: Settings, snaps: list[Any]) -> int:
+    batch = client.batch()
+    for snap in snaps:
+        batch.update(
+            snap.reference,
+            {"claim.open": False, "claim.revoked": True},
+            option=client.write_option(last_update_time=snap.update_time),
+        )
+    try:
+        with store.translate_errors("revoking claims"):
+            batch.commit(**store.commit_call(settings))
+        return len(snaps)
+    except (gexc.FailedPrecondition, gexc.NotFound):
+        pass
+    closed = 0
+    for snap in snaps:  # one moved under us: close them one by one; the query reads again
+        try:
+            with store.translate_errors("revoking a claim"):
+                snap.reference.update(
+                    {"claim.open": False, "claim.revoked": True},
+                    option=client.write_option(last_update_time=snap.update_time),
+                    **store.commit_call(settings),
+                )
+            closed += 1
+        except (gexc.FailedPrecondition, gexc.NotFound):
+            continue
     return closed

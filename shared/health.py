@@ -20,7 +20,7 @@ The first that applies in that order is the state; `reasons` names every one tha
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.cloud import firestore
@@ -52,6 +52,8 @@ class Evidence:
     last_success: dict[str, Any] | None
     #: `quarantine.failing()["quarantined"]`.
     quarantined: list[dict[str, Any]]
+    #: `quarantine.problems()`: data an operator must fix; named, never a failure by itself.
+    problems: list[dict[str, Any]] = field(default_factory=list)
 
 
 def gather(
@@ -59,18 +61,23 @@ def gather(
     client: firestore.Client,
     newest: int = NEWEST,
     quarantined: list[dict[str, Any]] | None = None,
+    problems: list[dict[str, Any]] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Evidence:
     """Read what `judge` needs: the lock, the newest runs, the last success (usually among
     them), and the quarantined work unless the caller has it already."""
     from shared.quarantine import failing
+    from shared.quarantine import problems as listed_problems
 
     lock = Lock(client, settings).read()
     runs = Runs(client, settings)
     recent = runs.recent(max(newest, NEWEST))
     last_success = runs.last_ended(SUCCEEDED, recent, complete=len(recent) < max(newest, NEWEST))
     if quarantined is None:
-        quarantined = failing(settings, client, settings.stream)["quarantined"]
-    return Evidence(lock, recent, last_success, quarantined)
+        quarantined = failing(settings, client, settings.stream, shard)["quarantined"]
+    if problems is None:
+        problems = listed_problems(settings, client)
+    return Evidence(lock, recent, last_success, quarantined, problems)
 
 
 def _age(now: dt.datetime | None, then: Any) -> float | None:
@@ -181,7 +188,14 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
         else:
             found["ok"] = ["nothing is failing"]
     state = next(s for s in ORDER if s in found)
-    body.update(state=state, reasons=[r for s in ORDER for r in found.get(s, [])])
+    reasons = [r for s in ORDER for r in found.get(s, [])]
+    if evidence.problems:
+        clients = len({p.get("clientId") for p in evidence.problems})
+        reasons.append(
+            f"{clients} client document{'s have' if clients != 1 else ' has'} data the engine "
+            "cannot use (see problems): fix or delete the fields named there"
+        )
+    body.update(state=state, reasons=reasons)
     return body
 
 

@@ -14,6 +14,13 @@ claim a client, see `fence.py`.
 
 Outcomes that are unknown (a deadline passed, the answer was lost) are settled by reading back:
 an acquire that landed is kept and used, a release that landed is reported as landed.
+
+What a contender or a read-back needs is kept in the document itself, never in the memory of
+the one who wrote it: the holder's `leaseSeconds` and `maxRunSeconds` (staleness is judged by
+the holder's settings, not the reader's), the run it took over (`tookOver`), and `revoke`, the
+runs whose client claims must still be closed. A takeover or an unlock adds the old holder to
+`revoke`; it leaves the list only once its claims are closed, so a lost answer or a failed
+revoke is finished by whoever holds the lock next, before that run does any work.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import firestore
 from google.cloud.firestore_v1.batch import WriteBatch
 
-from shared import store
+from shared import documents, store
 from shared.config import Settings
 from shared.errors import LeaseLost, LockHeld, SmartResumeError, StoreUnavailable
 from shared.log import get_logger
@@ -71,6 +78,8 @@ class Lease:
     lock_update_time: dt.datetime | None = None
     fence_update_time: dt.datetime | None = None
     cancel_requested: bool = False
+    #: Runs whose client claims this holder must close before doing any work.
+    revoke: list[str] = field(default_factory=list)
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -93,10 +102,72 @@ class LockState:
     progress: dict[str, Any]
     owner: dict[str, Any]
     update_time: dt.datetime | None = None
+    lease_seconds: float = 0.0  # as the holder recorded it (else this reader's setting)
+    max_run_seconds: float = 0.0
+    took_over: str | None = None
+    took_over_age: float | None = None
+    revoke: tuple[str, ...] = ()
 
     @property
     def live(self) -> bool:
         return self.held and not self.stale
+
+
+def _positive(value: Any, default: float) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e9
+    return float(value) if ok else default
+
+
+def recorded_limits(data: dict[str, Any], settings: Settings) -> tuple[float, float]:
+    """The lease and max-run seconds the holder wrote into the lock (this reader's settings
+    for a lock written before they were recorded, or with a value of the wrong type)."""
+    return (
+        _positive(data.get("leaseSeconds"), settings.lease_seconds),
+        _positive(data.get("maxRunSeconds"), settings.max_run_seconds),
+    )
+
+
+def recorded_stale(data: dict[str, Any], now: dt.datetime | None, settings: Settings) -> bool:
+    """Whether a held lock (its document's `data`, read at `now` by the server's clock) is
+    stale by the limits its holder recorded."""
+    lease, max_run = recorded_limits(data, settings)
+    beat_age = _seconds(now, data.get("heartbeatAt"))
+    age = _seconds(now, data.get("acquiredAt"))
+    return beat_age is None or beat_age > lease or age is None or age > max_run
+
+
+def _ids(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(dict.fromkeys(v for v in value if isinstance(v, str) and v))[:20]
+
+
+#: Progress fields a run writes (anything else in the map is not ours and not shown).
+PROGRESS_FIELDS = {
+    "clientId": str,
+    "clientIndex": int,
+    "clientCount": int,
+    "operation": str,
+    "clientsDone": int,
+    "failed": int,
+}
+
+
+def _progress(value: Any) -> dict[str, Any]:
+    """The lock's progress map with only the fields a run writes, of their types, bounded."""
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value_type in PROGRESS_FIELDS.items():
+        v = value.get(key)
+        if value_type is int and documents.is_int(v):
+            out[key] = v
+        elif value_type is str and isinstance(v, str):
+            out[key] = documents.text(v)
+    for key, v in value.items():
+        if key not in PROGRESS_FIELDS and isinstance(v, dt.datetime):
+            out[key] = v  # the heartbeat's own progress stamp
+    return out
 
 
 def owner_info(function: str) -> dict[str, Any]:
@@ -131,30 +202,36 @@ class Lock:
         now = snap.read_time
         acquired, beat = data.get("acquiredAt"), data.get("heartbeatAt")
         age, beat_age = _seconds(now, acquired), _seconds(now, beat)
-        held = bool(data.get("held"))
-        stale = held and (
-            beat_age is None
-            or beat_age > self.settings.lease_seconds
-            or age is None
-            or age > self.settings.max_run_seconds
-        )
+        held = data.get("held") is True
+        lease_seconds, max_run = recorded_limits(data, self.settings)
+        stale = held and recorded_stale(data, now, self.settings)
         token = data.get("token")
+        run_id = data.get("runId")
+        took = data.get("tookOver") if isinstance(data.get("tookOver"), dict) else {}
+        took_age = took.get("ageSeconds")
         return LockState(
             exists=bool(snap.exists),
             held=held,
-            run_id=data.get("runId"),
-            token=token if isinstance(token, int) else 0,
+            run_id=documents.text(run_id) if isinstance(run_id, str) else None,
+            token=token if documents.is_int(token) else 0,
             stale=stale,
             read_time=now,
             acquired_at=acquired if isinstance(acquired, dt.datetime) else None,
             heartbeat_at=beat if isinstance(beat, dt.datetime) else None,
-            released_at=data.get("releasedAt"),
+            released_at=documents.timestamp(data.get("releasedAt")),
             age_seconds=age,
             heartbeat_age_seconds=beat_age,
-            cancel_requested=bool(data.get("cancelRequested")),
-            progress=data.get("progress") if isinstance(data.get("progress"), dict) else {},
-            owner=data.get("owner") if isinstance(data.get("owner"), dict) else {},
+            cancel_requested=data.get("cancelRequested") is True,
+            progress=_progress(data.get("progress")),
+            owner=documents.bounded(data["owner"], items=5)
+            if isinstance(data.get("owner"), dict)
+            else {},
             update_time=snap.update_time if snap.exists else None,
+            lease_seconds=lease_seconds,
+            max_run_seconds=max_run,
+            took_over=took.get("runId") if isinstance(took.get("runId"), str) else None,
+            took_over_age=float(took_age) if isinstance(took_age, int | float) else None,
+            revoke=_ids(data.get("revoke")),
         )
 
     # -- taking and giving back ----------------------------------------------------------------
@@ -174,7 +251,7 @@ class Lock:
             # take it without reading first, one round trip saved on every warm run.
             update_time, token = cached
             try:
-                return self._take(run_id, owner, extra, token + 1, update_time, None, None)
+                return self._take(run_id, owner, extra, token + 1, update_time, None, None, ())
             except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
                 pass  # someone wrote it since, or the answer was lost: decide on a fresh read
         for _ in range(_ATTEMPTS):
@@ -193,6 +270,7 @@ class Lock:
                     state.update_time if state.exists else None,
                     previous,
                     state.age_seconds if previous else None,
+                    state.revoke,
                 )
             except (gexc.AlreadyExists, gexc.FailedPrecondition) as exc:
                 # Someone committed between our read and our write: they won, unless "someone"
@@ -207,13 +285,17 @@ class Lock:
         raise StoreUnavailable("could not settle whether the lock was taken")
 
     def _lease_from(self, state: LockState) -> Lease:
-        """The lease of a take whose answer was lost, rebuilt from the lock document."""
+        """The lease of a take whose answer was lost, rebuilt from the lock document: the run
+        it took over and the claims still to revoke are recorded there, not only in memory."""
         log.warning("the lock was taken although the answer was lost; using it")
         return Lease(
             run_id=state.run_id or "",
             token=state.token,
             acquired_at=state.acquired_at or state.read_time or dt.datetime.now(dt.UTC),
+            previous_run_id=state.took_over,
+            previous_age_seconds=state.took_over_age,
             lock_update_time=state.update_time,
+            revoke=list(state.revoke),
         )
 
     def _take(
@@ -225,9 +307,11 @@ class Lock:
         update_time: dt.datetime | None,
         previous: str | None,
         previous_age: float | None,
+        pending: tuple[str, ...],
     ) -> Lease:
         """One commit: the lock (created, or updated only if unchanged since `update_time`),
         the fence, and the caller's writes."""
+        revoke = list(dict.fromkeys([*pending, *([previous] if previous else [])]))
         data = {
             "runId": run_id,
             "held": True,
@@ -238,6 +322,10 @@ class Lock:
             "cancelRequested": False,
             "progress": {},
             "owner": owner,
+            "leaseSeconds": self.settings.lease_seconds,
+            "maxRunSeconds": self.settings.max_run_seconds,
+            "tookOver": {"runId": previous, "ageSeconds": previous_age} if previous else None,
+            "revoke": revoke,
         }
         batch = self.client.batch()
         if update_time is not None:
@@ -258,7 +346,25 @@ class Lock:
             previous_age_seconds=previous_age,
             lock_update_time=results[0].update_time,
             fence_update_time=results[1].update_time,
+            revoke=revoke,
         )
+
+    def revoked(self, lease: Lease, run_ids: list[str]) -> None:
+        """Record that the claims of `run_ids` are closed: they leave the lock's `revoke`.
+        Best effort: a list left behind costs the next holder one empty query per id."""
+        with lease._mutex:
+            left = [r for r in lease.revoke if r not in run_ids]
+            try:
+                with store.translate_errors("recording the revoke"):
+                    result = self.ref.update(
+                        {"revoke": left},
+                        option=self.client.write_option(last_update_time=lease.lock_update_time),
+                        **store.commit_call(self.settings),
+                    )
+                lease.lock_update_time = result.update_time
+                lease.revoke = left
+            except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable) as exc:
+                log.warning("could not record the closed claims: %s", exc)
 
     def held(self, state: LockState) -> LockHeld:
         """The error for a live lock: how old it is, how old its heartbeat, and when it goes
@@ -268,8 +374,8 @@ class Lock:
             stale_in = max(
                 0.0,
                 min(
-                    self.settings.lease_seconds - state.heartbeat_age_seconds,
-                    self.settings.max_run_seconds - state.age_seconds,
+                    state.lease_seconds - state.heartbeat_age_seconds,
+                    state.max_run_seconds - state.age_seconds,
                 ),
             )
         return LockHeld(
@@ -349,7 +455,8 @@ class Lock:
                         results = batch.commit(**store.commit_call(self.settings))
                     # lock_update_time stays at the pre-release value, so a second release
                     # fails its precondition and finds the lock no longer ours.
-                    _remember_released(self._key, results[0].update_time, lease.token)
+                    if not lease.revoke:
+                        _remember_released(self._key, results[0].update_time, lease.token)
                     return True
                 except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
                     # Refused, or an unknown outcome: what is stored now decides.
@@ -365,8 +472,10 @@ class Lock:
     def force_release(self, force: bool, extra: ExtraWrites | None = None) -> LockState:
         """Release on behalf of an operator: if stale, or always with `force`.
 
-        Bumps the token (and the fence) so the run that held it can write nothing more.
-        Returns the state before; raises `LockHeld` for a live lock without `force`.
+        Bumps the token (and the fence) so the run that held it can write nothing more, and
+        adds that run to `revoke` (its claims are closed by `clear_revokes`, or by the next
+        holder). A lost answer is settled by reading back. Returns the state before; raises
+        `LockHeld` for a live lock without `force`.
         """
         for _ in range(_ATTEMPTS):
             state = self.read()
@@ -374,6 +483,7 @@ class Lock:
                 return state
             if state.live and not force:
                 raise self.held(state)
+            revoke = list(dict.fromkeys([*state.revoke, *([state.run_id] if state.run_id else [])]))
             batch = self.client.batch()
             batch.update(
                 self.ref,
@@ -383,6 +493,7 @@ class Lock:
                     "releasedAt": firestore.SERVER_TIMESTAMP,
                     "cancelRequested": False,
                     "progress": {},
+                    "revoke": revoke,
                 },
                 option=self.client.write_option(last_update_time=state.update_time),
             )
@@ -395,7 +506,32 @@ class Lock:
                 return state
             except gexc.FailedPrecondition:
                 continue  # a heartbeat landed in between; decide again on a fresh read
+            except StoreUnavailable:
+                after = self.read()  # the answer was lost: did it land?
+                if not after.held and after.token == state.token + 1:
+                    return state
+                continue
         raise self.held(state)
+
+    def clear_revokes(self, revoke: Any) -> int:
+        """Close the claims of every run the lock still lists in `revoke` (the holder a
+        takeover or unlock displaced), then take them off the list. `revoke(run_id)` closes
+        one run's claims and returns how many; raises `StoreUnavailable` if it cannot."""
+        state = self.read()
+        closed = 0
+        for run_id in state.revoke:
+            closed += revoke(run_id)
+        if state.revoke:
+            try:
+                with store.translate_errors("recording the revoke"):
+                    self.ref.update(
+                        {"revoke": []},
+                        option=self.client.write_option(last_update_time=state.update_time),
+                        **store.commit_call(self.settings),
+                    )
+            except (gexc.FailedPrecondition, gexc.NotFound):
+                pass  # taken meanwhile: the new holder has the list and revokes it again
+        return closed
 
     def request_cancel(self) -> str | None:
         """Ask the live run to stop at its next check; raises `NotRunning` if none is live."""

@@ -12,7 +12,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
-from shared import store
+from shared import documents, store
 from shared.config import Settings
 from shared.errors import InvalidRequest, SmartResumeError, StoreUnavailable
 from shared.log import get_logger
@@ -33,33 +33,80 @@ class UnknownClient(SmartResumeError):
         super().__init__("unknown client")
 
 
-def failing(
-    settings: Settings, client: firestore.Client, stream: int | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """`{"quarantined": [...], "backedOff": [...]}`, each entry naming client and operation."""
-    query = (
-        client.collection(store.CLIENTS)
-        .where(filter=firestore.FieldFilter("failingCount", ">", 0))
-        .select(["failing", "stream", "active"])
+def _listing(
+    client: firestore.Client, settings: Settings, field: str, stream: int | None
+) -> firestore.Query:
+    """Active clients (of `stream`) whose `field` count is at least 1: a value the engine never
+    writes (0.5, a string) is never matched, so hand-written documents cannot crowd out the
+    real ones."""
+    query = client.collection(store.CLIENTS).where(
+        filter=firestore.FieldFilter("active", "==", True)
+    )
+    if stream is not None:
+        query = query.where(filter=firestore.FieldFilter("stream", "==", stream))
+    return (
+        query.where(filter=firestore.FieldFilter(field, ">=", 1))
+        .order_by(field, direction=firestore.Query.DESCENDING)
+        .select(["failing"])
         .limit(LIST_LIMIT)
     )
-    with store.translate_errors("listing failing clients"):
-        snaps = list(query.stream(**store.call(settings)))
+
+
+def failing(
+    settings: Settings,
+    client: firestore.Client,
+    stream: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """`{"quarantined": [...], "backedOff": [...]}`, each entry naming client and operation:
+    the active clients of `stream` (and of `shard`, as (k, N)), the quarantined ones read
+    first, so no number of backed-off clients hides one."""
+    from shared.resume.shards import shard_of
+
+    seen: dict[str, Any] = {}
+    for field in ("quarantinedCount", "failingCount"):
+        with store.translate_errors("listing failing clients"):
+            for snap in _listing(client, settings, field, stream).stream(**store.call(settings)):
+                seen.setdefault(snap.id, snap)
+        if len(seen) >= LIST_LIMIT:
+            break
     quarantined: list[dict[str, Any]] = []
     backed_off: list[dict[str, Any]] = []
-    for snap in snaps:
-        data = snap.to_dict() or {}
-        if stream is not None and data.get("stream") != stream:
+    for client_id in sorted(seen):
+        if shard is not None and shard_of(client_id, shard[1]) != shard[0]:
             continue
-        for operation, entry in sorted((data.get("failing") or {}).items()):
-            if not isinstance(entry, dict):
-                continue
-            item = {"clientId": snap.id, "operation": operation, "failures": entry.get("failures")}
-            if entry.get("state") == "quarantined":
-                quarantined.append({**item, "since": jsonable(entry.get("since"))})
+        for operation, entry in documents.failing_entries(seen[client_id].to_dict() or {}):
+            item = {
+                "clientId": documents.text(client_id),
+                "operation": operation,
+                "failures": entry["failures"],
+            }
+            if entry["error"]:
+                item["error"] = entry["error"]
+            if entry["state"] == "quarantined":
+                quarantined.append({**item, "since": jsonable(entry["since"])})
             else:
-                backed_off.append({**item, "dueAt": jsonable(entry.get("dueAt"))})
-    return {"quarantined": quarantined, "backedOff": backed_off}
+                backed_off.append({**item, "dueAt": jsonable(entry["dueAt"])})
+    return {"quarantined": quarantined[:LIST_LIMIT], "backedOff": backed_off[:LIST_LIMIT]}
+
+
+def problems(settings: Settings, client: firestore.Client) -> list[dict[str, Any]]:
+    """The problems recorded on client documents (contract: at most 100), by client id."""
+    query = (
+        client.collection(store.CLIENTS)
+        .where(filter=firestore.FieldFilter("problemCount", ">=", 1))
+        .order_by("problemCount", direction=firestore.Query.DESCENDING)
+        .select(["problems"])
+        .limit(documents.MAX_LISTED_PROBLEMS)
+    )
+    with store.translate_errors("listing problems"):
+        snaps = sorted(query.stream(**store.call(settings)), key=lambda s: s.id)
+    out = [
+        p.listed()
+        for snap in snaps
+        for p in documents.stored_problems(snap.id, snap.to_dict() or {})
+    ]
+    return out[: documents.MAX_LISTED_PROBLEMS]
 
 
 def release(
@@ -105,7 +152,8 @@ def release(
                 option=client.write_option(last_update_time=states[name].update_time),
             )
         data = snap.to_dict() or {}
-        left = {k: v for k, v in (data.get("failing") or {}).items() if k not in released}
+        stored = data.get("failing") if isinstance(data.get("failing"), dict) else {}
+        left = {k: v for k, v in stored.items() if k not in released}
         batch.update(
             client_ref,
             {

@@ -31,12 +31,13 @@ from shared.errors import (
     StoreUnavailable,
 )
 from shared.heartbeat import Heartbeat
-from shared.lock import Lock, owner_info
+from shared.lock import Lease, Lock, owner_info
 from shared.log import bind, get_logger
 from shared.pings import RunPings, end_body, ping
 from shared.resume.engine import RunContext, RunResult, one_line, summarize
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import RunOptions
+from shared.resume.results import bounded_summary, minimal_summary
 from shared.resume.shards import lock_name as shard_lock_name
 from shared.runs import FINISHED, Runs, jsonable, new_run_id
 
@@ -216,7 +217,6 @@ def start_run(
                 lease.previous_run_id,
                 lease.previous_age_seconds or 0,
             )
-            _revoke(settings, client, lease.previous_run_id)
         log.info("run started", fields={"token": lease.token, "lock": settings.lock_name})
         with _in_progress():
             return _run_locked(
@@ -263,8 +263,18 @@ def _run_locked(
     ):
         # In the background: the run does not wait for the dead man's switch to answer.
         pings.start(run_id, lease.token, lease.previous_run_id, lease.previous_age_seconds)
-        _settle_reports(settings, client, runs, run_id)
         try:
+            # No work, not even settling old reports, before the runs this lock displaced
+            # can write nothing more.
+            _fence_off(settings, client, lock, lease)
+        except StoreUnavailable as exc:
+            status, error, where = "failed", one_line(exc), "fencing off the previous run"
+            log.error("run failed: %s", error)
+        else:
+            _settle_reports(settings, client, runs, run_id)
+        try:
+            if error is not None:
+                raise _NotStarted
             result = entry(
                 RunContext(
                     settings=settings,
@@ -279,17 +289,26 @@ def _run_locked(
                 )
             )
             status = result.status
-        except LeaseLost:
-            status = "abandoned"
+        except _NotStarted:
+            pass
+        except LeaseLost as exc:
+            status, error, where = "abandoned", one_line(exc), "the lease"
         except Exception as exc:
             status, error, where = "failed", one_line(exc), "resume module"
             log.exception("run failed: %s", error)
-    if status == "abandoned":
+    if status == "abandoned" and not _still_ours(lock, lease):
         return _abandoned(run_id)
+    if status == "abandoned":
+        # The engine saw its lease as lost, yet the lock is still ours (a claim or renewal
+        # refused for another reason): end the run properly, never strand the lock.
+        status, where = "failed", "the lease"
+        log.error("the run stopped as if its lease were lost, but the lock is still its own")
     # A heartbeat that flagged the lease lost (renewal refused, or the store silent for a
     # lease) does not by itself mean another run took over: the release below is
     # preconditioned on our lease, so it lands only if the lock is still ours.
-    summary = result.summary if result else summarize([], 0, time.monotonic() - started)
+    summary = bounded_summary(
+        result.summary if result else summarize([], 0, time.monotonic() - started)
+    )
     summary["durationSeconds"] = round(time.monotonic() - started, 3)
     results = result.results if result else []
     stats = getattr(result, "stats", None) or {}
@@ -321,7 +340,6 @@ def _run_locked(
         "at": firestore.SERVER_TIMESTAMP,
         "error": None,
     }
-    claimed = True
     # The engine wrote what did not fit in memory to result pages as it went; the rest
     # (or all of a custom module's results) is split here.
     paged = getattr(result, "paged", 0) if result else 0
@@ -342,32 +360,65 @@ def _run_locked(
             report=claim,
         )
 
+    commit_errors: list[BaseException | None] = []
+
     def landed() -> bool:
-        record = runs.get(run_id, fields=["status"]) or {}
-        return record.get("status") == status
+        """Did the release commit land? Read back until the store answers: a guess either way
+        would strand the lock or send a second report."""
+        error = sys.exc_info()[1]  # called while handling the commit's error
+        commit_errors.append(error)
+        if not _may_have_landed(error):
+            return False
+        deadline = time.monotonic() + 2 * settings.rpc_timeout_seconds
+        for wait in (0.0, 0.2, 0.5, 1.0, 2.0):
+            if time.monotonic() + wait > deadline:
+                break
+            time.sleep(wait)
+            try:
+                record = runs.get(run_id, fields=["status"]) or {}
+            except StoreUnavailable:
+                continue
+            return record.get("status") == status
+        raise StoreUnavailable(
+            "Firestore unavailable: could not read back whether the run's end was recorded"
+        )
 
     try:
         try:
             released = lock.release(lease, extra=finish, landed=landed)
         except StoreRejected as exc:
             # The record itself was refused (a value Firestore cannot store): never strand
-            # the lock over it. Release again with the summary only.
+            # the lock over it. Release again with the summary only, then with a bare record.
             log.error("the run record was refused (%s); releasing with the summary only", exc)
             omitted = len(results) + lost
-            released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
+            try:
+                released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
+            except StoreRejected as again:
+                log.error("the summary was refused too (%s); releasing with a bare record", again)
+                summary = minimal_summary(summary)
+                released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
     except StoreUnavailable as exc:
-        # The lock stays held and goes stale; the next trigger takes it over. The report
-        # below still tries to go out: an outage is exactly what the operator must hear of.
-        released, claimed, send = True, False, True
-        status, error, where = "failed", one_line(exc), "finishing the run"
-        report_input = replace(report_input, status=status, error=error, error_where=where)
-        log.error("could not record the end of the run: %s", error)
+        log.error("could not record the end of the run: %s", one_line(exc))
+        error = error if status == "failed" and error else one_line(exc)
+        body = {"status": "failed", "runId": run_id, "error": error}
+        if any(_may_have_landed(e) for e in commit_errors):
+            # The release may have landed with its report claim: then the next run sends the
+            # report (it settles claims left `sending`). Sending here too could make two.
+            log.error("the report is left to the next run: the end may have been recorded")
+            return Outcome("failed", 500, body, run_id, None, stats)
+        # The store was never reached: nothing was recorded, no claim exists, and the
+        # operator must hear of the outage. The lock goes stale and is taken over.
+        report_input = replace(
+            report_input, status="failed", error=error, error_where="finishing the run"
+        )
+        report = send_smart_resume_report(settings, client, report_input, claimed=False)
+        return Outcome("failed", 500, body, run_id, report, stats)
     if not released:
         return _abandoned(run_id)
     pings.end(run_id, status, summary, error)
     report = claim
     if send:
-        report = send_smart_resume_report(settings, client, report_input, claimed=claimed)
+        report = send_smart_resume_report(settings, client, report_input, claimed=True)
     log.info("run ended %s", status, fields={"summary": summary, "report": report.get("status")})
     if status == "failed":
         body = {"status": "failed", "runId": run_id, "error": error}
@@ -384,25 +435,54 @@ def _failing_work(
     """The quarantined and backed-off work the report names (one small query)."""
     from shared.quarantine import failing
 
+    shard = (options.shard, settings.shards) if options.shard is not None else None
     try:
-        found = failing(settings, client, options.stream)
+        found = failing(settings, client, options.stream, shard)
     except StoreUnavailable as exc:
         log.warning("could not list failing work for the report: %s", exc)
         return {}
     return {"quarantined": tuple(found["quarantined"]), "backed_off": tuple(found["backedOff"])}
 
 
-def _revoke(settings: Settings, client: firestore.Client, run_id: str) -> None:
-    """Close the open client claims of the run we took over, so it lands no further write."""
+class _NotStarted(Exception):
+    """The run could not fence off the runs it displaced: it does no work."""
+
+
+def _fence_off(settings: Settings, client: firestore.Client, lock: Lock, lease: Lease) -> None:
+    """Close the open client claims of every run this lock displaced (the stale holder taken
+    over, a force-unlocked run, or one an earlier holder could not finish revoking), so none of
+    them lands a write after this run starts. Retried inside `revoke`; raises
+    `StoreUnavailable` when it cannot finish (the lock keeps the list for the next holder)."""
     from shared.fence import revoke
 
-    try:
-        closed = revoke(client, settings, run_id)
-    except StoreUnavailable as exc:
-        log.error("could not revoke the claims of run %s: %s", run_id, exc)
+    if not lease.revoke:
         return
-    if closed:
-        log.warning("revoked %d client claims of run %s", closed, run_id)
+    done = []
+    for previous in list(lease.revoke):
+        closed = revoke(client, settings, previous)
+        done.append(previous)
+        if closed:
+            log.warning("revoked %d client claims of run %s", closed, previous)
+    lock.revoked(lease, done)
+
+
+def _may_have_landed(exc: BaseException | None) -> bool:
+    """Whether a commit that failed with `exc` may still have been applied: only a store that
+    was never reached (unavailable, refused connection) is known not to have applied it."""
+    while exc is not None:
+        if isinstance(exc, gexc.ServiceUnavailable):
+            return False
+        inner = getattr(exc, "cause", None)  # a RetryError's last attempt
+        exc = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
+    return True
+
+
+def _still_ours(lock: Lock, lease: Lease) -> bool:
+    try:
+        state = lock.read()
+    except StoreUnavailable:
+        return False
+    return state.held and state.run_id == lease.run_id and state.token == lease.token
 
 
 def _settle_reports(settings: Settings, client: firestore.Client, runs: Runs, run_id: str) -> None:

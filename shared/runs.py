@@ -14,7 +14,7 @@ from typing import Any
 from google.cloud import firestore
 from google.cloud.firestore_v1.batch import WriteBatch
 
-from shared import store
+from shared import documents, store
 from shared.config import Settings
 
 FINISHED = ("completed", "partial", "failed", "cancelled", "abandoned")
@@ -261,7 +261,9 @@ class Runs:
             .limit(limit + SAME_SECOND_SLACK)
         )
         with store.translate_errors("listing runs"):
-            runs = [d.to_dict() for d in query.stream(**store.call(self.settings))]
+            runs = [
+                documents.run_record(d.to_dict()) for d in query.stream(**store.call(self.settings))
+            ]
         # Ids have one-second resolution; within a second, the start time decides.
         return sorted(runs, key=_started, reverse=True)[:limit]
 
@@ -299,7 +301,10 @@ class Runs:
                 .limit(1 + SAME_SECOND_SLACK)
             )
             with store.translate_errors("listing runs"):
-                candidates += [d.to_dict() for d in query.stream(**store.call(self.settings))]
+                candidates += [
+                    documents.run_record(d.to_dict())
+                    for d in query.stream(**store.call(self.settings))
+                ]
         return max(candidates, key=_started) if candidates else None
 
     def reports_sending(self, limit: int) -> list[tuple[Any, dict[str, Any]]]:

@@ -13,7 +13,7 @@ from shared.errors import LockHeld
 from shared.heartbeat import PROGRESS_AT
 from shared.lock import Lock, LockState, NotRunning
 from shared.log import get_logger
-from shared.quarantine import failing
+from shared.quarantine import failing, problems
 from shared.resume.shards import lock_name as shard_lock_name
 from shared.runs import Runs, jsonable
 
@@ -44,10 +44,14 @@ def snapshot(
 ) -> dict[str, Any]:
     """The status document. With shards: one shard's (`shard`), or all of them: `shards`
     lists each, `health` is the worst of theirs and the rest is the worst shard's."""
+    found = problems(settings, client)
     chosen = shards_of(settings, shard)
     if chosen is None:
-        return _snapshot(settings, client, runs)
-    bodies = [{**_snapshot(for_shard(settings, k), client, runs), "shard": k} for k in chosen]
+        return _snapshot(settings, client, runs, found)
+    bodies = [
+        {**_snapshot(for_shard(settings, k), client, runs, found, (k, settings.shards)), "shard": k}
+        for k in chosen
+    ]
     if shard is not None:
         return bodies[0]
     worst = min(bodies, key=lambda b: WORST_FIRST.index(b["health"]["state"]))
@@ -72,16 +76,24 @@ def snapshot(
 
 
 def _snapshot(
-    settings: Settings, client: firestore.Client, runs: int | None = None
+    settings: Settings,
+    client: firestore.Client,
+    runs: int | None,
+    found_problems: list[dict[str, Any]],
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The contract's status document; ages are measured on the server's clock.
 
     `health` comes first: the one word an operator (or an uptime check) needs. The lock, the
     newest runs and the failing work are each read once and serve the whole answer.
     """
-    found = failing(settings, client, settings.stream)
+    found = failing(settings, client, settings.stream, shard)
     evidence = health.gather(
-        settings, client, newest=runs or health.NEWEST, quarantined=found["quarantined"]
+        settings,
+        client,
+        newest=runs or health.NEWEST,
+        quarantined=found["quarantined"],
+        problems=found_problems,
     )
     state = evidence.lock
     records = Runs(client, settings)
@@ -113,6 +125,7 @@ def _snapshot(
     if runs is not None:
         body["runs"] = jsonable(evidence.newest[:runs])
     body.update(found)
+    body["problems"] = found_problems
     return body
 
 
@@ -162,13 +175,19 @@ def unlock_all(
 
 
 def unlock(settings: Settings, client: firestore.Client, force: bool) -> dict[str, Any]:
-    """Release a stale lock (or any, with force), marking the holder's run abandoned.
+    """Release a stale lock (or any, with force), marking the holder's run abandoned, and
+    close that run's client claims before answering.
 
-    Raises `LockHeld` for a live lock without force. Returns what happened.
+    Raises `LockHeld` for a live lock without force, `StoreUnavailable` when the claims could
+    not all be closed (the lock keeps the run in `revoke`: retrying the unlock, or the next
+    run, finishes it). Returns what happened.
     """
+    from shared.fence import revoke
+
     runs = Runs(client, settings)
     how = "force-unlocked" if force else "released as stale"
-    before: LockState = Lock(client, settings).force_release(
+    lock = Lock(client, settings)
+    before: LockState = lock.force_release(
         force,
         extra=lambda batch, run_id: (
             runs.abandon(batch, run_id, f"lease lost: lock {how} by an operator")
@@ -177,16 +196,19 @@ def unlock(settings: Settings, client: firestore.Client, force: bool) -> dict[st
         ),
     )
     if not before.held:
-        return {"status": "not held", "changed": False}
+        # Nothing held; a revoke an earlier unlock could not finish is finished now.
+        closed = lock.clear_revokes(lambda run_id: revoke(client, settings, run_id))
+        out: dict[str, Any] = {"status": "not held", "changed": False}
+        if closed:
+            out["revokedClaims"] = closed
+        return out
     log.warning("lock %s %s (was run %s)", settings.lock_name, how, before.run_id)
-    if before.run_id:
-        from shared.fence import revoke
-
-        revoke(client, settings, before.run_id)  # its in-flight clients land nothing more
+    closed = lock.clear_revokes(lambda run_id: revoke(client, settings, run_id))
     return {
         "status": "unlocked",
         "changed": True,
         "runId": before.run_id,
         "wasStale": before.stale,
         "token": before.token + 1,
+        "revokedClaims": closed,
     }

@@ -230,7 +230,7 @@ class TestRenewAndFencing:
         assert lock.ref.get().to_dict()["runId"] == "run-2"
 
     def test_fenced_write_lands_while_lease_is_current(self, lock: Lock, db, settings) -> None:
-        from shared.fence import Fence, Group
+        from shared.fence import Fence
 
         lease = lock.acquire("run-1", OWNER)
         lock.renew(lease, {})  # heartbeats do not disturb the fence
@@ -239,13 +239,13 @@ class TestRenewAndFencing:
         fence = Fence(db, settings, lease)
         claim = fence.claim("c1", [(doc, {"v": 1})])
         assert claim is not None and doc.get().to_dict() == {"v": 1}
-        fence.commit([Group(claim, [(doc, {"v": 2})])])
+        fence.commit(claim, [(doc, {"v": 2})], None)
         assert doc.get().to_dict() == {"v": 2}
 
     def test_fenced_write_refused_after_takeover(self, lock: Lock, db, settings) -> None:
         """A stale token's claim is refused, and a claim taken before the takeover is revoked
         by it: nothing of the old run lands."""
-        from shared.fence import Fence, Group, revoke
+        from shared.fence import Fence, revoke
 
         old = lock.acquire("run-1", OWNER)
         for cid in ("c1", "c2"):
@@ -257,7 +257,7 @@ class TestRenewAndFencing:
         assert revoke(db, settings, "run-1") == 1
         doc = db.document("clients/c1/operations/a")
         with pytest.raises(LeaseLost):
-            fence.commit([Group(claim, [(doc, {"v": 1})])])
+            fence.commit(claim, [(doc, {"v": 1})], None)
         with pytest.raises(LeaseLost):
             fence.claim("c2", [(db.document("clients/c2/operations/a"), {"v": 1})])
         assert not doc.get().exists

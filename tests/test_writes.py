@@ -298,7 +298,7 @@ def test_unknown_operation_names_are_warned_about(db, configure, pipeline_file, 
     seed_clients(db, 1, operations=["second", "typo"])
     out = run(settings, db)
     assert out.body["summary"]["processed"] == 1
-    assert "not in the pipeline: typo" in capsys.readouterr().out
+    assert "the pipeline lacks ('typo')" in capsys.readouterr().out
 
 
 def test_status_never_reads_results(db, configure, pipeline_file):

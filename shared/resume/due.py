@@ -23,7 +23,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
-from shared import store
+from shared import documents, store
 from shared.config import Settings
 from shared.errors import StoreUnavailable
 from shared.resume.pipeline import Pipeline
@@ -136,13 +136,22 @@ class Selection:
             # A client whose stored shard is stale (N changed) is left to its owner's full pass.
             yield [snap for snap in page if self.mine(snap.id)]
 
-    def all_pages(self) -> Iterator[list[Any]]:
+    def all_pages(self, active_only: bool = True) -> Iterator[list[Any]]:
         """Every active client of this run's shard, by id (read whole: a client's stored shard
-        may be missing or stale, so it is computed from the id)."""
-        for page in self._pages(self._active().order_by("__name__"), FULL_PAGE_SIZE):
+        may be missing or stale, so it is computed from the id). `active_only=False`: every
+        client document of the stream, whatever its `active` says (the full pass names the
+        problems of those too)."""
+        query = self._active() if active_only else self._stream()
+        for page in self._pages(query.order_by("__name__"), FULL_PAGE_SIZE):
             own = [snap for snap in page if self.mine(snap.id)]
             if own:
                 yield own
+
+    def _stream(self) -> firestore.Query:
+        query: firestore.Query = self.client.collection(store.CLIENTS)  # type: ignore[assignment]
+        if self.options.stream is not None:
+            query = query.where(filter=firestore.FieldFilter("stream", "==", self.options.stream))
+        return query
 
     def one(self) -> Iterator[list[Any]]:
         assert self.options.client_id
@@ -171,8 +180,11 @@ class Selection:
         )
 
     def plan_page(self, page: list[Any], now: dt.datetime) -> list[ClientPlan]:
-        """Plans for a page of client snapshots: one batched read of their decision fields."""
-        refs = [self.state_ref(snap.id, name) for snap in page for name in self.pipeline.names]
+        """Plans for a page of client snapshots: one batched read of their decision fields.
+        Every document is read through `documents`, so a wrong type is a problem of that
+        client, never an exception here."""
+        names = self.pipeline.names
+        refs = [self.state_ref(snap.id, name) for snap in page for name in names]
         states: dict[str, dict[str, Any]] = {}
         if refs:
             with store.translate_errors("reading operation states"):
@@ -185,15 +197,15 @@ class Selection:
             self.reads.add(len(states))
         plans = []
         for snap in page:
-            own = {
-                name: states[path]
-                for name in self.pipeline.names
-                if (path := self.state_ref(snap.id, name).path) in states
-            }
-            plan = plan_client(snap.id, snap.to_dict() or {}, own, self.pipeline, self.wanted, now)
-            stored = (snap.to_dict() or {}).get("nextDueAt")
-            plan.data = {k: v for k, v in plan.data.items() if k != "claim"}
-            plan.stored_due = stored if isinstance(stored, dt.datetime) else None
+            doc = documents.client(snap.id, snap.to_dict(), names)
+            own: dict[str, dict[str, Any]] = {}
+            problems: list[documents.Problem] = []
+            for name in names:
+                path = self.state_ref(snap.id, name).path
+                if path in states:
+                    own[name], found_problems = documents.state(snap.id, name, states[path])
+                    problems += found_problems
+            plan = plan_client(doc, own, self.pipeline, self.wanted, now, problems)
             plan.shard = shard_of(snap.id, self.shards) if self.shard is not None else None
             plans.append(plan)
         return plans
@@ -211,14 +223,19 @@ def client_fields(plan: ClientPlan, pipeline: Pipeline, now: dt.datetime) -> dic
         "failing": failures,
         "failingCount": len(failures),
         "quarantinedCount": sum(1 for f in failures.values() if f["state"] == "quarantined"),
+        **documents.problem_fields(plan.all_problems()),
     }
     if plan.shard is not None:
         fields["shard"] = plan.shard
     return fields
 
 
+#: What a client document that never had a problem holds: missing fields, read as these.
+_EMPTY: dict[str, Any] = {"problems": [], "problemCount": 0}
+
+
 def _same(stored: dict[str, Any], fields: dict[str, Any]) -> bool:
-    return all(stored.get(k) == v for k, v in fields.items())
+    return all(stored.get(k, _EMPTY.get(k)) == v for k, v in fields.items())
 
 
 class Reconcile:
@@ -312,19 +329,31 @@ class Reconcile:
         raise StoreUnavailable("the number of shards kept changing under this run")
 
     def run(self, now: dt.datetime, should_stop: Any) -> tuple[int, int]:
-        """Repair every active client's due fields; returns (clients read, repaired). Records
-        the pass only when it went through every client."""
+        """Repair every active client's due fields, and record the problems of every client
+        document (active or not); returns (clients read, repaired). Records the pass only when
+        it went through every client."""
         sel = self.selection
         seen = repaired = 0
-        for page in sel.all_pages():
+        for page in sel.all_pages(active_only=False):
             if should_stop():
                 return seen, repaired
             changes = []
-            for plan in sel.plan_page(page, now):
+            active = [s for s in page if (s.to_dict() or {}).get("active") is True]
+            for plan in sel.plan_page(active, now):
                 seen += 1
                 fields = client_fields(plan, sel.pipeline, now)
-                snap = next(s for s in page if s.id == plan.client_id)
+                snap = next(s for s in active if s.id == plan.client_id)
                 if not _same(snap.to_dict() or {}, fields):
+                    changes.append((snap.reference, fields))
+            for snap in page:
+                data = snap.to_dict() or {}
+                if data.get("active") is True:
+                    continue
+                doc = documents.client(snap.id, data, sel.pipeline.names)
+                checked = [(None, f) for f in documents.CLIENT_FIELDS]
+                problems = documents.merged(snap.id, doc.stored_problems, doc.problems, checked)
+                fields = documents.problem_fields(problems)
+                if not _same(data, fields):
                     changes.append((snap.reference, fields))
             if changes:
                 self._write(changes)

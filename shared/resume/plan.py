@@ -10,6 +10,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import documents
+from shared.documents import Problem
 from shared.resume.pipeline import Operation, Pipeline
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -18,7 +20,15 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 NEVER = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
 MAX_BACKOFF_SECONDS = 86400
 #: What deciding reads of an operation state; never the checkpoint, loaded when a step starts.
-DECISION_FIELDS = ["status", "startedAt", "finishedAt", "failures", "attempts", "quarantinedAt"]
+DECISION_FIELDS = [
+    "status",
+    "startedAt",
+    "finishedAt",
+    "failures",
+    "attempts",
+    "quarantinedAt",
+    "error",
+]
 #: States whose step resumes from a saved checkpoint (loaded when the step starts).
 RESUMES = ("partial", "failed", "running", "quarantined")
 INVALID_OPERATIONS = "invalid operations field"
@@ -65,6 +75,14 @@ class ClientPlan:
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     stored_due: dt.datetime | None = None  # the client's `nextDueAt` as read
     shard: int | None = None  # stored on the client document when there are shards
+    #: What could not be used in its documents: found now, stored before, and which
+    #: (operation, field) pairs this run looked at (see `documents.merged`).
+    problems: list[Problem] = field(default_factory=list)
+    stored_problems: tuple[Problem, ...] = ()
+    checked: set[tuple[str | None, str]] = field(default_factory=set)
+
+    def all_problems(self) -> list[Problem]:
+        return documents.merged(self.client_id, self.stored_problems, self.problems, self.checked)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -76,6 +94,8 @@ class ClientPlan:
             out["unknownOperations"] = self.unknown_operations
         if self.invalid_operations:
             out["invalidOperations"] = True
+        if self.problems:
+            out["problems"] = [p.problem for p in self.problems]
         return out
 
 
@@ -167,34 +187,29 @@ def decide(state: dict[str, Any] | None, op: Operation, now: dt.datetime) -> Ste
     return Step(name, "run", f"unknown status {status!r}; running it", state, due_at=due)
 
 
-def client_operations(
-    data: dict[str, Any], pipeline: Pipeline
-) -> tuple[list[str], list[str], bool]:
-    """The client's operations in pipeline order, the unknown names it lists, and whether its
-    `operations` field is unusable (then it runs nothing rather than everything)."""
-    selected = data.get("operations")
-    names = list(pipeline.names)
-    if selected is None:
-        return names, [], False
-    if not isinstance(selected, list) or not all(isinstance(n, str) for n in selected):
-        return [], [], True
-    return [n for n in names if n in selected], [n for n in selected if n not in names], False
-
-
 def plan_client(
-    client_id: str,
-    data: dict[str, Any],
+    doc: documents.Client,
     states: dict[str, dict[str, Any]],
     pipeline: Pipeline,
     wanted: set[str] | None,
     now: dt.datetime,
+    state_problems: list[Problem] | None = None,
 ) -> ClientPlan:
-    """A client's steps: the selected operations in order, each decided from its state."""
-    plan = ClientPlan(client_id, str(data.get("name") or client_id), data)
-    plan.operations, plan.unknown_operations, plan.invalid_operations = client_operations(
-        data, pipeline
-    )
+    """A client's steps: the selected operations in order, each decided from its state
+    (`states` already read through `documents.state`, their problems in `state_problems`)."""
+    plan = ClientPlan(doc.id, doc.name, doc.data)
+    plan.operations = list(doc.operations) if doc.operations is not None else []
+    if doc.operations is None and not doc.operations_invalid:
+        plan.operations = list(pipeline.names)
+    plan.unknown_operations = list(doc.unknown_operations)
+    plan.invalid_operations = doc.operations_invalid
     plan.states = {n: s for n, s in states.items() if n in plan.operations}
+    plan.stored_due = doc.next_due
+    plan.stored_problems = doc.stored_problems
+    plan.problems = [*doc.problems, *(state_problems or [])]
+    plan.checked = {(None, f) for f in documents.CLIENT_FIELDS} | {
+        (n, f) for n in pipeline.names for f in DECISION_FIELDS
+    }
     if plan.invalid_operations:
         names = [n for n in pipeline.names if wanted is None or n in wanted]
         plan.steps = [Step(n, "skip", INVALID_OPERATIONS) for n in names]
@@ -243,5 +258,6 @@ def failing(plan: ClientPlan, pipeline: Pipeline) -> dict[str, dict[str, Any]]:
             "failures": k,
             "since": (state.get("quarantinedAt") if quarantined else None) or _when(state),
             "dueAt": None if quarantined else due,
+            "error": state.get("error") if isinstance(state.get("error"), str) else None,
         }
     return out

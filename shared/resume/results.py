@@ -18,6 +18,38 @@ from shared.log import get_logger
 from shared.runs import MAX_PAGES, PAGE_RESULT_BYTES, RECORD_RESULT_BYTES, RESULTS, stored_size
 
 log = get_logger("results")
+#: Count names the summary's `impact` keeps (the rest are summed in `impactOmitted`): a run
+#: whose operations report 10,000 distinct names still records and releases.
+MAX_IMPACT_NAMES = 100
+#: The summary fields that always fit: the counts a bare, last-resort record keeps.
+MINIMAL_FIELDS = ("clients", "processed", "skipped", "failed", "deferred", "durationSeconds")
+
+
+def bounded_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary with its `impact` cut to the largest `MAX_IMPACT_NAMES` counts (names cut
+    to 200 characters); what was cut is summed in `impactOmitted`."""
+    from shared.documents import is_int, text
+
+    out = dict(summary)
+    impact = summary.get("impact")
+    if not isinstance(impact, dict):
+        out["impact"] = {}
+        return out
+    numbers = [(text(k), v) for k, v in impact.items() if is_int(v)]
+    numbers.sort(key=lambda kv: -abs(kv[1]))
+    kept = dict(numbers[:MAX_IMPACT_NAMES])
+    out["impact"] = kept
+    if len(numbers) > len(kept):
+        out["impactOmitted"] = {
+            "names": len(numbers) - len(kept),
+            "total": sum(v for _, v in numbers[MAX_IMPACT_NAMES:]),
+        }
+    return out
+
+
+def minimal_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The last resort when even the bounded summary was refused: plain counts only."""
+    return {k: summary[k] for k in MINIMAL_FIELDS if isinstance(summary.get(k), int | float)}
 
 
 class ResultSink:
