@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,9 @@ class Faults:
     delay: float = 0.0  # probability of a delay of up to `max_delay` seconds
     max_delay: float = 0.3
     partitioned: threading.Event = field(default_factory=threading.Event)
+    #: Decides for one commit by the paths it writes: "lose", "abort", "unavailable" or None
+    #: (then the probabilities decide). For tests that target one commit.
+    decide: Callable[[list[str]], str | None] | None = None
     injected: dict[str, int] = field(
         default_factory=lambda: {"lost": 0, "aborted": 0, "delayed": 0, "partitioned": 0}
     )
@@ -84,7 +88,13 @@ class FaultyApi:
             with self._mutex:
                 faults.injected["partitioned"] += 1
             raise gexc.ServiceUnavailable("partitioned by the fault harness")
-        if self._roll(faults.abort):
+        request = kwargs.get("request") or (args[0] if args else {})
+        writes = request.get("writes", []) if isinstance(request, dict) else request.writes
+        paths = [_path(w.update.name or w.delete) for w in writes]
+        action = faults.decide(paths) if faults.decide is not None else None
+        if action == "unavailable":
+            raise gexc.ServiceUnavailable("unavailable by the fault harness")
+        if action == "abort" or (action is None and self._roll(faults.abort)):
             with self._mutex:
                 faults.injected["aborted"] += 1
             raise gexc.Aborted("aborted by the fault harness")
@@ -94,19 +104,15 @@ class FaultyApi:
                 pause = self._rng.uniform(0, faults.max_delay)
             time.sleep(pause)
         response = self._real.commit(*args, **kwargs)
-        request = kwargs.get("request") or (args[0] if args else {})
-        writes = request.get("writes", []) if isinstance(request, dict) else request.writes
-        paths, token = [], None
+        token = None
         for write in writes:
-            name = write.update.name if write.update else write.delete or ""
-            paths.append(_path(name))
-            fields = write.update.fields if write.update else {}
+            fields = write.update.fields if write.update.name else {}
             if "held" in fields and "token" in fields and fields["held"].boolean_value:
                 token = int(fields["token"].integer_value)
         context = _context.get() or {}
         with self._mutex:
             self._log.append(Landed(response.commit_time, context.get("runId"), paths, token))
-        if self._roll(faults.lose):
+        if action == "lose" or (action is None and self._roll(faults.lose)):
             with self._mutex:
                 faults.injected["lost"] += 1
             raise gexc.DeadlineExceeded("answer lost by the fault harness (the commit landed)")

@@ -33,7 +33,8 @@ def ok(ctx: Any) -> dict[str, Any]:
     delay = BEHAVIOUR.get("delay", 0)
     if delay:
         time.sleep(delay)
-    return {"done": True, "counts": {"items": 2}}
+    counts = BEHAVIOUR.get("counts_for", {}).get(ctx.client_id, {"items": 2})
+    return {"done": True, "counts": counts}
 
 
 def boom(ctx: Any) -> None:
