@@ -62,6 +62,7 @@ VARIABLES: dict[str, str | None] = {
     "SMART_RESUME_STUCK_SECONDS": "900",
     "SMART_RESUME_PING_URL": None,
     "SMART_RESUME_SHARDS": "1",
+    "SMART_RESUME_BEHIND_SECONDS": None,
 }
 
 T = TypeVar("T")
@@ -106,6 +107,8 @@ class Settings:
     ping_url: str | None = field(default=None, repr=False)
     #: Shards that run in parallel, each a run with its own lock (1: no sharding).
     shards: int = 1
+    #: The oldest due client waiting longer than this makes health `behind`.
+    behind_seconds: float = 3600.0
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -286,6 +289,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"SMART_RESUME_STUCK_SECONDS ({stuck:g}) must be longer than "
             f"SMART_RESUME_HEARTBEAT_SECONDS ({heartbeat:g})"
         )
+    behind = 2 * expected if expected else 3600.0
+    if r.raw("SMART_RESUME_BEHIND_SECONDS") is not None:
+        behind = r.seconds("SMART_RESUME_BEHIND_SECONDS")
     ping_url = r.raw("SMART_RESUME_PING_URL")
     if ping_url is not None and not _http_url(ping_url):
         # Never echo the value: it is a secret.
@@ -326,6 +332,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         expected_every_seconds=expected,
         grace_seconds=grace,
         stuck_seconds=stuck,
+        behind_seconds=behind,
         ping_url=ping_url,
     )
     if r.problems:

@@ -271,7 +271,7 @@ def state(
             else:
                 shown = repr(text(value, 40)) if isinstance(value, str) else type_name(value)
                 problem(key, f"'status' is {shown}, not one of {', '.join(STATUSES)}: it runs")
-        elif key in ("startedAt", "finishedAt", "quarantinedAt"):
+        elif key in ("startedAt", "finishedAt", "quarantinedAt", "heldUntil"):
             if value is None or isinstance(value, dt.datetime):
                 clean[key] = value
             else:

@@ -6,9 +6,12 @@ heartbeating. `judge` looks at the lock (is a run live, and has its progress mov
 this lock's newest runs (how did the last one end, and when did one last end well?) and the
 quarantined work, all timed by the server's clock (the lock read's `read_time`):
 
-- `stuck`: a live run whose progress has not moved for `SMART_RESUME_STUCK_SECONDS`;
+- `stuck`: a live run whose progress has not moved for `SMART_RESUME_STUCK_SECONDS`, or a
+  lock whose holder has gone silent (stale, not yet taken over);
 - `overdue`: `SMART_RESUME_EXPECTED_EVERY_SECONDS` is set and no run ended completed, partial
-  or cancelled within it plus `SMART_RESUME_GRACE_SECONDS`;
+  or cancelled within it plus `SMART_RESUME_GRACE_SECONDS` (never while the very first run is
+  still running);
+- `behind`: the longest-waiting due client has waited more than `SMART_RESUME_BEHIND_SECONDS`;
 - `failing`: the newest finished run ended failed or abandoned, or work is quarantined;
 - `running`: a live run that makes progress;
 - `ok`: none of these;
@@ -31,7 +34,7 @@ from shared.lock import Lock, LockState
 from shared.runs import FINISHED, SUCCEEDED, Runs, jsonable
 
 #: Precedence, first wins.
-ORDER = ("stuck", "overdue", "failing", "running", "ok")
+ORDER = ("stuck", "overdue", "behind", "failing", "running", "ok")
 #: What an uptime check accepts (200); anything else answers 503.
 HEALTHY = ("ok", "running")
 FAILED_ENDS = ("failed", "abandoned")
@@ -54,6 +57,8 @@ class Evidence:
     quarantined: list[dict[str, Any]]
     #: `quarantine.problems()`: data an operator must fix; named, never a failure by itself.
     problems: list[dict[str, Any]] = field(default_factory=list)
+    #: When the longest-waiting due client became due (None: nothing is due).
+    oldest_due: dt.datetime | None = None
 
 
 def gather(
@@ -77,7 +82,41 @@ def gather(
         quarantined = failing(settings, client, settings.stream, shard)["quarantined"]
     if problems is None:
         problems = listed_problems(settings, client)
-    return Evidence(lock, recent, last_success, quarantined, problems)
+    return Evidence(
+        lock, recent, last_success, quarantined, problems, oldest_due(settings, client, shard)
+    )
+
+
+#: Due times before this say "never ran" (1970), not since when a client has waited.
+KNOWN_SINCE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+
+
+def oldest_due(
+    settings: Settings, client: firestore.Client, shard: tuple[int, int] | None = None
+) -> dt.datetime | None:
+    """The `nextDueAt` of the longest-waiting due client (one small query, served by the due
+    query's own index)."""
+    from shared import store
+
+    query = client.collection(store.CLIENTS).where(
+        filter=firestore.FieldFilter("active", "==", True)
+    )
+    if settings.stream is not None:
+        query = query.where(filter=firestore.FieldFilter("stream", "==", settings.stream))
+    if shard is not None:
+        query = query.where(filter=firestore.FieldFilter("shard", "==", shard[0]))
+    now = dt.datetime.now(dt.UTC)
+    query = (
+        query.where(filter=firestore.FieldFilter("nextDueAt", "<=", now))
+        .where(filter=firestore.FieldFilter("nextDueAt", ">=", KNOWN_SINCE))
+        .order_by("nextDueAt")
+        .select(["nextDueAt"])
+        .limit(1)
+    )
+    with store.translate_errors("finding the oldest due client"):
+        snaps = list(query.stream(**store.call(settings)))
+    due = (snaps[0].to_dict() or {}).get("nextDueAt") if snaps else None
+    return due if isinstance(due, dt.datetime) else None
 
 
 def _age(now: dt.datetime | None, then: Any) -> float | None:
@@ -132,6 +171,13 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
         return body
 
     found: dict[str, list[str]] = {}
+    if lock.held and lock.stale:
+        silent = lock.heartbeat_age_seconds
+        found["stuck"] = [
+            f"the run {lock.run_id} holding the lock has gone silent"
+            + (f" (no heartbeat for {_seconds(silent)})" if silent is not None else "")
+            + ": the next trigger takes it over, or unlock it"
+        ]
     if lock.live:
         age = progress_age(lock)
         where = _where(lock.progress)
@@ -147,7 +193,8 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
                 f"{where}{moved}"
             ]
 
-    if expected is not None:
+    ended = any(r.get("status") in FINISHED for r in evidence.newest)
+    if expected is not None and not (lock.live and not ended):  # the first run is running
         window = expected + settings.grace_seconds
         since = _age(now, success_at)
         if since is None:
@@ -160,6 +207,14 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
                 f"no run has ended completed, partial or cancelled for {_seconds(since)} "
                 f"(expected every {expected:g} s, grace {settings.grace_seconds:g} s)"
             ]
+
+    waited = _age(now, evidence.oldest_due)
+    if waited is not None and waited > settings.behind_seconds:
+        found["behind"] = [
+            f"the longest-waiting due client has waited {_seconds(waited)} "
+            f"(behind after {settings.behind_seconds:g} s): the runs do not keep up; "
+            "raise the time budget, the concurrency or the shards"
+        ]
 
     failing: list[str] = []
     last = next((r for r in evidence.newest if r.get("status") in FINISHED), None)

@@ -150,6 +150,7 @@ PROGRESS_FIELDS = {
     "operation": str,
     "clientsDone": int,
     "failed": int,
+    "fullPass": str,
 }
 
 

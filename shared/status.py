@@ -21,7 +21,7 @@ log = get_logger("status")
 
 
 #: Which health is worse, for the answer over all shards.
-WORST_FIRST = ("stuck", "overdue", "failing", "unknown", "running", "ok")
+WORST_FIRST = ("stuck", "overdue", "behind", "failing", "unknown", "running", "ok")
 
 
 def for_shard(settings: Settings, shard: int) -> Settings:
@@ -94,6 +94,7 @@ def _snapshot(
         newest=runs or health.NEWEST,
         quarantined=found["quarantined"],
         problems=found_problems,
+        shard=shard,
     )
     state = evidence.lock
     records = Runs(client, settings)

@@ -222,6 +222,7 @@ class TestBackoffAndQuarantine:
                 "clientId": "c00000",
                 "operation": "first",
                 "failures": 4,
+                "error": "ValueError: bad data for c00000",
                 "since": body["quarantined"][0]["since"],
             }
         ]

@@ -168,7 +168,13 @@ class TestStates:
         assert [(q["clientId"], q["operation"]) for q in response["quarantined"]] == [
             ("c00000", "work")
         ]
-        assert set(response["quarantined"][0]) == {"clientId", "operation", "failures", "since"}
+        assert set(response["quarantined"][0]) == {
+            "clientId",
+            "operation",
+            "failures",
+            "since",
+            "error",
+        }
         assert response["health"]["state"] == "failing"
         assert "1 client-operation is quarantined (c00000/work)" in response["health"]["reasons"][0]
         assert check(status_fn)[0] == 503
@@ -192,7 +198,7 @@ class TestStates:
                 ),
                 timeout=10,
             )
-            assert (code, body["state"]) == (200, "running")
+            assert (code, body["state"]) == (200, "running"), body
             code, body = wait_for(lambda: (r := check(status_fn))[0] == 503 and r, timeout=15)
             assert body["state"] == "stuck"
             assert "has made no progress for" in body["reasons"][0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from shared.errors import StoreUnavailable
 from shared.resume.pipeline import Pipeline
 from shared.resume.plan import (
     DECISION_FIELDS,
+    EPOCH,
     ClientPlan,
     RunOptions,
     failing,
@@ -73,6 +75,7 @@ class Selection:
         # With shards, a run sees its own shard's clients only: `shard` is stored on each
         # client for the due query, and computed from the id where it may be missing.
         self.due_total: int | None = None  # known once the first due page is read
+        self.last_read: str | None = None  # the last client id `all_pages` read
         self.shards = settings.shards
         self.shard = options.shard if settings.shards > 1 else None
 
@@ -97,6 +100,17 @@ class Selection:
         count = int(result[0][0].value)
         self.reads.add(math.ceil(count / 1000))
         return count
+
+    def count_unstamped(self) -> int:
+        """Active clients without a due time (created with only `name` and `active`, or with a
+        `nextDueAt` that is not a timestamp): two counts, of all and of those with one."""
+        stamped = self._active().where(filter=firestore.FieldFilter("nextDueAt", ">=", EPOCH))
+        with store.translate_errors("counting clients without a due time"):
+            total = int(self._active().count().get(**store.call(self.settings))[0][0].value)
+            with_due = int(stamped.count().get(**store.call(self.settings))[0][0].value)
+        self.reads.add(math.ceil(total / 1000))
+        self.reads.add(math.ceil(with_due / 1000))
+        return max(total - with_due, 0)
 
     def count_due(self, cutoff: dt.datetime) -> int:
         """How many clients are due: the progress bar's length (one read per 1,000)."""
@@ -136,15 +150,19 @@ class Selection:
             # A client whose stored shard is stale (N changed) is left to its owner's full pass.
             yield [snap for snap in page if self.mine(snap.id)]
 
-    def all_pages(self, active_only: bool = True) -> Iterator[list[Any]]:
+    def all_pages(self, active_only: bool = True, after: str | None = None) -> Iterator[list[Any]]:
         """Every active client of this run's shard, by id (read whole: a client's stored shard
         may be missing or stale, so it is computed from the id). `active_only=False`: every
-        client document of the stream, whatever its `active` says (the full pass names the
-        problems of those too)."""
-        query = self._active() if active_only else self._stream()
-        for page in self._pages(query.order_by("__name__"), FULL_PAGE_SIZE):
+        client document of the stream, whatever its `active` says, page by page (possibly
+        empty pages: the full pass keeps its place by the last id read)."""
+        query = (self._active() if active_only else self._stream()).order_by("__name__")
+        if after is not None:
+            query = query.start_after({"__name__": after})
+        for page in self._pages(query, FULL_PAGE_SIZE):
             own = [snap for snap in page if self.mine(snap.id)]
-            if own:
+            if not active_only:
+                self.last_read = page[-1].id
+            if own or not active_only:
                 yield own
 
     def _stream(self) -> firestore.Query:
@@ -255,7 +273,9 @@ class Reconcile:
             .collection(store.META)
             .document(name)
         )
-        self.active: int | None = None
+        self.meta: dict[str, Any] = {}
+        self.cursor: str | None = None  # the last client id the running pass went through
+        self.finished = False
         # With shards, one document for all of them counts the changes of their number
         # (`epoch`): N -> M -> N within a day leaves a shard's last pass, made under N,
         # looking current although the M shards restamped its clients meanwhile.
@@ -270,7 +290,7 @@ class Reconcile:
         self.epoch: int | None = None
 
     def reason(self, now: dt.datetime) -> str | None:
-        """Why a full pass must run on this tick, or None."""
+        """Why a full pass must run (or go on) on this tick, or None."""
         sel = self.selection
         refs = [self.ref] + ([self.shards_ref] if self.shards_ref is not None else [])
         with store.translate_errors("reading the due-work state"):
@@ -279,18 +299,28 @@ class Reconcile:
             }
         sel.reads.add(len(refs))
         snap = found[self.ref.path]
-        meta = snap.to_dict() if snap.exists else None
+        meta = (snap.to_dict() or {}) if snap.exists else None
         if self.shards_ref is not None:
             self.epoch = self._shard_epoch(found[self.shards_ref.path])
-        self.active = sel.count_active()
+        self.meta = meta or {}
+        running = self.meta.get("pass")
+        if (
+            isinstance(running, dict)
+            and running.get("fingerprint") == self.fingerprint
+            and running.get("shardsEpoch") == self.epoch
+        ):
+            self.cursor = running.get("cursor") if isinstance(running.get("cursor"), str) else None
+            return f"continuing the full pass ({running.get('reason')})"
+        self.cursor = None
         if not meta:
             return "first tick of due-work selection"
         if meta.get("fingerprint") != self.fingerprint:
             return "the pipeline's operations or timing, or the number of shards, changed"
         if meta.get("shardsEpoch") != self.epoch:
-            return "the number of shards changed since this shard's last full pass"
-        if meta.get("activeCount") != self.active:
-            return f"active clients changed from {meta.get('activeCount')} to {self.active}"
+            return "the number of shards changed since the last full pass"
+        unstamped = sel.count_unstamped()
+        if unstamped:
+            return f"{unstamped} active client(s) without a due time (new, or written by hand)"
         at = meta.get("reconciledAt")
         hours = sel.settings.reconcile_hours
         if not isinstance(at, dt.datetime) or now - at >= dt.timedelta(hours=hours):
@@ -328,14 +358,27 @@ class Reconcile:
                 sel.reads.add(1)
         raise StoreUnavailable("the number of shards kept changing under this run")
 
-    def run(self, now: dt.datetime, should_stop: Any) -> tuple[int, int]:
+    def run(
+        self, now: dt.datetime, should_stop: Any, reason: str = "", until: float | None = None
+    ) -> tuple[int, int]:
         """Repair every active client's due fields, and record the problems of every client
-        document (active or not); returns (clients read, repaired). Records the pass only when
-        it went through every client."""
+        document (active or not), from where the last tick stopped; returns (clients read,
+        repaired). At `until` (monotonic) it saves where it is and returns, so due work gets
+        the rest of the budget; the next tick goes on from there."""
         sel = self.selection
         seen = repaired = 0
-        for page in sel.all_pages(active_only=False):
-            if should_stop():
+        started = self.meta.get("pass") if self.cursor is not None else None
+        state = {
+            "reason": (started or {}).get("reason") or reason,
+            "startedAt": (started or {}).get("startedAt") or now,
+            "fingerprint": self.fingerprint,
+            "shardsEpoch": self.epoch,
+            "seen": int((started or {}).get("seen") or 0),
+        }
+        for page in sel.all_pages(active_only=False, after=self.cursor):
+            if should_stop() or (until is not None and time.monotonic() >= until):
+                self._save({**state, "cursor": self.cursor})
+                self.finished = False
                 return seen, repaired
             changes = []
             active = [s for s in page if (s.to_dict() or {}).get("active") is True]
@@ -358,27 +401,47 @@ class Reconcile:
             if changes:
                 self._write(changes)
                 repaired += len(changes)
+            self.cursor = sel.last_read
+            state["seen"] += len(page)
         meta = {
             "fingerprint": self.fingerprint,
-            "activeCount": self.active if self.active is not None else seen,
             "reconciledAt": now,
             "lockName": sel.settings.lock_name,
             "stream": sel.options.stream,
             "shard": sel.shard,
             "shardsEpoch": self.epoch,
+            "pass": None,
+            "lastPass": {**state, "endedAt": now, "clients": state["seen"]},
         }
         self.fence.transaction("recording the full pass", lambda tx: tx.set(self.ref, meta))
+        self.finished = True
         return seen, repaired
+
+    def _save(self, state: dict[str, Any]) -> None:
+        """Where the pass stopped (one write per tick that stops it), for the next tick."""
+        update = {"pass": state}
+        self.fence.transaction(
+            "saving the full pass's place", lambda tx: tx.set(self.ref, update, merge=True)
+        )
 
     def _write(self, changes: list[tuple[firestore.DocumentReference, dict[str, Any]]]) -> None:
         def body(tx: Any) -> None:
             refs = [ref for ref, _ in changes]
             found = self.selection.client.get_all(
-                refs, field_paths=["active"], transaction=tx, **store.call(self.selection.settings)
+                refs,
+                field_paths=["active", "claim"],
+                transaction=tx,
+                **store.call(self.selection.settings),
             )
-            exists = {s.reference.path for s in found if s.exists}
+            writable = set()
+            for snap in found:
+                claim = (snap.to_dict() or {}).get("claim") if snap.exists else None
+                if isinstance(claim, dict) and claim.get("open") is True:
+                    continue  # a run is working on it: its close writes these fields
+                if snap.exists:  # a client deleted meanwhile is not written back
+                    writable.add(snap.reference.path)
             for ref, fields in changes:
-                if ref.path in exists:  # a client deleted meanwhile is not written back
+                if ref.path in writable:
                     tx.update(ref, fields)
 
         self.fence.transaction("repairing due times", body)

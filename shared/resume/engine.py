@@ -210,6 +210,30 @@ def execute(
     )
 
 
+#: The share of a tick's time budget a full pass may take; due work gets the rest.
+PASS_SHARE = 1 / 3
+
+
+def _full_pass(run: RunContext, selection: Selection, fence: Fence, cutoff: dt.datetime) -> None:
+    """The full pass over every client document, when one is due or under way: at most
+    `PASS_SHARE` of the budget per tick, then due work runs and the next tick goes on.
+
+    With shards, each shard makes its own pass, reading every client and writing its own (a
+    client's stored shard may be missing or stale, so it is computed from the id)."""
+    reconcile = Reconcile(selection, fence)
+    why = reconcile.reason(cutoff)
+    if why is None:
+        return
+    log.info("full pass over the clients: %s", why)
+    until = run.started + run.settings.time_budget_seconds * PASS_SHARE
+    seen, repaired = reconcile.run(
+        cutoff, lambda: Stop(run).quiet() is not None, reason=why, until=until
+    )
+    place = "done" if reconcile.finished else "goes on next tick"
+    log.info("full pass %s: %d active clients read, %d repaired", place, seen, repaired)
+    run.heartbeat.set_progress(fullPass=place)
+
+
 def run_smart_resume(run: RunContext) -> RunResult:
     """The resume module's entry point: select what is due, run it as it streams in."""
     selection = Selection(run.client, run.settings, run.pipeline, run.options)
@@ -218,12 +242,7 @@ def run_smart_resume(run: RunContext) -> RunResult:
     if run.options.client_id:
         pages = selection.one()
     else:
-        reconcile = Reconcile(selection, fence)
-        why = reconcile.reason(cutoff)
-        if why is not None:
-            log.info("full pass over the active clients: %s", why)
-            seen, repaired = reconcile.run(cutoff, lambda: Stop(run).quiet() is not None)
-            log.info("full pass: %d active clients, %d due times repaired", seen, repaired)
+        _full_pass(run, selection, fence, cutoff)
         pages = selection.due_pages(cutoff)
     plans = selection.plans(pages, cutoff)
     if run.options.client_id:

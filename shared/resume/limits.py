@@ -69,6 +69,9 @@ class Limiter:
         self._next_start = 0.0
         self._active = 0
         self._held_until = 0.0
+        #: When the hold ends by the wall clock (a `Retry-After` past the budget makes the
+        #: operation due then, not on the next tick).
+        self.held_until_wall: dt.datetime | None = None
         self._cond = threading.Condition()
         self.calls = self.retried = self.throttled = 0
 
@@ -82,8 +85,12 @@ class Limiter:
             return self._next_start
         return None
 
-    def acquire(self, deadline: float, stop: Callable[[], bool]) -> str | None:
-        """Wait until a call may start and take its slot (None), or say why it may not."""
+    def acquire(
+        self, deadline: float, stop: Callable[[], bool], waiting: Callable[[], None] | None = None
+    ) -> str | None:
+        """Wait until a call may start and take its slot (None), or say why it may not.
+        `waiting()` is called while a `Retry-After` holds the calls back: waiting out a
+        service's request is progress, not a stuck run."""
         waited = False
         with self._cond:
             while True:
@@ -97,6 +104,8 @@ class Limiter:
                     break
                 if self._held_until >= deadline:
                     return HELD_PAST_BUDGET
+                if waiting is not None and self._held_until > now:
+                    waiting()
                 if math.isfinite(chance) and chance >= deadline:
                     return OUT_OF_TIME  # the next free slot opens after the budget
                 waited = True
@@ -119,9 +128,12 @@ class Limiter:
             self._active -= 1
             self._cond.notify_all()
 
-    def hold(self, until: float) -> None:
-        """No call of this operation starts before `until` (monotonic), for every worker."""
+    def hold(self, until: float, wall: dt.datetime | None = None) -> None:
+        """No call of this operation starts before `until` (monotonic), for every worker;
+        `wall` is when the service asked to be left alone until, by the wall clock."""
         with self._cond:
+            if wall is not None and (self.held_until_wall is None or wall > self.held_until_wall):
+                self.held_until_wall = wall
             if until > self._held_until:
                 self._held_until = until
                 self._cond.notify_all()
@@ -138,16 +150,23 @@ class Limiter:
 class Registry:
     """The limiters of one run, one per operation, created on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, shards: int = 1) -> None:
         self._limiters: dict[str, Limiter] = {}
         self._mutex = threading.Lock()
+        self.shards = max(1, shards)
 
     def limiter(self, op: Any) -> Limiter:
+        """The operation's limiter. With N shards running at once, each takes 1/N of the
+        operation's limits, so together they hold them (`max_concurrent` rounds down, never
+        below one call in flight)."""
         with self._mutex:
             limiter = self._limiters.get(op.name)
             if limiter is None:
+                rate = getattr(op, "max_per_second", None)
+                concurrent = getattr(op, "max_concurrent", None)
                 limiter = self._limiters[op.name] = Limiter(
-                    getattr(op, "max_per_second", None), getattr(op, "max_concurrent", None)
+                    rate / self.shards if rate else rate,
+                    max(1, concurrent // self.shards) if concurrent else concurrent,
                 )
             return limiter
 
@@ -162,12 +181,12 @@ _runs: collections.OrderedDict[str, Registry] = collections.OrderedDict()
 _runs_mutex = threading.Lock()
 
 
-def for_run(run_id: str) -> Registry:
+def for_run(run_id: str, shards: int = 1) -> Registry:
     """The run's registry, created on its first call; only the newest `KEEP_RUNS` are kept."""
     with _runs_mutex:
         registry = _runs.get(run_id)
         if registry is None:
-            registry = _runs[run_id] = Registry()
+            registry = _runs[run_id] = Registry(shards)
             while len(_runs) > KEEP_RUNS:
                 _runs.popitem(last=False)
         return registry
@@ -204,14 +223,21 @@ class Budget:
 class Gate:
     """One client-operation's way through its operation's shared limiter, on the run's clock."""
 
-    def __init__(self, limiter: Limiter, budget: Budget, stop: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        budget: Budget,
+        stop: Callable[[], bool],
+        waiting: Callable[[], None] | None = None,
+    ) -> None:
         self.limiter = limiter
         self.budget = budget
         self.stop = stop
+        self.waiting = waiting
 
     def enter(self) -> str | None:
         """Wait for a slot: None once the call may start (then `leave` after it), else why not."""
-        return self.limiter.acquire(self.budget.deadline, self.stop)
+        return self.limiter.acquire(self.budget.deadline, self.stop, self.waiting)
 
     def leave(self) -> None:
         self.limiter.release()
@@ -229,7 +255,8 @@ class Gate:
         """Hold back every call of the operation for `seconds`; False (and the hold reaches
         past the budget, so every worker defers) when that ends after the time budget."""
         until = time.monotonic() + seconds
-        self.limiter.hold(min(until, self.budget.deadline))
+        wall = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+        self.limiter.hold(min(until, self.budget.deadline), wall)
         return until < self.budget.deadline
 
     def sleep(self, seconds: float) -> bool:

@@ -28,6 +28,7 @@ DECISION_FIELDS = [
     "attempts",
     "quarantinedAt",
     "error",
+    "heldUntil",
 ]
 #: States whose step resumes from a saved checkpoint (loaded when the step starts).
 RESUMES = ("partial", "failed", "running", "quarantined")
@@ -145,6 +146,9 @@ def due_at(state: dict[str, Any] | None, op: Operation) -> dt.datetime:
         return NEVER
     if status == "failed":
         return when + dt.timedelta(seconds=backoff_seconds(op, failures_of(state)))
+    held = state.get("heldUntil")
+    if status == "partial" and isinstance(held, dt.datetime):
+        return max(when, held)  # the service asked to be left alone until then
     return when  # partial, cut off while running, unknown: due now
 
 
@@ -180,6 +184,9 @@ def decide(state: dict[str, Any] | None, op: Operation, now: dt.datetime) -> Ste
             reason = f"failed at {_fmt(finished)}; retrying{resume}"
         return Step(name, "run", reason, state, due_at=due)
     if status == "partial":
+        if now < due:
+            reason = f"held back by the service (Retry-After) until {_fmt(due)}"
+            return Step(name, "skip", reason, state, blocks=True, due_at=due)
         return Step(name, "run", "partial; resumes from its checkpoint", state, due_at=due)
     if status == "running":
         since = _fmt(state.get("startedAt"))
@@ -235,7 +242,8 @@ def next_due(plan: ClientPlan, pipeline: Pipeline, now: dt.datetime) -> dt.datet
         state = plan.states.get(name)
         due = due_at(state, op)
         earliest = min(earliest, max(due, gate))
-        if state and state.get("status") in ("failed", "quarantined"):
+        held = state and state.get("status") == "partial" and state.get("heldUntil")
+        if state and (state.get("status") in ("failed", "quarantined") or held):
             gate = max(gate, due)
     return earliest
 
@@ -247,6 +255,12 @@ def failing(plan: ClientPlan, pipeline: Pipeline) -> dict[str, dict[str, Any]]:
     for name in plan.operations:
         state = plan.states.get(name) or {}
         k = failures_of(state)
+        held = state.get("heldUntil")
+        if state.get("status") == "partial" and isinstance(held, dt.datetime):
+            # Waiting out a service's Retry-After: listed as backed off until then.
+            out[name] = {"state": "backoff", "failures": max(k, 1), "since": _when(state)}
+            out[name].update(dueAt=held, error="the service asked to wait (Retry-After)")
+            continue
         if state.get("status") not in ("failed", "quarantined") or k < 1:
             continue
         op = pipeline.get(name)

@@ -300,6 +300,9 @@ class Worker:
             self.record(result(plan, op.name, "processed", step.reason, run_counts))
             return True
         why = self.stop.quiet() or outcome.reason or "operation reported not done"
+        held = (
+            io.gate.limiter.held_until_wall if outcome.reason == limits.HELD_PAST_BUDGET else None
+        )
         writes.stage(
             ref,
             {
@@ -307,11 +310,19 @@ class Worker:
                 "finishedAt": firestore.SERVER_TIMESTAMP,
                 "checkpoint": io.checkpoint,
                 "counts": io.counts,
+                "heldUntil": held,  # the service's Retry-After: due then, not next tick
             },
             fallback,
         )
-        plan.states[op.name] = {**state, "status": "partial", "finishedAt": now()}
-        reason = f"{why}: resumes from its checkpoint"
+        plan.states[op.name] = {
+            **state,
+            "status": "partial",
+            "finishedAt": now(),
+            "heldUntil": held,
+        }
+        reason = f"{why}: resumes from its checkpoint" + (
+            f" at {held.strftime('%Y-%m-%d %H:%M:%S UTC')}" if held else ""
+        )
         self.record(result(plan, op.name, "deferred", reason, run_counts))
         return True
 
@@ -354,11 +365,12 @@ class IO:
         self._dropped = False
         run = worker.run
         self.gate = limits.Gate(
-            limits.for_run(run.run_id).limiter(run.pipeline.get(operation)),
+            limits.for_run(run.run_id, run.settings.shards).limiter(run.pipeline.get(operation)),
             limits.Budget.of(
                 run.deadline, run.settings.time_budget_seconds, run.settings.max_run_seconds
             ),
             self.should_stop,
+            run.heartbeat.touch,  # waiting out a Retry-After is progress
         )
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
