@@ -34,6 +34,7 @@ import datetime as dt
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,17 +191,24 @@ class Fence:
                 client_id, f"run {claim.get('runId')} of lock {other} is working on it"
             )
 
-    def commit(self, claim: Claim, writes: list[Write], client_fields: dict[str, Any] | None):  # type: ignore[no-untyped-def]
+    def commit(
+        self,
+        claim: Claim,
+        writes: list[Write],
+        client_fields: dict[str, Any] | Callable[[], dict[str, Any]] | None,
+    ) -> None:
         """Commit one client's writes, fenced by its chain: the client document is updated
         (with `client_fields`, or a no-op that only checks the chain) on the update time of
-        its previous commit."""
+        its previous commit. A callable `client_fields` is asked again after someone else
+        wrote the client (an operator's retry, say), so it can read what changed."""
         for _ in range(_ATTEMPTS):
+            fields = client_fields() if callable(client_fields) else client_fields
             batch = self.client.batch()
-            for ref, fields in writes:
-                state_write(batch, ref, fields)
+            for ref, values in writes:
+                state_write(batch, ref, values)
             batch.update(
                 claim.ref,
-                client_fields or {"claim.token": self.lease.token},
+                fields or {"claim.token": self.lease.token},
                 option=self.client.write_option(last_update_time=claim.update_time),
             )
             try:
@@ -214,7 +222,7 @@ class Fence:
                 continue
             self._count(
                 [r.path for r, _ in writes] + [claim.ref.path],
-                claim if client_fields is not None else None,
+                claim if fields is not None else None,
             )
             claim.update_time = results[len(writes)].update_time
             return

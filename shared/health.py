@@ -166,7 +166,7 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
         "lastSuccessAt": jsonable(success_at) if isinstance(success_at, dt.datetime) else None,
         "expectedEverySeconds": expected,
     }
-    if not evidence.newest and not lock.live:
+    if not evidence.newest and not lock.held:
         body.update(state="unknown", reasons=["no run has been recorded yet"])
         return body
 

@@ -26,7 +26,14 @@ from shared.resume.due import client_fields
 from shared.resume.http_operation import run_http
 from shared.resume.operations import Context, Outcome, run_python
 from shared.resume.pipeline import Operation
-from shared.resume.plan import RESUMES, ClientPlan, Step, failures_of, next_due
+from shared.resume.plan import (
+    DECISION_FIELDS,
+    RESUMES,
+    ClientPlan,
+    Step,
+    failures_of,
+    next_due,
+)
 from shared.resume.writes import ClientWrites
 from shared.runs import stored_size
 
@@ -111,6 +118,7 @@ class Worker:
         self.fence = fence
         self._record = record
         self.recorded: set[str] = set()  # the current client's operations with a result
+        self.ran: set[str] = set()  # the current client's operations this run executed
 
     def record(self, entry: dict[str, Any]) -> None:
         self.recorded.add(entry["operation"])
@@ -120,7 +128,7 @@ class Worker:
         return self.fence.client.document(f"clients/{plan.client_id}/operations/{operation}")
 
     def client(self, index: int, total: int, plan: ClientPlan) -> None:
-        self.recorded = set()
+        self.recorded, self.ran = set(), set()
         writes = ClientWrites(self.fence, plan.client_id)
         with bind(clientId=plan.client_id):
             try:
@@ -145,7 +153,6 @@ class Worker:
         """Save what is staged and the client's due fields; a client that had nothing to run
         is claimed only to repair a wrong due time or to record a change in its problems."""
         now = self.run.now()
-        fields = client_fields(plan, self.run.pipeline, now)
         if writes.claim is None and not writes.staged:
             stale_due = (
                 not plan.invalid_operations
@@ -159,7 +166,38 @@ class Worker:
             if not (stale_due or changed):
                 return
             writes.open()
+        first = [True]
+
+        def fields() -> dict[str, Any]:
+            # Asked again when someone wrote the client meanwhile (an operator's retry): the
+            # states of operations this run did not run are read afresh, so a release made
+            # during the run is not undone by the run's plan-time view.
+            if not first[0]:
+                self._refresh(plan)
+            first[0] = False
+            return client_fields(plan, self.run.pipeline, self.run.now())
+
+        if any(s.get("status") in ("failed", "quarantined") for s in plan.states.values()):
+            self._refresh(plan)
+            first[0] = False
         writes.close(fields)
+
+    def _refresh(self, plan: ClientPlan) -> None:
+        """Read again the decision fields of the client's operations this run did not run."""
+        names = [n for n in plan.operations if n not in self.ran]
+        if not names:
+            return
+        refs = [self.ref(plan, n) for n in names]
+        with store.translate_errors("reading the client's states again"):
+            found = self.fence.client.get_all(
+                refs, field_paths=DECISION_FIELDS, **store.call(self.run.settings)
+            )
+            fresh = {s.id: s.to_dict() for s in found if s.exists}
+        for name in names:
+            if name in fresh:
+                plan.states[name] = documents.state(plan.client_id, name, fresh[name])[0]
+            else:
+                plan.states.pop(name, None)
 
     def _steps(self, index: int, total: int, plan: ClientPlan, writes: ClientWrites) -> None:
         if plan.invalid_operations or plan.unknown_operations:
@@ -218,6 +256,7 @@ class Worker:
             self.record(result(plan, op.name, "skipped", reason))
             return False
         ref = self.ref(plan, op.name)
+        self.ran.add(op.name)
         writes.stage(
             ref,
             {

@@ -21,6 +21,7 @@ checkpoint saved before that, as after any crash (chunks are delivered at least 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,7 @@ class ClientWrites:
         if self.staged and time.monotonic() - self.last_commit >= SPACING:
             self.commit()
 
-    def commit(self, client_fields: dict[str, Any] | None = None) -> None:
+    def commit(self, client_fields: Any = None) -> None:
         """Claim the client (the first time) or commit on its chain; `client_fields` closes
         it. Raises `ClientTrouble`, `LeaseLost`, `StoreUnavailable`; whatever was staged stays
         staged after a failure."""
@@ -94,7 +95,7 @@ class ClientWrites:
         self.staged = {}
         self.last_commit = time.monotonic()
 
-    def _refused(self, exc: StoreRejected, client_fields: dict[str, Any] | None) -> None:
+    def _refused(self, exc: StoreRejected, client_fields: Any) -> None:
         """The store refused these writes (a reserved name, too many index entries, a value
         it cannot hold): write each outcome's minimal form instead, naming the refusal, so the
         operation is not run again on every tick for a write that can never land."""
@@ -108,17 +109,19 @@ class ClientWrites:
         ]
         minimal = None
         if client_fields is not None:
-            minimal = {k: v for k, v in client_fields.items() if k in ("nextDueAt", "claim.open")}
+            full = client_fields() if callable(client_fields) else client_fields
+            minimal = {k: v for k, v in full.items() if k in ("nextDueAt", "claim.open")}
         try:
             self.fence.commit(self.claim, writes, minimal)
         except StoreRejected as again:
             raise ClientTrouble(self.client_id, f"the store refused its writes: {again}") from exc
 
-    def close(self, client_fields: dict[str, Any]) -> None:
-        """The client is done: everything staged and its due fields, in one commit."""
+    def close(self, client_fields: Callable[[], dict[str, Any]]) -> None:
+        """The client is done: everything staged and its due fields (`client_fields()`, asked
+        again if someone else wrote the client meanwhile), in one commit."""
         if self.claim is None:
             if not self.staged:
                 return
             self.commit()
-        self.commit({**client_fields, "claim.open": False})
+        self.commit(lambda: {**client_fields(), "claim.open": False})
         self.claim = None
