@@ -26,6 +26,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import firestore_emulator  # noqa: E402
+import query_shapes  # noqa: E402
+
+query_shapes.install()  # every query the code builds is checked against its index at the end
 
 PROJECT = "smart-resume-test"
 
