@@ -29,3 +29,20 @@ def burn(ctx: Any) -> None:
     end = time.thread_time() + BURN_SECONDS
     while time.thread_time() < end:
         pass
+
+
+#: Checkpoints each `pager` call saves, ~100 a second (bench/writes.py).
+PAGES = 300
+
+
+def pager(ctx: Any) -> None:
+    """Pages as fast as it can, saving a checkpoint after every page: the writes are coalesced
+    to about one a second per document, the last one always saved."""
+    import time
+
+    page = (ctx.checkpoint or {}).get("page", 0)
+    while page < PAGES:
+        time.sleep(0.01)  # ~100 checkpoints a second for ~3 s
+        page += 1
+        ctx.save_checkpoint({"page": page})
+        ctx.count("pages")
