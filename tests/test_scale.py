@@ -176,3 +176,29 @@ class TestHealth:
         )
         body = health()["health"]
         assert body["state"] == "behind" and "has waited" in body["reasons"][0]
+
+
+class TestShardLayoutChange:
+    def test_a_run_of_the_old_layout_never_writes_its_shard_back(
+        self, db, configure, pipeline_file
+    ):
+        """Going from 3 shards to 2 while an old shard-2 run is live: the new layout's pass
+        stamps the client `shard = 0`; the old run's close used to write `shard = 2` back,
+        hiding the client from every shard of the new layout until the next daily pass."""
+        from shared.resume.shards import shard_of
+
+        pipeline_file('[[operation]]\nname = "first"\nkind = "python"\ntarget = "opfuncs:gate"\n')
+        settings = configure(SMART_RESUME_SHARDS="3")
+        client_id = next(f"x{i}" for i in range(100) if shard_of(f"x{i}", 3) == 2)
+        db.document(f"clients/{client_id}").set({"name": "X", "active": True})
+        opfuncs.BEHAVIOUR.update(entered=threading.Event(), release=threading.Event())
+        box: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: box.update(out=run_once(settings, db, shard=2)))
+        worker.start()
+        assert opfuncs.BEHAVIOUR["entered"].wait(10)
+        new_shard = shard_of(client_id, 2)
+        db.document(f"clients/{client_id}").update({"shard": new_shard})  # the new layout
+        opfuncs.BEHAVIOUR["release"].set()
+        worker.join(30)
+        assert box["out"].status == "completed"
+        assert db.document(f"clients/{client_id}").get().to_dict()["shard"] == new_shard

@@ -233,8 +233,13 @@ class Selection:
             yield from self.plan_page(page, now)
 
 
-def client_fields(plan: ClientPlan, pipeline: Pipeline, now: dt.datetime) -> dict[str, Any]:
-    """What the client document says about its work: when it is next due and what is failing."""
+def client_fields(
+    plan: ClientPlan, pipeline: Pipeline, now: dt.datetime, stamp_shard: bool = False
+) -> dict[str, Any]:
+    """What the client document says about its work: when it is next due and what is failing.
+
+    Only the full pass stamps `shard` (`stamp_shard`): a run of an older shard layout, still
+    finishing while the new one starts, must not write its own layout's shard back."""
     failures = failing(plan, pipeline)
     fields: dict[str, Any] = {
         "nextDueAt": next_due(plan, pipeline, now),
@@ -243,7 +248,7 @@ def client_fields(plan: ClientPlan, pipeline: Pipeline, now: dt.datetime) -> dic
         "quarantinedCount": sum(1 for f in failures.values() if f["state"] == "quarantined"),
         **documents.problem_fields(plan.all_problems()),
     }
-    if plan.shard is not None:
+    if stamp_shard and plan.shard is not None:
         fields["shard"] = plan.shard
     return fields
 
@@ -384,7 +389,7 @@ class Reconcile:
             active = [s for s in page if (s.to_dict() or {}).get("active") is True]
             for plan in sel.plan_page(active, now):
                 seen += 1
-                fields = client_fields(plan, sel.pipeline, now)
+                fields = client_fields(plan, sel.pipeline, now, stamp_shard=True)
                 snap = next(s for s in active if s.id == plan.client_id)
                 if not _same(snap.to_dict() or {}, fields):
                     changes.append((snap.reference, fields))
