@@ -8,6 +8,7 @@ deadline and surfaces as `StoreUnavailable`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import random
 import threading
@@ -86,6 +87,24 @@ def retrying(settings: Settings, what: str, attempt: Callable[[], T]) -> T:
                     raise
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 1.0)
+
+
+_pool: Any = None
+
+
+def parallel(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent reads at once (the client is thread-safe): an idle tick pays one round
+    trip for them, not one each. Errors are raised as the calls raise them."""
+    global _pool
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    with _client_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="smart-resume-read")
+    futures = [_pool.submit(contextvars.copy_context().run, call) for call in calls]
+    return [future.result() for future in futures]
 
 
 def read_then_commit(
