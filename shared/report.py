@@ -414,10 +414,18 @@ def _history(settings: Settings, client: firestore.Client) -> tuple[dict[str, An
 
 
 def wanted(settings: Settings, report: ReportInput) -> bool:
-    """Whether this report goes out under SMART_RESUME_EMAIL_ON."""
+    """Whether this report goes out under SMART_RESUME_EMAIL_ON: `always`; `failure` (failed,
+    partial, abandoned, a stale takeover); `activity` (a run that processed, failed or
+    deferred something, took over a stale lock, or ended other than completed), so that an
+    idle tick every 15 minutes does not mail 96 times a day."""
     if settings.email_on == "always":
         return True
-    return report.status in FAILURE_KINDS or bool(report.takeover) or report.module_error
+    if report.status in FAILURE_KINDS or report.takeover or report.module_error:
+        return True
+    if settings.email_on == "activity":
+        did = any(_count(report, k) for k in ("processed", "failed", "deferred"))
+        return did or report.status != "completed"
+    return False
 
 
 # --- claiming, sending, recording -----------------------------------------------------------
@@ -508,7 +516,7 @@ def send_smart_resume_report(
         if not wanted(settings, report):
             record = {"status": "skipped", "transport": transport, "error": None}
             logger.info(
-                "report skipped (SMART_RESUME_EMAIL_ON=failure)",
+                f"report skipped (SMART_RESUME_EMAIL_ON={settings.email_on})",
                 fields={"runId": report.run_id, "runStatus": report.status},
             )
         else:
