@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -114,23 +115,33 @@ def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
+def demo_settings(emulator_host: str, outbox: Path) -> dict[str, str]:
+    """Every setting the demo's functions run with: what `--keep-running` exports too, so
+    that a command line run in that shell behaves as the functions do."""
+    return {
+        "FIRESTORE_EMULATOR_HOST": emulator_host,
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        "SMART_RESUME_WEBHOOK_SECRET": SECRET,
+        "SMART_RESUME_EMAIL_TRANSPORT": "outbox",
+        "SMART_RESUME_OUTBOX": str(outbox),
+        "SMART_RESUME_HEARTBEAT_SECONDS": "1",
+        "SMART_RESUME_LEASE_SECONDS": "10",
+        "SMART_RESUME_LOG_FORMAT": "text",
+    }
+
+
 def demo_env(emulator_host: str, outbox: Path) -> dict[str, str]:
     """The caller's environment without any smart-resume settings, plus the demo's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUB)}
-    env.update(
-        {
-            "FIRESTORE_EMULATOR_HOST": emulator_host,
-            "GOOGLE_CLOUD_PROJECT": PROJECT,
-            "SMART_RESUME_WEBHOOK_SECRET": SECRET,
-            "SMART_RESUME_EMAIL_TRANSPORT": "outbox",
-            "SMART_RESUME_OUTBOX": str(outbox),
-            "SMART_RESUME_HEARTBEAT_SECONDS": "1",
-            "SMART_RESUME_LEASE_SECONDS": "10",
-            "SMART_RESUME_LOG_FORMAT": "text",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-    )
+    env.update(demo_settings(emulator_host, outbox))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return env
+
+
+def export_line(env: dict[str, str]) -> str:
+    """`export ...` of every demo setting in `env` (shell-quoted)."""
+    names = demo_settings("", Path())
+    return "export " + " ".join(f"{k}={shlex.quote(env[k])}" for k in names if k in env)
 
 
 def cli(env: dict[str, str], *args: str) -> str:
@@ -271,18 +282,11 @@ def run_demo(args: argparse.Namespace, services: Services) -> int:
 
 
 def print_keep_running(env: dict[str, str], urls: dict[str, str]) -> None:
-    keys = (
-        "FIRESTORE_EMULATOR_HOST",
-        "GOOGLE_CLOUD_PROJECT",
-        "SMART_RESUME_WEBHOOK_SECRET",
-        "SMART_RESUME_EMAIL_TRANSPORT",
-        "SMART_RESUME_OUTBOX",
-    )
     trigger_port = urls["smart_resume"].rsplit(":", 1)[1]
     status_port = urls["smart_resume_status"].rsplit(":", 1)[1]
     print(f"\nThe console: open {urls['smart_resume_status']}/ in a browser (secret {SECRET}).")
     print("The services keep running (Ctrl-C stops them). In another shell:")
-    print("  export " + " ".join(f"{k}={env[k]}" for k in keys))
+    print("  " + export_line(env))
     print(f"  .venv/bin/python scripts/trigger.py --local {trigger_port}")
     print(f"  .venv/bin/python scripts/watch.py --local {status_port}")
     print(

@@ -6,6 +6,7 @@ round instead of one variable per redeploy.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import os
@@ -20,7 +21,9 @@ from shared.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 TRANSPORTS = ("sendgrid", "ses", "log", "outbox")
-EMAIL_ON = ("always", "failure")
+#: When a report is mailed: every run; failures only; or runs that did something (or ended
+#: other than completed). `shared.report.wanted` decides.
+EMAIL_ON = ("always", "failure", "activity")
 LOG_FORMATS = ("text", "json")
 
 #: The longest timeout Cloud Functions (2nd gen) allows an HTTP function: a run cannot outlive it.
@@ -367,6 +370,54 @@ def _http_url(value: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.hostname) and value.isprintable()
+
+
+#: Names under smart-resume's own prefix: any other name with it is most likely a misspelling.
+PREFIX = "SMART_RESUME_"
+MAX_UNKNOWN_NAMED = 10
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per `SMART_RESUME_*` variable that no code reads, naming the closest known
+    one: a misspelt `SMART_RESUME_CONCURENCY=4` is otherwise ignored without a word. Names
+    only, never values (a value may be a secret); at most `MAX_UNKNOWN_NAMED` of them."""
+    names = sorted(n for n in (os.environ if env is None else env) if n.startswith(PREFIX))
+    known = [n[len(PREFIX) :] for n in VARIABLES if n.startswith(PREFIX)]
+    unknown = [n for n in names if n not in VARIABLES]
+    named = [n for n in unknown if n.isprintable() and len(n) <= 100][:MAX_UNKNOWN_NAMED]
+    warnings = []
+    for name in named:
+        # Compared without the shared prefix, which would make every name look close.
+        short = name[len(PREFIX) :]
+        close = (
+            difflib.get_close_matches(short, known, n=1, cutoff=0.6)
+            or [
+                k
+                for k in known
+                if short and k.startswith(short)  # `LEASE` for `LEASE_SECONDS`
+            ][:1]
+        )
+        hint = f"; did you mean {PREFIX}{close[0]}?" if close else " (no setting is close)"
+        warnings.append(f"{name} is not a smart-resume setting and is ignored{hint}")
+    if len(unknown) > len(named):
+        warnings.append(f"... and {len(unknown) - len(named)} more unknown {PREFIX}* variables")
+    return warnings
+
+
+def warn_unknown_variables(function: str) -> None:
+    """A function's start: log each unknown variable once (the log format the settings would
+    choose, so the warning reaches Cloud Logging with its severity even when they are bad)."""
+    warnings = unknown_variables()
+    if not warnings:
+        return
+    from shared import log as logging_setup
+
+    r = _Reader(os.environ)
+    default = "json" if os.environ.get("K_SERVICE") else "text"
+    logging_setup.configure(r.choice("SMART_RESUME_LOG_FORMAT", LOG_FORMATS, default))
+    logger = logging_setup.get_logger("config")
+    for warning in warnings:
+        logger.warning("%s at start: %s", function, warning)
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from google.cloud import firestore
 from shared import documents, store
 from shared.config import Settings
 from shared.errors import InvalidRequest, PipelineError
+from shared.log import mask
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import (
     DECISION_FIELDS,
@@ -35,6 +36,12 @@ JSON_PARAMS = ("runs", "clients", "check")
 MAX_CLIENTS = 500
 #: What the listing reads of a client document.
 CLIENT_FIELDS = ["name", "active", "nextDueAt", "operations"]
+#: What it reads of an operation state: what the engine decides on, and the last error.
+STATE_FIELDS = list(dict.fromkeys([*DECISION_FIELDS, "error"]))
+#: An operation's last error, as the grid shows it: one line, at most this long.
+MAX_ERROR_CHARS = 300
+#: States whose last error is worth showing (a success clears it).
+FAILING = ("failed", "quarantined")
 
 
 def wants_page(request: Request) -> bool:
@@ -124,7 +131,7 @@ def _states(
     found: dict[tuple[str, str], dict[str, Any]] = {}
     if refs:
         with store.translate_errors("reading the clients' operation states"):
-            for snap in client.get_all(refs, field_paths=DECISION_FIELDS, **store.call(settings)):
+            for snap in client.get_all(refs, field_paths=STATE_FIELDS, **store.call(settings)):
                 now = max(now, snap.read_time) if now and snap.read_time else now
                 if snap.exists:
                     owner = snap.reference.parent.parent.id
@@ -151,6 +158,16 @@ def _client(
     names = _operations(doc, pipeline)
     if doc.operations_invalid:
         out["invalidOperations"] = True
+    if not out["active"]:  # never run while inactive: neither new nor due
+        for name in names:
+            state = states.get((snap.id, name))
+            out["operations"][name] = {
+                **_state_fields(state),
+                "nextDueAt": None,
+                "state": "inactive",
+                "reason": "the client is inactive: not run until it is active",
+            }
+        return out
     gate = EPOCH  # a failing operation holds back the ones after it, as the engine does
     for name in names:
         op = pipeline.get(name)
@@ -165,9 +182,7 @@ def _client(
         if state and state.get("status") in ("failed", "quarantined"):
             gate = max(gate, own)
         out["operations"][name] = {
-            "status": state.get("status") if state else None,
-            "finishedAt": jsonable(state.get("finishedAt")) if state else None,
-            "failures": failures_of(state),
+            **_state_fields(state),
             "nextDueAt": _due(due) if due > EPOCH else None,
             "state": label,
             "reason": "blocked by an earlier operation" if label == "blocked" else step.reason,
@@ -180,6 +195,28 @@ def _operations(doc: documents.Client, pipeline: Pipeline) -> list[str]:
     if doc.operations_invalid:
         return []
     return list(doc.operations) if doc.operations is not None else list(pipeline.names)
+
+
+def _state_fields(state: dict[str, Any] | None) -> dict[str, Any]:
+    """What a stored state says of itself: status, when it last finished, failures in a row,
+    and, while it is failing, its last error (one line, bounded, secrets masked)."""
+    status = state.get("status") if state else None
+    error = state.get("error") if state else None
+    return {
+        "status": status,
+        "finishedAt": jsonable(state.get("finishedAt")) if state else None,
+        "failures": failures_of(state),
+        "error": last_error(error) if status in FAILING else None,
+    }
+
+
+def last_error(error: Any) -> str | None:
+    """An operation's stored error as the console shows it: one line, at most
+    `MAX_ERROR_CHARS`, every known secret masked (before it is cut, so no part of one shows)."""
+    if not isinstance(error, str) or not error.strip():
+        return None
+    text = mask(" ".join(error.split()))
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
 def _due(value: Any) -> str | None:

@@ -29,6 +29,13 @@ MAX_ROWS = 500
 MAX_ERROR_CHARS = 500
 MAX_CELL_ERROR_CHARS = 300
 MAX_NAME_CHARS = 120
+MAX_ID_CHARS = 200
+MAX_PROBLEMS = 100
+MAX_PROBLEM_CHARS = 300
+#: How the engine says, in a failed result's reason, that this failure quarantined it.
+QUARANTINED_NOW = "; quarantined after "
+#: The head's colour of a run that needs attention, whatever its status.
+ATTENTION = "#a15c00"
 CLAIM_ATTEMPTS = 5
 #: Runs in the report's bar strip (this lock's newest, this one included).
 HISTORY = 10
@@ -75,6 +82,9 @@ class ReportInput:
     #: This lock's newest run records, newest first (summary fields): the bar strip. Read by
     #: `send_smart_resume_report` when not given.
     history: tuple[dict[str, Any], ...] = ()
+    #: Client documents and states the engine could not use:
+    #: `{"clientId", "operation" (or None), "problem"}` (at most `MAX_PROBLEMS` are shown).
+    problems: tuple[dict[str, Any], ...] = ()
 
 
 # --- building -------------------------------------------------------------------------------
@@ -144,10 +154,57 @@ def build_subject(report: ReportInput) -> str:
         for k in ("processed", "skipped", "failed", "deferred")
         if k != "deferred" or _count(report, k) or report.status == "partial"
     )
-    return f"smart-resume {report.status}: {counts}{suffix} {tag}"
+    attention = ", NEEDS ATTENTION" if _attention(report) else ""
+    return f"smart-resume {report.status}{attention}: {counts}{suffix} {tag}"
+
+
+def _quarantined_now(report: ReportInput) -> list[str]:
+    """`client / operation` of each client-operation this run quarantined."""
+    found = [
+        f"{r.get('clientId')} / {r.get('operation')}"
+        for r in report.results
+        if r.get("outcome") == "failed" and QUARANTINED_NOW in str(r.get("reason") or "")
+    ]
+    for q in report.quarantined:  # also those beyond the results the run record holds
+        since = _when(q.get("since"))
+        if since and report.started_at and since >= report.started_at:
+            name = f"{q.get('clientId')} / {q.get('operation')}"
+            found += [] if name in found else [name]
+    return found
+
+
+def _when(value: Any) -> dt.datetime | None:
+    if isinstance(value, dt.datetime):
+        return value
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _attention(report: ReportInput) -> list[str]:
+    """Why a run that did not fail still needs someone to look: what it quarantined, and the
+    client documents it could not use. Empty when nothing does."""
+    reasons = []
+    now = _quarantined_now(report)
+    if now:
+        named = ", ".join(now[:5]) + (f" and {len(now) - 5} more" if len(now) > 5 else "")
+        reasons.append(f"this run quarantined {len(now)} client-operation(s): {named}")
+    if report.problems:
+        count = len(report.problems)
+        reasons.append(f"{count} client document(s) or state(s) cannot be used (see Problems)")
+    return reasons
 
 
 def _headline(report: ReportInput) -> str:
+    attention = _attention(report)
+    outcome = _outcome_line(report)
+    if not attention:
+        return outcome
+    return f"{outcome} Needs attention: {'; '.join(attention)}."
+
+
+def _outcome_line(report: ReportInput) -> str:
     failed, deferred = _count(report, "failed"), _count(report, "deferred")
     if report.module_error:
         return "The resume module failed to load; no client work ran."
@@ -203,7 +260,7 @@ def _rows(report: ReportInput) -> list[dict[str, Any]]:
                 "clientId": cid,
                 "operation": result.get("operation") or "",
                 "outcome": result.get("outcome"),
-                "reason": result.get("reason") or "",
+                "reason": _what_happened(result),
                 "error": result.get("error") or "",
             }
         )
@@ -222,6 +279,28 @@ def _rows(report: ReportInput) -> list[dict[str, Any]]:
     order = {cid: i for i, cid in enumerate(names)}
     rows.sort(key=lambda r: (_ORDER.get(r["outcome"], 3), order.get(r["clientId"], len(order))))
     return rows
+
+
+def _what_happened(result: dict[str, Any]) -> str:
+    """The reason column: for work that ran, what came of it, then why it was due (the
+    engine's reason is why it ran: a processed row must not read just "never ran")."""
+    reason = str(result.get("reason") or "")
+    due = f" (due: {reason})" if reason else ""
+    if result.get("outcome") == "processed":
+        counts = result.get("counts")
+        done = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())[:10]) if counts else ""
+        return f"done{', ' + done if done else ''}{due}"
+    if result.get("outcome") == "failed" and reason:
+        return f"ran, due: {reason}"
+    return reason
+
+
+def _label(name: str, client_id: str) -> str:
+    """A client as people and tools know it: name and id (names need not be unique)."""
+    short_id = truncate(client_id, MAX_ID_CHARS)
+    if not name or name == client_id:
+        return short_id
+    return f"{truncate(name, MAX_NAME_CHARS)} ({short_id})"
 
 
 def _left_out(rows: list[dict[str, Any]]) -> str | None:
@@ -288,12 +367,25 @@ def _errors(report: ReportInput, rows: Iterable[dict[str, Any]]) -> list[str]:
     failed = [r for r in rows if r["error"]]
     for row in failed[:20]:
         errors.append(
-            f"{truncate(row['client'], MAX_NAME_CHARS)} / {row['operation']}: "
+            f"{_label(row['client'], row['clientId'])} / {row['operation']}: "
             f"{truncate(row['error'], MAX_ERROR_CHARS)}"
         )
     if len(failed) > 20:
         errors.append(f"... and {len(failed) - 20} more failed client-operations (see the table).")
     return errors
+
+
+def _problems(report: ReportInput) -> list[str]:
+    """One line per client document or state the engine could not use (bounded)."""
+    lines = []
+    for p in report.problems[:MAX_PROBLEMS]:
+        where = truncate(_one_line(p.get("clientId")), MAX_ID_CHARS)
+        if p.get("operation"):
+            where += f" / {truncate(_one_line(p.get('operation')), MAX_NAME_CHARS)}"
+        lines.append(f"{where}: {truncate(_one_line(p.get('problem')), MAX_PROBLEM_CHARS)}")
+    if len(report.problems) > MAX_PROBLEMS:
+        lines.append(f"... and {len(report.problems) - MAX_PROBLEMS} more")
+    return lines
 
 
 def _failing(report: ReportInput) -> list[str]:
@@ -349,7 +441,7 @@ def _view_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     shown = []
     for row in rows[:MAX_ROWS]:
         cells = [
-            truncate(row["client"], MAX_NAME_CHARS),
+            _label(row["client"], row["clientId"]),
             row["operation"] or "-",
             row["outcome"] or "not run",
             row["reason"] or "-",
@@ -360,6 +452,8 @@ def _view_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "line": " | ".join(_one_line(c) for c in cells),
                 "client": cells[0],
+                "name": truncate(row["client"], MAX_NAME_CHARS),
+                "clientId": truncate(row["clientId"], MAX_ID_CHARS),
                 "operation": cells[1],
                 "outcome": cells[2],
                 "reason": cells[3],
@@ -381,8 +475,12 @@ def build_message(report: ReportInput) -> Message:
         "subject": build_subject(report),
         "run_id": report.run_id,
         "status": report.status,
-        "head": _HEAD.get(report.status, "#333333"),
+        "head": ATTENTION
+        if _attention(report) and report.status not in ("failed", "abandoned")
+        else _HEAD.get(report.status, "#333333"),
+        "attention": bool(_attention(report)),
         "headline": _headline(report),
+        "problems": _problems(report),
         "facts": facts,
         "width": max(len(k) for k, _ in facts),
         "errors": _errors(report, rows),
@@ -414,10 +512,18 @@ def _history(settings: Settings, client: firestore.Client) -> tuple[dict[str, An
 
 
 def wanted(settings: Settings, report: ReportInput) -> bool:
-    """Whether this report goes out under SMART_RESUME_EMAIL_ON."""
+    """Whether this report goes out under SMART_RESUME_EMAIL_ON: `always`; `failure` (failed,
+    partial, abandoned, a stale takeover); `activity` (a run that processed, failed or
+    deferred something, took over a stale lock, or ended other than completed), so that an
+    idle tick every 15 minutes does not mail 96 times a day."""
     if settings.email_on == "always":
         return True
-    return report.status in FAILURE_KINDS or bool(report.takeover) or report.module_error
+    if report.status in FAILURE_KINDS or report.takeover or report.module_error:
+        return True
+    if settings.email_on == "activity":
+        did = any(_count(report, k) for k in ("processed", "failed", "deferred"))
+        return did or report.status != "completed"
+    return False
 
 
 # --- claiming, sending, recording -----------------------------------------------------------
@@ -508,7 +614,7 @@ def send_smart_resume_report(
         if not wanted(settings, report):
             record = {"status": "skipped", "transport": transport, "error": None}
             logger.info(
-                "report skipped (SMART_RESUME_EMAIL_ON=failure)",
+                f"report skipped (SMART_RESUME_EMAIL_ON={settings.email_on})",
                 fields={"runId": report.run_id, "runStatus": report.status},
             )
         else:

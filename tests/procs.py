@@ -18,9 +18,17 @@ TARGETS = ("smart_resume", "smart_resume_status")
 
 
 class FunctionProcess:
-    """`functions-framework --source functions/<target>/main.py --target <target>` on a port."""
+    """`functions-framework --source functions/<target>/main.py --target <target>` on a port
+    (or another `source` that defines the target, such as a test's wrapper of it)."""
 
-    def __init__(self, target: str, port: int, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        target: str,
+        port: int,
+        env: dict[str, str],
+        log_path: Path,
+        source: str | None = None,
+    ) -> None:
         assert target in TARGETS
         self.target = target
         self.url = f"http://127.0.0.1:{port}"
@@ -29,7 +37,7 @@ class FunctionProcess:
         self.proc = subprocess.Popen(
             [
                 str(FUNCTIONS_FRAMEWORK),
-                f"--source=functions/{target}/main.py",
+                f"--source={source or f'functions/{target}/main.py'}",
                 f"--target={target}",
                 "--host=127.0.0.1",
                 f"--port={port}",

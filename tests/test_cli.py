@@ -307,3 +307,72 @@ def test_cancel_and_retry_print_text_or_json(db, settings, capsys) -> None:
     assert main(["retry", "c00000", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer == {"status": "released", "clientId": "c00000", "operations": []}
+
+
+class TestUserMistakes:
+    """A user's mistake is one line on standard error, never a traceback."""
+
+    def test_plan_with_a_module_that_cannot_load_is_one_line(self, db, configure, capsys):
+        """`plan` fails the way `run` does when SMART_RESUME_MODULE cannot be imported
+        (it raised `KeyError: 'plan'` before)."""
+        configure(SMART_RESUME_MODULE="mymod.nope")
+        assert main(["plan"]) == 1
+        captured = capsys.readouterr()
+        assert captured.err.strip().splitlines() == [
+            "error: cannot import mymod.nope: ModuleNotFoundError: No module named 'mymod'"
+        ]
+        assert captured.out == ""
+        assert main(["plan", "--json"]) == 1
+        assert json.loads(capsys.readouterr().out)["status"] == "failed"
+
+    def test_plan_for_an_unknown_client_is_a_usage_error(self, db, capsys) -> None:
+        """`plan --client` with an id that names no client says so."""
+        seed_clients(db, 1)
+        assert main(["plan", "--client", "nope-1"]) == 2
+        assert capsys.readouterr().err.strip() == "error: unknown client nope-1"
+
+    def test_an_unknown_setting_is_warned_about_with_the_closest_name(self, configure, capsys):
+        """`SMART_RESUME_CONCURENCY=4` is not silently ignored: the closest known name is
+        given on standard error, and the command still runs."""
+        configure(SMART_RESUME_CONCURENCY="4")
+        assert main(["status"]) == 0
+        captured = capsys.readouterr()
+        assert (
+            "warning: SMART_RESUME_CONCURENCY is not a smart-resume setting and is ignored; "
+            "did you mean SMART_RESUME_CONCURRENCY?"
+        ) in captured.err
+        assert "CONCURENCY" not in captured.out
+
+
+@pytest.mark.parametrize("command", [["plan"], ["status", "--runs", "5"]])
+def test_a_closed_pipe_is_quiet(db, command) -> None:
+    """`plan | head` and `status | head`: the reader has gone before the answer is written;
+    no BrokenPipeError, no traceback, and the command's own exit code."""
+    seed_clients(db, 300)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.resume", *command],
+        cwd=ROOT,
+        env=os.environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # like `head` that has read its lines and left
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert "Exception ignored" not in err, err
+
+
+def test_a_closed_pipe_keeps_the_runs_exit_code(db, configure) -> None:
+    """A run whose answer finds no reader still exits with the run's own code (1: failed)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.resume", "run"],
+        cwd=ROOT,
+        env={**os.environ, "SMART_RESUME_MODULE": "json"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -8,11 +8,13 @@ import pytest
 
 from shared.config import (
     FINISH_MARGIN_SECONDS,
+    MAX_UNKNOWN_NAMED,
     PLATFORM_TIMEOUT_SECONDS,
     PROJECT_ROOT,
     VARIABLES,
     describe,
     load_settings,
+    unknown_variables,
 )
 from shared.errors import ConfigError
 
@@ -311,3 +313,56 @@ def test_variables_table_lists_every_contract_variable() -> None:
         "FIRESTORE_EMULATOR_HOST",
     ):
         assert name in VARIABLES
+
+
+def test_activity_is_an_email_on_choice() -> None:
+    """`SMART_RESUME_EMAIL_ON=activity` is accepted (the report decides what it sends)."""
+    assert load_settings({**BASE, "SMART_RESUME_EMAIL_ON": "activity"}).email_on == "activity"
+
+
+class TestUnknownVariables:
+    """A misspelt `SMART_RESUME_*` name is warned about, naming the closest known one."""
+
+    def test_a_misspelling_names_the_closest_setting(self) -> None:
+        """`SMART_RESUME_CONCURENCY` points at `SMART_RESUME_CONCURRENCY`; known names and
+        other prefixes are not warned about; values are never shown."""
+        warnings = unknown_variables(
+            {
+                "SMART_RESUME_CONCURENCY": "4",
+                "SMART_RESUME_LEASE": "s3cr3t-value",
+                "SMART_RESUME_PIPELINE": "x.toml",
+                "SENDGRID_KEY": "k",
+            }
+        )
+        assert warnings == [
+            "SMART_RESUME_CONCURENCY is not a smart-resume setting and is ignored; "
+            "did you mean SMART_RESUME_CONCURRENCY?",
+            "SMART_RESUME_LEASE is not a smart-resume setting and is ignored; "
+            "did you mean SMART_RESUME_LEASE_SECONDS?",
+        ]
+        assert unknown_variables({"SMART_RESUME_QQQ": "1"}) == [
+            "SMART_RESUME_QQQ is not a smart-resume setting and is ignored (no setting is close)"
+        ]
+
+    def test_the_list_is_bounded(self) -> None:
+        """Hundreds of unknown names give a bounded list."""
+        env = {f"SMART_RESUME_JUNK_{i:03d}": "1" for i in range(300)}
+        warnings = unknown_variables(env)
+        assert len(warnings) == MAX_UNKNOWN_NAMED + 1
+        assert warnings[-1] == "... and 290 more unknown SMART_RESUME_* variables"
+
+    @pytest.mark.parametrize("target", ["smart_resume", "smart_resume_status"])
+    def test_each_function_warns_once_at_start(self, target, monkeypatch, capsys) -> None:
+        """Each function logs the warning when it starts, once, not per request."""
+        from conftest import ROOT
+        from functions_framework import create_app
+
+        monkeypatch.setenv("SMART_RESUME_CONCURENCY", "4")
+        app = create_app(target=target, source=str(ROOT / "functions" / target / "main.py"))
+        client = app.test_client()
+        for _ in range(2):
+            client.post("/", json={"dryRun": True}, headers={"X-Webhook-Secret": "wrong"})
+        logged = capsys.readouterr().out
+        assert logged.count("SMART_RESUME_CONCURENCY") == 1, logged
+        assert "did you mean SMART_RESUME_CONCURRENCY?" in logged
+        assert f"{target} at start" in logged

@@ -222,9 +222,10 @@ class TestClientsListing:
             "status": None,
             "finishedAt": None,
             "failures": 0,
+            "error": None,
             "nextDueAt": None,
-            "state": "new",
-            "reason": "never ran",
+            "state": "inactive",
+            "reason": "the client is inactive: not run until it is active",
         }
 
     def test_backoff_quarantine_and_blocked(self, status_fn, db) -> None:
@@ -244,6 +245,36 @@ class TestClientsListing:
         assert quarantined["operations"]["first"]["nextDueAt"] is None  # until released
         assert quarantined["operations"]["second"]["state"] == "blocked"
         assert quarantined["operations"]["second"]["nextDueAt"] is None
+
+    def test_failing_operations_carry_their_last_error(self, status_fn, db) -> None:
+        """A failed (retrying or backing off) or quarantined operation returns its last error
+        as `error`: one line, bounded, the webhook secret masked; others carry null."""
+        now = dt.datetime.now(dt.UTC)
+        seed_clients(db, 3)
+        long = "HTTP 500 from https://svc/?key=test-secret-2\n" + "x" * 5000
+        state(db, "c00000", "first", status="failed", finishedAt=now, failures=2, error=long)
+        state(db, "c00001", "first", status="quarantined", finishedAt=now, failures=6,
+              error="ValueError: bad lead")  # fmt: skip
+        state(db, "c00002", "first", status="success", finishedAt=now, error="stale text")
+        backing, quarantined, fine = listing(status_fn, "clients=3")["clients"]
+        error = backing["operations"]["first"]["error"]
+        assert error.startswith("HTTP 500 from https://svc/?key=*** xxx")
+        assert "test-secret-2" not in error and "\n" not in error
+        assert len(error) == console.MAX_ERROR_CHARS and error.endswith("…")
+        assert quarantined["operations"]["first"]["error"] == "ValueError: bad lead"
+        assert fine["operations"]["first"]["error"] is None
+        assert backing["operations"]["second"]["error"] is None  # never ran
+
+    def test_an_inactive_client_is_neither_new_nor_due(self, status_fn, db) -> None:
+        """An inactive client's operations read `inactive` with no due time, whatever they
+        last did; its failing operation still shows its error."""
+        now = dt.datetime.now(dt.UTC)
+        db.document("clients/z").set({"name": "Zed", "active": False})
+        state(db, "z", "first", status="failed", finishedAt=now, failures=1, error="boom")
+        (zed,) = listing(status_fn, "clients=5")["clients"]
+        first, second = zed["operations"]["first"], zed["operations"]["second"]
+        assert (first["state"], first["nextDueAt"], first["error"]) == ("inactive", None, "boom")
+        assert (second["state"], second["nextDueAt"], second["status"]) == ("inactive", None, None)
 
     def test_hostile_names_are_data(self, status_fn, db) -> None:
         """A name is returned as it is stored (the page shows it as text, never as markup)."""

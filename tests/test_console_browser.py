@@ -332,3 +332,204 @@ def test_runs_chart_and_retry_releases_quarantined_work(
     assert other["status"] == "quarantined"
     assert same_origin_only(browser, status.url) == []
     assert policy_violations(browser) == []
+
+
+FOLLOWED = """
+fresh_hours = 0.0003
+quarantine_after = 1
+
+[[operation]]
+name = "step"
+kind = "python"
+target = "test_console_browser:stepper"
+
+[[operation]]
+name = "enrich"
+kind = "python"
+target = "test_console_browser:enrich"
+"""
+ENRICH_ERROR = "HTTP 503 from the enrichment service: upstream timed out after 30 s"
+#: What the status answer's `problems` holds in this story (added by a wrapper of the real
+#: status function until the status itself lists them); the second one holds markup.
+PROBLEMS = [
+    {"clientId": "c00002", "operation": None, "problem": "'active' is not a boolean"},
+    {
+        "clientId": "c00000",
+        "operation": "step",
+        "problem": "'counts' holds <b>n/a</b>, not a number",
+    },
+]
+WRAPPER = """
+import importlib.util
+import json
+
+_spec = importlib.util.spec_from_file_location("real_status_main", {source!r})
+_real = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_real)
+PROBLEMS = json.loads({problems!r})
+
+
+def smart_resume_status(request):
+    response = _real.smart_resume_status(request)
+    plain_get = request.method == "GET" and not (set(request.args) & {{"clients", "check"}})
+    if plain_get and response.status_code == 200 and response.is_json:
+        body = response.get_json()
+        body["problems"] = list(body.get("problems") or []) + PROBLEMS
+        response.set_data(json.dumps(body))
+    return response
+"""
+
+
+def enrich(ctx: Any) -> None:
+    """Fails for one client, so that it is quarantined (quarantine_after = 1)."""
+    if ctx.client_id == "c00001":
+        raise RuntimeError(ENRICH_ERROR)
+
+
+def status_with_problems(tmp_path: Path, **env: str) -> Any:
+    """The real status function, its plain GET answer carrying `PROBLEMS`."""
+    import json
+
+    from procs import ROOT, FunctionProcess
+
+    wrapper = tmp_path / "status_with_problems.py"
+    real = str(ROOT / "functions" / "smart_resume_status" / "main.py")
+    wrapper.write_text(WRAPPER.format(source=real, problems=json.dumps(PROBLEMS)))
+    return FunctionProcess(
+        "smart_resume_status",
+        free_port(),
+        env,
+        tmp_path / "status-with-problems.log",
+        source=str(wrapper),
+    )
+
+
+def grid_cell(driver: Any, client_id: str, operation: str) -> str:
+    """A grid cell's text as shown, in lower case (badges are shown in capitals)."""
+    selector = f'#grid tr[data-client="{client_id}"] td[data-operation="{operation}"]'
+    return str(driver.find_element("css selector", selector).text).lower()
+
+
+def progress_client(db: Any) -> str | None:
+    return ((db.document("locks/smart-resume").get().to_dict() or {}).get("progress") or {}).get(
+        "clientId"
+    )
+
+
+def test_grid_follows_a_live_run_and_shows_errors_and_problems(
+    browser, db, configure, pipeline_file, tmp_path
+) -> None:
+    """During a live run the 5 s refresh reloads the client grid too (the row being run is
+    marked, a finished client shows its success); the health reason's "running for" and the Elapsed
+    tile read one clock; a quarantined operation shows its last error and "1 failure in a
+    row"; an inactive client reads `inactive`, not new and due now; the last good run is the
+    completed one, not the newer cancelled one; the status's `problems` are listed as text.
+    With CONSOLE_SCREENSHOT set, the page is saved there (docs/console.png)."""
+    pipeline_file(FOLLOWED)
+    settings = configure(**LIVE)
+    seed_clients(db, 3)
+    db.document("clients/zz-sleepy").set({"name": "Sleepy", "active": False})
+    while STEPS.acquire(blocking=False):
+        pass
+
+    # A completed run (it quarantines c00001/enrich), then a cancelled one.
+    for _ in range(3):
+        STEPS.release()
+    first = start_run(settings, db, RunOptions(), trigger={"source": "test"})
+    assert first.status == "completed"
+    time.sleep(1.5)  # fresh for about a second: every client is due again
+    thread, done = run_in_background(settings, db)
+    deadline = time.monotonic() + WAIT
+    while progress_client(db) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    from shared import status as status_module
+
+    status_module.cancel(settings, db)
+    thread.join(WAIT)
+    assert done["outcome"].status == "cancelled"
+    time.sleep(1.5)
+
+    status = status_with_problems(tmp_path, **LIVE)
+    thread, done = run_in_background(settings, db)
+    try:
+        open_console(browser, status.url)
+        wait(browser, "a live run", lambda d: shown(d, "run-live"))
+        wait(browser, "client 1 of 3", lambda d: "client 1 of 3" in text_of(d, "progress-text"))
+        current = progress_client(db)
+        assert current
+        row = f'#grid tr[data-client="{current}"]'
+        wait(
+            browser,
+            "the running client marked in the grid",
+            lambda d: (
+                "current" in d.find_element("css selector", row).get_attribute("class")
+                and "running" in grid_cell(d, current, "step")
+            ),
+        )
+
+        STEPS.release()  # the first client finishes; the grid follows without a reload
+        wait(browser, "client 2 of 3", lambda d: "client 2 of 3" in text_of(d, "progress-text"))
+        wait(
+            browser,
+            "the finished client's success in the grid",
+            lambda d: (
+                "succeeded" in grid_cell(d, current, "step")
+                and "current" not in d.find_element("css selector", row).get_attribute("class")
+            ),
+        )
+        assert browser.execute_script("return performance.getEntriesByType('navigation').length")
+
+        # One clock: the health reason's "running for" is the Elapsed tile's value.
+        clocks = browser.execute_script(
+            "const s = document.querySelector('#health-reasons [data-clock=age]');"
+            "return [document.getElementById('run-elapsed').textContent, s && s.textContent];"
+        )
+        assert clocks[1] is not None, text_of(browser, "health-reasons")
+        assert clocks[0] == clocks[1]
+        assert "is running for" in text_of(browser, "health-reasons")
+
+        # The quarantined operation: its last error, one failure in the singular.
+        broken = grid_cell(browser, "c00001", "enrich")
+        assert "quarantined" in broken
+        assert "1 failure in a row" in broken and "1 failures" not in broken
+        assert ENRICH_ERROR.lower() in broken
+        wait(
+            browser,
+            "the error in the attention list",
+            lambda d: ENRICH_ERROR in text_of(d, "attention"),
+        )
+        assert "1 failure in a row" in text_of(browser, "attention")
+
+        # The inactive client is neither new nor due.
+        for name in ("step", "enrich"):
+            sleepy = grid_cell(browser, "zz-sleepy", name)
+            assert "inactive" in sleepy
+            assert "new" not in sleepy and "due now" not in sleepy
+
+        # The last good run is the completed one, not the newer cancelled one.
+        facts = text_of(browser, "health-facts")
+        good = facts.split("Last good run", 1)[1].split("Last run", 1)[0]
+        assert "completed" in good and "cancelled" not in good, facts
+
+        # The status's problems, as text.
+        wait(browser, "the problems panel", lambda d: shown(d, "problems-card"))
+        listed = text_of(browser, "problems")
+        assert "c00002: 'active' is not a boolean" in listed
+        assert "c00000 / step: 'counts' holds <b>n/a</b>, not a number" in listed
+        assert browser.execute_script("return document.querySelectorAll('#problems b').length") == 0
+
+        target = os.environ.get("CONSOLE_SCREENSHOT")
+        if target:
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.set_window_size(1280, min(int(height) + 140, 4000))
+            time.sleep(0.5)
+            browser.save_screenshot(target)
+            browser.set_window_size(1280, 1000)
+        assert same_origin_only(browser, status.url) == []
+        assert policy_violations(browser) == []
+    finally:
+        for _ in range(3):
+            STEPS.release()
+        thread.join(WAIT)
+        status.stop()
+    assert done["outcome"].status == "completed"

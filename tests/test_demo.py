@@ -39,3 +39,27 @@ def test_demo_runs_end_to_end() -> None:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     port = re.search(r"Firestore emulator on 127\.0\.0\.1:(\d+)", out)
     assert port and f"--port={port.group(1)}" not in ps.stdout
+
+
+def test_the_export_line_holds_every_setting_the_functions_run_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--keep-running` prints an `export` line; a command line run in that shell must run
+    with the functions' settings: heartbeat and lease included, every one of them."""
+    import shlex
+
+    import demo
+
+    env = demo.demo_env("127.0.0.1:8123", tmp_path / "out box")
+    demo.print_keep_running(
+        env, {"smart_resume": "http://h:1", "smart_resume_status": "http://h:2"}
+    )
+    line = next(x for x in capsys.readouterr().out.splitlines() if "export " in x)
+    exported = dict(w.split("=", 1) for w in shlex.split(line.strip())[1:])
+    given = {
+        k: v for k, v in env.items() if k.startswith(("SMART_RESUME_", "FIRESTORE_", "GOOGLE_"))
+    }
+    assert exported == given
+    assert exported["SMART_RESUME_HEARTBEAT_SECONDS"] == "1"
+    assert exported["SMART_RESUME_LEASE_SECONDS"] == "10"
+    assert exported["SMART_RESUME_OUTBOX"] == str(tmp_path / "out box")

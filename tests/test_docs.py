@@ -172,3 +172,70 @@ def test_nothing_sends_readers_to_a_document_they_do_not_have() -> None:
         and name != "tests/test_docs.py"
     ]
     assert offenders == []
+
+
+class TestMakeTestOnAFreshMachine:
+    """`make test` sets up what the suite needs, or stops at once naming the one command."""
+
+    def make(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["make", "-s", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+
+    def test_without_chromium_and_not_root_it_stops_at_once(self) -> None:
+        """No Chromium, not root: one line naming the command, before lint or pytest run."""
+        done = self.make("test", "CHROMIUM=/nonexistent/chromium", "USER_ID=1000")
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert "sudo apt-get install -y chromium chromium-driver" in lines[0]
+        assert done.stdout == ""  # nothing else ran: no ruff, no pytest
+
+    def test_as_root_it_installs_chromium_and_its_driver(self, tmp_path: Path) -> None:
+        """As root with apt-get, the Debian packages are installed (a stand-in apt-get here
+        records what it is asked and puts the two programs in place)."""
+        log = tmp_path / "apt.log"
+        browser, driver = tmp_path / "chromium", tmp_path / "chromedriver"
+        apt = tmp_path / "apt-get"
+        apt.write_text(
+            f'#!/bin/sh\necho "$*" >> {log}\n'
+            f"touch {browser} {driver}\nchmod +x {browser} {driver}\n"
+        )
+        apt.chmod(0o755)
+        done = self.make(
+            "browser",
+            f"CHROMIUM={browser}",
+            f"CHROMEDRIVER={driver}",
+            f"APT_GET={apt}",
+            "USER_ID=0",
+        )
+        assert done.returncode == 0, done.stderr
+        assert log.read_text().splitlines() == [
+            "update -qq",
+            "install -y -qq chromium chromium-driver",
+        ]
+
+    def test_with_chromium_present_nothing_is_installed(self, tmp_path: Path) -> None:
+        """Both programs in place: apt-get is not called."""
+        apt = tmp_path / "apt-get"
+        apt.write_text("#!/bin/sh\nexit 9\n")
+        apt.chmod(0o755)
+        done = self.make("browser", "CHROMIUM=/bin/sh", "CHROMEDRIVER=/bin/sh", f"APT_GET={apt}")
+        assert done.returncode == 0, done.stderr
+
+    def test_ci_runs_exactly_the_readme_test_command(self) -> None:
+        """`.ci/run` runs `make test`, the README's command, and nothing that installs."""
+        commands = [
+            line.strip()
+            for line in text(".ci/run").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        assert commands[-1] == "make test"
+        assert "make test" in text("README.md")
+        assert "apt-get" not in "\n".join(commands)
+
+    def test_the_readme_lists_chromium(self) -> None:
+        """The requirements name Chromium, its driver and the command that installs them."""
+        readme = text("README.md").split("## How it works", 1)[0]
+        assert "chromium-driver" in readme and "/usr/bin/chromedriver" in readme
+        assert "sudo apt-get install -y chromium chromium-driver" in readme

@@ -161,7 +161,7 @@ class TestBody:
         for name in ("Acme", "Globex", "Initech", "Umbrella"):
             assert name in message.text
             assert name in message.html
-        assert re.search(r"Umbrella \| - \| not run \| no operation ran", message.text)
+        assert re.search(r"Umbrella \(c4\) \| - \| not run \| no operation ran", message.text)
 
     def test_summary_duration_and_impact(self) -> None:
         """Duration, summary counts and impact counts are in both parts."""
@@ -199,7 +199,7 @@ class TestBody:
             ]
         )
         message = build_message(report)
-        assert "Acme / lead_scoring: HTTP 500 from scorer" in message.text
+        assert "Acme (c1) / lead_scoring: HTTP 500 from scorer" in message.text
         assert "HTTP 500 from scorer" in message.html
 
 
@@ -577,9 +577,145 @@ def _minimal() -> dict:
         "facts": [("k", "v")],
         "errors": [],
         "failing": [],
+        "problems": [],
+        "attention": False,
         "strip": [],
         "longest": "",
         "rows": [],
         "note": None,
         "hints": [],
     }
+
+
+IDLE = {"clients": 0, "processed": 0, "skipped": 0, "failed": 0, "deferred": 0}
+
+
+class TestActivity:
+    @pytest.mark.parametrize(
+        ("report", "expected"),
+        [
+            (make(summary=IDLE, results=[]), False),  # an idle tick: no email
+            (make(summary={**IDLE, "clients": 3, "skipped": 3}), False),  # all fresh
+            (make(), True),  # processed something
+            (make(summary={**IDLE, "failed": 1}), True),
+            (make(summary={**IDLE, "deferred": 1}), True),
+            (make("cancelled", summary=IDLE), True),  # ended other than completed
+            (make("partial", summary=IDLE), True),
+            (make(summary=IDLE, takeover={"runId": "r0"}), True),
+            (KINDS["failed"], True),
+            (KINDS["abandoned"], True),
+        ],
+    )
+    def test_activity_sends_only_runs_that_did_something(self, configure, report, expected):
+        """EMAIL_ON=activity: a report for a run that processed, failed or deferred something,
+        took over a stale lock, or ended other than completed; none for an idle tick."""
+        settings = configure(SMART_RESUME_EMAIL_ON="activity")
+        assert wanted(settings, report) is expected
+
+    def test_an_idle_tick_is_recorded_skipped_with_the_setting(
+        self, configure, db, monkeypatch, capsys
+    ) -> None:
+        """The skipped report is recorded, and the log names the setting that skipped it."""
+        settings = configure(SMART_RESUME_EMAIL_ON="activity")
+        sent = deliveries(monkeypatch)
+        db.collection("runs").document(RUN).set({"status": "completed"})
+        result = send_smart_resume_report(settings, db, make(summary=IDLE, results=[]))
+        assert result["status"] == "skipped" and sent == []
+        assert "SMART_RESUME_EMAIL_ON=activity" in capsys.readouterr().out
+
+
+class TestWhatPeopleRead:
+    def test_rows_name_each_client_by_name_and_id(self) -> None:
+        """Five clients called Cyberdyne are told apart by their ids, in both parts."""
+        names = {f"shop-0{i}": "Cyberdyne" for i in range(1, 6)}
+        results = [
+            {"clientId": cid, "operation": "enrich", "outcome": "skipped", "reason": "fresh"}
+            for cid in names
+        ]
+        message = build_message(make(results=results, client_names=names))
+        for cid in names:
+            assert f"Cyberdyne ({cid}) | enrich | skipped | fresh" in message.text
+            assert f">{cid}</span>" in message.html
+        assert message.html.count("Cyberdyne<br>") == 5
+
+    def test_a_client_without_a_name_is_named_by_id_once(self) -> None:
+        """No name: the id alone, not `c9 (c9)`."""
+        results = [{"clientId": "c9", "operation": "op", "outcome": "skipped", "reason": "x"}]
+        message = build_message(make(results=results, client_names={"c9": "c9"}))
+        assert "- c9 | op | skipped | x" in message.text
+
+    def test_processed_rows_say_what_happened(self) -> None:
+        """A processed row reads `done` with its counts and why it was due, never just the
+        reason it ran (`processed | never ran`)."""
+        results = [
+            {
+                "clientId": "c1",
+                "operation": "score",
+                "outcome": "processed",
+                "reason": "never ran",
+                "counts": {"leads_scored": 30},
+            },
+            {"clientId": "c2", "operation": "score", "outcome": "processed", "reason": ""},
+        ]
+        message = build_message(make(results=results))
+        assert "processed | never ran" not in message.text
+        assert "Acme (c1) | score | processed | done, leads_scored=30 (due: never ran)" in (
+            message.text
+        )
+        assert "Globex (c2) | score | processed | done" in message.text
+        assert "done, leads_scored=30 (due: never ran)" in message.html
+
+    def test_a_run_that_quarantined_something_needs_attention(self) -> None:
+        """Completed, but it quarantined an operation: headed as needing attention (not the
+        green COMPLETED), in the subject, both heads and the headline."""
+        results = [
+            {
+                "clientId": "shop-07",
+                "operation": "enrich",
+                "outcome": "failed",
+                "reason": "failed 2 times in a row; quarantined after 3 failures in a row",
+                "error": "HTTP 500",
+            }
+        ]
+        summary = {**IDLE, "clients": 1, "failed": 1}
+        message = build_message(make(results=results, summary=summary))
+        assert message.subject.startswith("smart-resume completed, NEEDS ATTENTION: ")
+        assert message.text.startswith(f"smart-resume run {RUN}: COMPLETED, NEEDS ATTENTION")
+        assert "this run quarantined 1 client-operation(s): shop-07 / enrich" in message.text
+        head = re.search(r"<h2[^>]*color:([^\"]+)\">([^<]*)</h2>", message.html)
+        assert head and head.group(1) != rp._HEAD["completed"]
+        assert "NEEDS ATTENTION" in head.group(2)
+
+    def test_quarantined_since_this_run_started_needs_attention(self) -> None:
+        """Quarantined work named by the failing list with a time after this run's start
+        counts too (its result may be in a result page); older quarantines do not."""
+        later = (START + dt.timedelta(seconds=5)).isoformat()
+        earlier = (START - dt.timedelta(days=1)).isoformat()
+        now = make(quarantined=({"clientId": "c1", "operation": "op", "since": later},))
+        old = make(quarantined=({"clientId": "c1", "operation": "op", "since": earlier},))
+        assert "NEEDS ATTENTION" in build_message(now).subject
+        assert "NEEDS ATTENTION" not in build_message(old).subject
+
+    def test_problems_are_listed_escaped_and_need_attention(self) -> None:
+        """A run that left problems lists them (bounded, escaped) and needs attention."""
+        problems = ({"clientId": "c1", "operation": "op", "problem": HOSTILE + "x" * 1000},)
+        problems += tuple(
+            {"clientId": f"c{i}", "operation": None, "problem": "'active' is not a boolean"}
+            for i in range(150)
+        )
+        message = build_message(make("partial", problems=problems))
+        assert "NEEDS ATTENTION" in message.subject
+        assert f"Problems:\n- c1 / op: {HOSTILE}" in message.text
+        assert "- ... and 51 more" in message.text
+        assert message.text.count("is not a boolean") == rp.MAX_PROBLEMS - 1
+        assert "[truncated: 1032 characters in all]" in message.text
+        assert "<script>" not in message.html
+        assert "c1 / op: &lt;script&gt;" in message.html
+        assert "<h3" in message.html and ">Problems</h3>" in message.html
+        assert "151 client document(s) or state(s) cannot be used" in message.text
+
+    def test_no_problems_no_section(self) -> None:
+        """Nothing to say: no Problems heading, no attention."""
+        message = build_message(make())
+        assert "Problems" not in message.text and "Problems" not in message.html
+        assert "NEEDS ATTENTION" not in message.text

@@ -19,12 +19,16 @@ for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[
         sys.path.insert(0, str(_root))
         break
 
+from shared.config import warn_unknown_variables  # noqa: E402
 from shared.errors import PipelineError  # noqa: E402
 from shared.resume.pipeline import Pipeline, load_pipeline  # noqa: E402
 from shared.runner import plan_run, start_run  # noqa: E402
 from shared.store import get_client  # noqa: E402
 from shared.validation import only_params, read_json, trigger_options  # noqa: E402
 from shared.web import reply, serve  # noqa: E402
+
+# Once per instance, at start: a misspelt setting would otherwise be ignored without a word.
+warn_unknown_variables("smart_resume")
 
 
 @functions_framework.http

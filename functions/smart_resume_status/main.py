@@ -19,6 +19,7 @@ for _root in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[
         break
 
 from shared import console, health, quarantine, status  # noqa: E402
+from shared.config import warn_unknown_variables  # noqa: E402
 from shared.errors import InvalidRequest, LockHeld  # noqa: E402
 from shared.lock import NotRunning  # noqa: E402
 from shared.resume.pipeline import load_pipeline  # noqa: E402
@@ -32,6 +33,9 @@ from shared.validation import (  # noqa: E402
     unknown_names,
 )
 from shared.web import reply, serve  # noqa: E402
+
+# Once per instance, at start: a misspelt setting would otherwise be ignored without a word.
+warn_unknown_variables("smart_resume_status")
 
 ACTIONS = ("cancel", "unlock", "retry")
 FIELDS = ("action", "force", "clientId", "operation", "shard")

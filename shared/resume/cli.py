@@ -8,13 +8,16 @@ Cloud Scheduler. Exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or c
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from shared import log as logging_setup
-from shared.config import get_settings
+from shared.config import get_settings, unknown_variables
 from shared.errors import ConfigError, LockHeld, PipelineError, SmartResumeError, StoreUnavailable
 from shared.exit_codes import (
     EXIT_BY_STATUS,
@@ -115,7 +118,60 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code. Output to a reader that stops reading (`plan | head`)
+    is dropped quietly: the command's own outcome and exit code stand."""
+    stdout = sys.stdout
+    sys.stdout = quiet = _QuietPipe(stdout)
+    try:
+        code = _main(argv)
+        quiet.flush()
+        return code
+    finally:
+        sys.stdout = stdout
+
+
+class _QuietPipe(io.TextIOBase):
+    """Standard output that goes silent once its reader has gone (a closed pipe)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        """From now on write nowhere, also what the interpreter flushes at exit."""
+        self.gone = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = self.stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    for warning in unknown_variables():
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         settings = get_settings()
     except ConfigError as exc:
@@ -173,7 +229,17 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             )
         if args.command == "plan":
             outcome = plan_run(settings, client, _options(args, True), pipeline)
+            if "plan" not in outcome.body:  # the module did not load, an unknown client
+                if args.json:
+                    print(json.dumps(outcome.body))
+                if outcome.http_status == 404:
+                    print(f"error: unknown client {args.client}", file=sys.stderr)
+                    return EXIT_USAGE
+                print(f"error: {outcome.body.get('error')}", file=sys.stderr)
+                return EXIT_FAILED
             _print_plan(outcome.body["plan"], args.json)
+            if outcome.body.get("detail"):
+                print(outcome.body["detail"], file=sys.stderr)
             return EXIT_OK
         if not MIN_EVERY <= args.progress_every <= MAX_EVERY:  # NaN fails both
             raise ValueError(
