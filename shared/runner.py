@@ -328,6 +328,7 @@ def _run_locked(
         lock_name=settings.lock_name,
         started_at=lease.acquired_at,
         finished_at=dt.datetime.now(dt.UTC),
+        problems=tuple(getattr(result, "problems", None) or ()),
     )
     # The report is claimed (or marked skipped) in the same commit that finishes the run and
     # releases the lock: one round trip instead of three, and never a second email.
@@ -432,16 +433,24 @@ def _run_locked(
 def _failing_work(
     settings: Settings, client: firestore.Client, options: RunOptions
 ) -> dict[str, Any]:
-    """The quarantined and backed-off work the report names (one small query)."""
-    from shared.quarantine import failing
+    """The quarantined and backed-off work, and the problems in documents, that the report
+    names (small queries, issued together)."""
+    from shared.quarantine import failing, problems
 
     shard = (options.shard, settings.shards) if options.shard is not None else None
     try:
-        found = failing(settings, client, options.stream, shard)
+        found, listed = store.parallel(
+            lambda: failing(settings, client, options.stream, shard),
+            lambda: problems(settings, client),
+        )
     except StoreUnavailable as exc:
         log.warning("could not list failing work for the report: %s", exc)
         return {}
-    return {"quarantined": tuple(found["quarantined"]), "backed_off": tuple(found["backedOff"])}
+    return {
+        "quarantined": tuple(found["quarantined"]),
+        "backed_off": tuple(found["backedOff"]),
+        "problems": tuple(listed),
+    }
 
 
 class _NotStarted(Exception):

@@ -313,3 +313,18 @@ def test_random_wrong_types_never_stop_the_job(
     for query in ("", "?check=health", "?clients=50", "?runs=5"):
         assert get(app, query).status_code in (200, 503), query
     print(f"FIGURE untrusted: documents={TRIED['documents']}, runs={TRIED['runs']}, crashes=0")
+
+
+def test_the_report_names_the_problems(db, configure, pipeline_file, tmp_path):
+    """The report of a run that met a malformed document lists it (and is headed as needing
+    attention, whatever its status)."""
+    pipeline_file(PIPE)
+    settings = configure(
+        SMART_RESUME_EMAIL_TRANSPORT="outbox", SMART_RESUME_OUTBOX=str(tmp_path / "out")
+    )
+    seed_clients(db, 1)
+    db.document("clients/odd").set({"name": "Odd", "active": True, "operations": ["enrihc"]})
+    out = run_once(settings, db)
+    assert out.status == "completed"
+    html = (tmp_path / "out" / f"{out.run_id}.html").read_text()
+    assert "enrihc" in html and "odd" in html
