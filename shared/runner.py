@@ -21,7 +21,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
 from shared import store
-from shared.config import Settings
+from shared.config import FINISH_MARGIN_SECONDS, Settings
 from shared.errors import (
     LeaseLost,
     LockHeld,
@@ -333,7 +333,13 @@ def _run_locked(
     # The report is claimed (or marked skipped) in the same commit that finishes the run and
     # releases the lock: one round trip instead of three, and never a second email.
     send = wanted(settings, report_input)
-    if send:  # the failing work it names: a query only when a report goes out
+    # The finishing phase must fit the margin after the budget (the function's timeout is
+    # budget + margin), also with a slow store: what can wait (result pages, the failing-work
+    # listing) is dropped as the margin runs short; the release and the report never are.
+    margin_end = deadline + FINISH_MARGIN_SECONDS
+    if send and margin_end - time.monotonic() < FINISH_MARGIN_SECONDS / 2:
+        log.warning("little time left to finish: the report goes without the failing work")
+    elif send:  # the failing work it names: a query only when a report goes out
         report_input = replace(report_input, **_failing_work(settings, client, options))
     claim = {
         "status": "sending" if send else "skipped",
@@ -345,7 +351,9 @@ def _run_locked(
     # (or all of a custom module's results) is split here.
     paged = getattr(result, "paged", 0) if result else 0
     lost = getattr(result, "omitted", 0) if result else 0
-    inline, omitted = runs.store_results(run_id, results)
+    inline, omitted = runs.store_results(
+        run_id, results, until=margin_end - FINISH_MARGIN_SECONDS * 3 / 4
+    )
     omitted += lost
 
     def finish(batch: Any, _: Any, inline: list[dict[str, Any]] = inline) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 from typing import Any
 
 from google.cloud import firestore
@@ -198,7 +199,7 @@ class Runs:
             )
 
     def store_results(
-        self, run_id: str, results: list[dict[str, Any]]
+        self, run_id: str, results: list[dict[str, Any]], until: float | None = None
     ) -> tuple[list[dict[str, Any]], int]:
         """Keep the run record under 1 MiB whatever the results: the first ~512 KiB stay in
         it, the rest go to `runs/{runId}/results/{page}` documents. Returns the results for
@@ -207,6 +208,9 @@ class Runs:
         inline, pages = chunks[0], chunks[1:]
         omitted = sum(len(p) for p in pages[MAX_PAGES:])
         for number, page in enumerate(pages[:MAX_PAGES], start=1):
+            if until is not None and time.monotonic() >= until:
+                omitted += len(page)  # out of time to finish: counted, never waited for
+                continue
             ref = self.ref(run_id).collection(RESULTS).document(f"{number:04d}")
             data = {"runId": run_id, "page": number, "results": page}
             try:

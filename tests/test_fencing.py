@@ -285,3 +285,15 @@ class TestTheHoldersLease:
             Lock(db, contender).acquire("run-2", OWNER)
         assert held.value.stale_in_seconds > 200
         assert status.snapshot(contender, db)["stale"] is False
+
+
+class TestFinishingInTheMargin:
+    def test_result_pages_past_the_margin_are_counted_not_waited_for(self, db, settings):
+        """Case 9: with a slow store the finishing phase could outlast the 120 s margin;
+        result pages due after their share of it are counted as omitted, never written late."""
+        from shared.runs import Runs
+
+        results = [{"clientId": f"c{i}", "error": "E" * 4000} for i in range(400)]
+        inline, omitted = Runs(db, settings).store_results("r1", results, until=0.0)
+        assert inline and omitted == len(results) - len(inline)
+        assert not list(db.collection("runs/r1/results").stream())
