@@ -10,8 +10,10 @@ write) before the next call, and every attempt at one chunk carries the same `Id
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import requests
 
 from shared.errors import OperationFailed
-from shared.log import get_logger
+from shared.log import get_logger, register_secrets
 from shared.resume.limits import HELD_PAST_BUDGET, STOPPING, Gate, retry_after, stamped_session
 from shared.resume.operations import OperationIO, Outcome, idempotency_key, validate_counts
 from shared.resume.pipeline import Operation
@@ -78,6 +80,41 @@ def run_http(op: Operation, io: OperationIO, body: dict[str, Any]) -> Outcome:
                 io.save_checkpoint(checkpoint)
     finally:
         session.close()
+
+
+def shown(url: str | None) -> str:
+    """A URL as it may be stored, logged or mailed: no user info, every query value masked
+    (an operation URL may carry `user:password@` or `?api_key=`)."""
+    if not url:
+        return str(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        return "<an unparsable url>"
+    query = "&".join(f"{k}=***" if v else k for k, v in urllib.parse.parse_qsl(parts.query, True))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def extra_headers(op: Operation) -> dict[str, str]:
+    """The operation's own headers, `env:NAME` values read now; a missing variable fails the
+    operation with its name (never a value)."""
+    out = {}
+    for name, value in op.headers:
+        if value.startswith("env:"):
+            variable = value[4:]
+            found = os.environ.get(variable)
+            if not found:
+                raise OperationFailed(
+                    f"header {name} reads the environment variable {variable}, which is not set"
+                )
+            register_secrets([found])  # a credential: masked wherever it might be logged
+            value = found
+        out[name] = value
+    return out
 
 
 def _backoff(op: Operation, attempt: int) -> float:
@@ -153,31 +190,43 @@ def _post(
     try:
         with gate.sending():
             response = session.post(
-                op.url, json=payload, headers=headers, timeout=timeout, stream=True
+                op.url,
+                json=payload,
+                headers={**headers, **extra_headers(op)},
+                timeout=timeout,
+                stream=True,
+                allow_redirects=False,  # never re-send the client's body to another place
             )
     except requests.Timeout:
-        raise _Transient(f"no answer from {op.url} within {timeout:.3g}s{cut}") from None
+        raise _Transient(f"no answer from {shown(op.url)} within {timeout:.3g}s{cut}") from None
     except requests.ConnectionError as exc:
-        raise _Transient(f"cannot reach {op.url}: {type(exc).__name__}") from None
+        raise _Transient(f"cannot reach {shown(op.url)}: {type(exc).__name__}") from None
     with response:
         status = response.status_code
         if status == 429 or status >= 500:
             wait = retry_after(response.headers.get("Retry-After"))
             if status not in HOLD_STATUSES:
                 wait = None
-            raise _Transient(f"{op.url} answered {status}", wait)
+            raise _Transient(f"{shown(op.url)} answered {status}", wait)
+        if 300 <= status < 400:
+            where = urllib.parse.urlsplit(response.headers.get("Location") or "").hostname
+            raise OperationFailed(
+                f"{shown(op.url)} answered {status}, a redirect"
+                + (f" to {where}" if where else "")
+                + ": redirects are not followed (set the operation's url to the final one)"
+            )
         if not 200 <= status < 300:
-            raise OperationFailed(f"{op.url} answered {status}: {_snippet(response)}")
+            raise OperationFailed(f"{shown(op.url)} answered {status}: {_snippet(response)}")
         raw = _read(response, op, ends, f"{timeout:.3g}s{cut}")
     if len(raw) > MAX_RESPONSE_BYTES:
-        raise OperationFailed(f"{op.url} answered more than {MAX_RESPONSE_BYTES} bytes")
+        raise OperationFailed(f"{shown(op.url)} answered more than {MAX_RESPONSE_BYTES} bytes")
     if not raw.strip():
         return {}
     try:
         return json.loads(raw)
     except ValueError:
         if "json" in response.headers.get("Content-Type", ""):
-            raise OperationFailed(f"{op.url} answered malformed JSON") from None
+            raise OperationFailed(f"{shown(op.url)} answered malformed JSON") from None
         return {}  # a plain-text 2xx means done
 
 
@@ -196,9 +245,9 @@ def _read(response: requests.Response, op: Operation, ends: float, within: str) 
             parts.append(chunk)
             size += len(chunk)
             if time.monotonic() > ends:
-                raise _Transient(f"no complete answer from {op.url} within {within}")
+                raise _Transient(f"no complete answer from {shown(op.url)} within {within}")
     except (requests.RequestException, OSError) as exc:
-        raise _Transient(f"reading the answer of {op.url} failed: {exc}") from None
+        raise _Transient(f"reading the answer of {shown(op.url)} failed: {exc}") from None
     return b"".join(parts)
 
 

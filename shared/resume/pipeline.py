@@ -44,6 +44,7 @@ OP_KEYS = {
     "target",
     "retries",
     "retry_initial_seconds",
+    "headers",
 }
 
 
@@ -64,6 +65,9 @@ class Operation:
     quarantine_after: int = 6
     max_per_second: float | None = None  # None: no rate limit
     max_concurrent: int | None = None  # None: as many as there are workers
+    #: Extra request headers of an `http` operation: a literal value, or `env:NAME` (read from
+    #: the environment at each run, so a secret never sits in the file).
+    headers: tuple[tuple[str, str], ...] = ()
 
     def function(self) -> Callable[..., Any]:
         """Resolve a python operation's `module:function` (imported on use, not at load)."""
@@ -233,6 +237,7 @@ def _parse_operation(
         if url is not None:
             bad("url", "is only for http operations")
     limits = _limits(entry, bad)
+    headers = _headers(entry.get("headers"), kind, bad)
     timing = _timing(entry, defaults, lambda why: problems.append(f"{label}: {why}"))
     if len(problems) > before:
         return None
@@ -248,8 +253,49 @@ def _parse_operation(
         max_calls=int(values["max_calls"]),
         retries=int(values["retries"]),
         retry_initial_seconds=float(values["retry_initial_seconds"]),
+        headers=headers,
         **limits,
     )
+
+
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,100}$")
+#: Headers the engine sets itself (or that would change how the request is framed).
+RESERVED_HEADERS = {
+    "idempotency-key",
+    "x-smart-resume-run",
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+}
+
+
+def _headers(value: Any, kind: Any, bad: Callable[[str, str], None]) -> tuple[tuple[str, str], ...]:
+    """`headers = {"Authorization" = "env:NAME", "X-Team" = "leads"}` of an http operation."""
+    if value is None:
+        return ()
+    if kind != "http":
+        bad("headers", "is only for http operations")
+        return ()
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        bad("headers", "must be a table of header names to strings")
+        return ()
+    out = []
+    for name, text in value.items():
+        if not HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
+            bad("headers", f"cannot set the header {name[:60]!r}")
+            continue
+        if text.startswith("env:") and not ENV_NAME.match(text[4:]):
+            bad("headers", f"{name}: 'env:' must be followed by a variable name")
+            continue
+        if any(c in text for c in "\r\n\0"):
+            bad("headers", f"{name}: a header value cannot hold a line break")
+            continue
+        out.append((name, text))
+    return tuple(out)
 
 
 def _limits(entry: dict[str, Any], bad: Callable[[str, str], None]) -> dict[str, Any]:
