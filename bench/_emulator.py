@@ -33,7 +33,7 @@ for _p in (str(ROOT), str(BENCH), str(ROOT / "tests"), str(ROOT / "scripts")):
         sys.path.insert(0, _p)
 
 PROJECT = "smart-resume-bench"
-SECRET = "bench-secret"
+SECRET = "bench-secret-0123456789"
 QUICK = "--quick" in sys.argv
 
 import firestore_emulator  # noqa: E402  (found through the path set above)

@@ -27,12 +27,30 @@ def _score(lead: dict[str, Any]) -> int:
     return min(100, int(lead.get("employees", 0)) // 10 + 5 * int(lead.get("visits", 0)))
 
 
+#: The longest demo pause per chunk, whatever the client document says.
+MAX_DELAY_SECONDS = 5.0
+
+
+def _delay(value: Any) -> float:
+    """The demo's pause per chunk (`demoDelaySeconds`, a number; anything else: none), capped."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return 0.0
+    return min(float(value), MAX_DELAY_SECONDS)
+
+
+def _pause(ctx: Any, seconds: float) -> None:
+    """Sleep in short slices, so the run's budget or a cancel stops the pause at once."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not ctx.should_stop():
+        time.sleep(min(0.1, end - time.monotonic()))
+
+
 def score_leads(ctx: Any) -> dict[str, Any]:
     """Score leads in chunks, resuming after the last scored lead id."""
     settings = get_settings()
     call = store.call(settings)
     cursor = (ctx.checkpoint or {}).get("after")
-    delay = float(ctx.client.get("demoDelaySeconds", 0))
+    delay = _delay(ctx.client.get("demoDelaySeconds"))
     while True:
         if ctx.should_stop():
             return {"done": False}
@@ -49,7 +67,7 @@ def score_leads(ctx: Any) -> dict[str, Any]:
         cursor = chunk[-1].id
         ctx.count("leads_scored", len(chunk))
         ctx.save_checkpoint({"after": cursor})
-        time.sleep(delay)
+        _pause(ctx, delay)
 
 
 def summarize_leads(ctx: Any) -> dict[str, Any]:

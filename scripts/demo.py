@@ -33,7 +33,7 @@ import firestore_emulator
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".demo"
 PROJECT = "smart-resume-demo"
-SECRET = "demo-secret"
+SECRET = "demo-secret-0123456789"
 FUNCTIONS = ("smart_resume", "smart_resume_status")
 SCRUB = ("SMART_RESUME_", "SENDGRID_", "AWS_", "K_SERVICE", "GCLOUD_PROJECT")
 

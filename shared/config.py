@@ -10,6 +10,7 @@ import difflib
 import functools
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ PLATFORM_TIMEOUT_SECONDS = 3600
 #: What a run needs after its time budget: the operation in flight stops at its next check, the
 #: lock is released, the run record written and the report mailed (email timeout and retries).
 FINISH_MARGIN_SECONDS = 120
+#: The shortest webhook secret accepted (server misconfigured below it).
+MIN_SECRET = 16
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 #: Every variable smart-resume reads, with its default as documented (None: unset).
 #: The README's configuration table is checked against this mapping by a test.
@@ -248,6 +252,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"SMART_RESUME_WEBHOOK_SECRET value {which} of {len(webhook_secrets)} contains a "
             "non-ASCII or control character, so no request could ever match it"
         )
+    short = [i for i, secret in enumerate(webhook_secrets, 1) if len(secret) < MIN_SECRET]
+    if short:
+        # A short secret can be guessed, and too short to be masked reliably in logs.
+        which = ", ".join(f"#{i}" for i in short)
+        r.problems.append(
+            f"SMART_RESUME_WEBHOOK_SECRET value {which} of {len(webhook_secrets)} is shorter "
+            f"than {MIN_SECRET} characters"
+        )
     concurrency = r.parse("SMART_RESUME_CONCURRENCY", int, "a whole number", 1)
     if concurrency < 1 or concurrency > 64:
         r.problems.append(f"SMART_RESUME_CONCURRENCY must be between 1 and 64, got {concurrency}")
@@ -275,6 +287,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     host = r.raw("SMART_RESUME_SENDGRID_HOST") or ""
     if not host.startswith(("http://", "https://")):
         r.problems.append(f"SMART_RESUME_SENDGRID_HOST={host!r} is not an http(s) URL")
+    elif host.startswith("http://") and urllib.parse.urlsplit(host).hostname not in LOOPBACK:
+        # The API key travels in a header: only a test stand-in on this machine may be plain.
+        r.problems.append(
+            f"SMART_RESUME_SENDGRID_HOST={host!r} must be https:// (http only on loopback)"
+        )
 
     lock_name = r.raw("SMART_RESUME_LOCK_NAME") or "smart-resume"
     if "/" in lock_name or lock_name in (".", "..") or len(lock_name) > 200:

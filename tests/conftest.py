@@ -102,7 +102,7 @@ def emulator() -> Iterator[Emulator]:
 
 BASE_ENV = {
     "GOOGLE_CLOUD_PROJECT": PROJECT,
-    "SMART_RESUME_WEBHOOK_SECRET": "test-secret-1,test-secret-2",
+    "SMART_RESUME_WEBHOOK_SECRET": "test-secret-1-0123456,test-secret-2-0123456",
     "SMART_RESUME_EMAIL_TRANSPORT": "log",
     "SMART_RESUME_LOG_FORMAT": "text",
 }

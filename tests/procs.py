@@ -64,13 +64,13 @@ class FunctionProcess:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.target} did not start; log: {self.log_path.read_text()[-2000:]}")
 
-    def post(self, body: object = None, secret: str | None = "test-secret-1", **kw):
+    def post(self, body: object = None, secret: str | None = "test-secret-1-0123456", **kw):
         headers = kw.pop("headers", {})
         if secret is not None:
             headers["X-Webhook-Secret"] = secret
         return requests.post(self.url, json=body, headers=headers, timeout=kw.pop("timeout", 60))
 
-    def get(self, path: str = "", secret: str | None = "test-secret-1", **kw):
+    def get(self, path: str = "", secret: str | None = "test-secret-1-0123456", **kw):
         headers = {"X-Webhook-Secret": secret} if secret is not None else {}
         return requests.get(self.url + path, headers=headers, timeout=kw.pop("timeout", 30))
 

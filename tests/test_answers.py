@@ -12,7 +12,7 @@ from functions_framework import create_app
 from shared.resume.plan import RunOptions
 from shared.runner import start_run
 
-SECRET = {"X-Webhook-Secret": "test-secret-1"}
+SECRET = {"X-Webhook-Secret": "test-secret-1-0123456"}
 PIPELINE = '[[operation]]\nname = "first"\nkind = "python"\ntarget = "opfuncs:ok"\n'
 
 

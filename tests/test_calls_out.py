@@ -98,3 +98,26 @@ def test_shown_masks_user_info_and_query_values():
     assert shown("https://u:p@h.example:8443/a/b?key=v&flag") == (
         "https://h.example:8443/a/b?key=***&flag"
     )
+
+
+def test_the_demo_operation_honours_the_budget(db, configure, monkeypatch):
+    """Before: `demoDelaySeconds: 25` ran 25 s past a 5 s budget."""
+    import time
+
+    from examples import leads
+
+    class Ctx:
+        client = {"demoDelaySeconds": 25}
+        checkpoint = None
+
+        def __init__(self) -> None:
+            self.stop_at = time.monotonic() + 0.3
+
+        def should_stop(self) -> bool:
+            return time.monotonic() >= self.stop_at
+
+    ctx = Ctx()
+    started = time.monotonic()
+    leads._pause(ctx, leads._delay(ctx.client["demoDelaySeconds"]))
+    assert time.monotonic() - started < 1.0
+    assert leads._delay("25") == 0.0 and leads._delay(25) == leads.MAX_DELAY_SECONDS

@@ -68,7 +68,7 @@ class TestParsing:
         s = load_settings(
             {
                 **BASE,
-                "SMART_RESUME_WEBHOOK_SECRET": " one , two ,",
+                "SMART_RESUME_WEBHOOK_SECRET": " one-0123456789ab , two-0123456789ab ,",
                 "SMART_RESUME_LOCK_NAME": "stream-2",
                 "SMART_RESUME_HEARTBEAT_SECONDS": "0.5",
                 "SMART_RESUME_LEASE_SECONDS": "2",
@@ -87,7 +87,7 @@ class TestParsing:
                 "SMART_RESUME_RPC_TIMEOUT_SECONDS": "3",
             }
         )
-        assert s.webhook_secrets == ("one", "two")
+        assert s.webhook_secrets == ("one-0123456789ab", "two-0123456789ab")
         assert s.lock_name == "stream-2"
         assert (s.heartbeat_seconds, s.lease_seconds, s.max_run_seconds) == (0.5, 2, 100)
         assert s.time_budget_seconds == 90
@@ -265,15 +265,15 @@ class TestSecrets:
         s = load_settings(
             {
                 **BASE,
-                "SMART_RESUME_WEBHOOK_SECRET": "hunter2-secret",
+                "SMART_RESUME_WEBHOOK_SECRET": "hunter2-secret-xyz",
                 "SENDGRID_API_KEY": "SG.very-secret",
                 "SMART_RESUME_EMAIL_FROM": "a@x.io",
                 "SMART_RESUME_EMAIL_TO": "b@x.io",
             }
         )
-        assert "hunter2-secret" not in repr(s)
+        assert "hunter2-secret-xyz" not in repr(s)
         assert "SG.very-secret" not in repr(s)
-        assert set(s.secrets) == {"hunter2-secret", "SG.very-secret"}
+        assert set(s.secrets) == {"hunter2-secret-xyz", "SG.very-secret"}
 
     @pytest.mark.parametrize(
         "bad",
@@ -283,23 +283,27 @@ class TestSecrets:
         """A non-ASCII or control character could never match (WSGI decodes headers as Latin-1):
         refused at startup, naming the variable but never printing the secret."""
         with pytest.raises(ConfigError) as err:
-            load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": f"good-secret,{bad}"})
+            load_settings(
+                {**BASE, "SMART_RESUME_WEBHOOK_SECRET": f"good-secret-01234,{bad}-0123456789"}
+            )
         text = str(err.value) + repr(err.value)
         assert "SMART_RESUME_WEBHOOK_SECRET" in text
         assert "#2 of 2" in text
         assert bad not in text
         assert bad.strip() not in text
+        assert "shorter" not in text  # long enough: refused for its characters only
         assert "secret" not in text.replace("SMART_RESUME_WEBHOOK_SECRET", "")
 
     def test_printable_ascii_webhook_secrets_are_accepted(self) -> None:
         """Punctuation and inner spaces are fine in a header."""
-        s = load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": 'a b"c\\d~!,x=y/z+'})
-        assert s.webhook_secrets == ('a b"c\\d~!', "x=y/z+")
+        secrets = 'a b"c\\d~!-0123456789,x=y/z+0123456789ab'
+        s = load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": secrets})
+        assert s.webhook_secrets == ('a b"c\\d~!-0123456789', "x=y/z+0123456789ab")
 
     def test_limits_description_has_no_secret(self) -> None:
-        s = load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": "abcd-secret"})
+        s = load_settings({**BASE, "SMART_RESUME_WEBHOOK_SECRET": "abcd-secret-01234"})
         assert describe(s)["leaseSeconds"] == 300
-        assert "abcd-secret" not in repr(describe(s))
+        assert "abcd-secret-01234" not in repr(describe(s))
 
 
 def test_variables_table_lists_every_contract_variable() -> None:

@@ -15,7 +15,7 @@ from functions_framework import create_app
 from shared import console
 
 SOURCE = str(ROOT / "functions" / "smart_resume_status" / "main.py")
-SECRET = {"X-Webhook-Secret": "test-secret-2"}
+SECRET = {"X-Webhook-Secret": "test-secret-2-0123456"}
 #: What Chromium sends for a page load.
 BROWSER = (
     "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
@@ -57,7 +57,7 @@ def state(db, client_id: str, operation: str, **fields) -> None:
 
 
 class TestPage:
-    @pytest.mark.parametrize("secret", [None, "wrong", "test-secret-1"])
+    @pytest.mark.parametrize("secret", [None, "wrong", "test-secret-1-0123456"])
     def test_a_browser_gets_the_page_whatever_the_secret(self, status_fn, secret) -> None:
         """A browser's GET is answered with the page, with or without a (right) secret."""
         headers = {"X-Webhook-Secret": secret} if secret else {}
@@ -251,7 +251,7 @@ class TestClientsListing:
         as `error`: one line, bounded, the webhook secret masked; others carry null."""
         now = dt.datetime.now(dt.UTC)
         seed_clients(db, 3)
-        long = "HTTP 500 from https://svc/?key=test-secret-2\n" + "x" * 5000
+        long = "HTTP 500 from https://svc/?key=test-secret-2-0123456\n" + "x" * 5000
         state(db, "c00000", "first", status="failed", finishedAt=now, failures=2, error=long)
         state(db, "c00001", "first", status="quarantined", finishedAt=now, failures=6,
               error="ValueError: bad lead")  # fmt: skip
@@ -259,7 +259,7 @@ class TestClientsListing:
         backing, quarantined, fine = listing(status_fn, "clients=3")["clients"]
         error = backing["operations"]["first"]["error"]
         assert error.startswith("HTTP 500 from https://svc/?key=*** xxx")
-        assert "test-secret-2" not in error and "\n" not in error
+        assert "test-secret-2-0123456" not in error and "\n" not in error
         assert len(error) == console.MAX_ERROR_CHARS and error.endswith("…")
         assert quarantined["operations"]["first"]["error"] == "ValueError: bad lead"
         assert fine["operations"]["first"]["error"] is None

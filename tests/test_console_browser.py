@@ -23,7 +23,7 @@ from conftest import free_port, seed_clients
 from shared.resume.plan import RunOptions
 from shared.runner import start_run
 
-SECRET = "test-secret-1"
+SECRET = "test-secret-1-0123456"
 KEY = "smart-resume-secret"
 WAIT = 45.0
 FLAGS = (

@@ -15,7 +15,7 @@ from functions_framework import create_app
 from shared.resume.plan import NEVER, RunOptions
 from shared.runner import plan_run
 
-SECRET = {"X-Webhook-Secret": "test-secret-1"}
+SECRET = {"X-Webhook-Secret": "test-secret-1-0123456"}
 TWO = """
 {top}
 [[operation]]

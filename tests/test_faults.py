@@ -484,7 +484,7 @@ def test_200_threaded_trials_never_double_run(db, ops, pipeline_file):
             threads,
             lambda i, body=body: (
                 test_clients[i]
-                .post("/", data=body, headers={"X-Webhook-Secret": "test-secret-1"})
+                .post("/", data=body, headers={"X-Webhook-Secret": "test-secret-1-0123456"})
                 .status_code
             ),
         )

@@ -23,7 +23,7 @@ from shared.resume.plan import RunOptions
 from shared.runner import start_run
 
 SOURCE = str(ROOT / "functions" / "smart_resume_status" / "main.py")
-SECRET = {"X-Webhook-Secret": "test-secret-1"}
+SECRET = {"X-Webhook-Secret": "test-secret-1-0123456"}
 OWNER = {"host": "h", "pid": 1, "function": "test"}
 OK = '[[operation]]\nname = "work"\nkind = "python"\ntarget = "opfuncs:ok"\n'
 BOOM = (
@@ -646,7 +646,7 @@ def test_watch_shows_health_first(function_process, db, pipeline_file) -> None:
     done = subprocess.run(
         [sys.executable, "scripts/watch.py", "--local", port, "--once"],
         cwd=ROOT,
-        env={**os.environ, "SMART_RESUME_WEBHOOK_SECRET": "test-secret-1"},
+        env={**os.environ, "SMART_RESUME_WEBHOOK_SECRET": "test-secret-1-0123456"},
         capture_output=True,
         text=True,
         timeout=60,

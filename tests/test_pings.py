@@ -30,7 +30,7 @@ OK = '[[operation]]\nname = "work"\nkind = "python"\ntarget = "opfuncs:ok"\n'
 STOPS = '[[operation]]\nname = "work"\nkind = "python"\ntarget = "opfuncs:wait_for_stop"\n'
 TRIGGER = str(ROOT / "functions" / "smart_resume" / "main.py")
 STATUS = str(ROOT / "functions" / "smart_resume_status" / "main.py")
-SECRET = {"X-Webhook-Secret": "test-secret-1"}
+SECRET = {"X-Webhook-Secret": "test-secret-1-0123456"}
 
 
 @dataclass

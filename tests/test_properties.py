@@ -22,7 +22,7 @@ from shared.errors import PipelineError
 from shared.resume.pipeline import OP_KEYS, Pipeline, load_pipeline, parse_pipeline
 
 PIPELINE = '[[operation]]\nname = "score"\nkind = "python"\ntarget = "opfuncs:ok"\n'
-SECRET = {"X-Webhook-Secret": "test-secret-1"}
+SECRET = {"X-Webhook-Secret": "test-secret-1-0123456"}
 FIXTURES_OK = settings(
     max_examples=120,
     deadline=None,
@@ -108,7 +108,7 @@ class TestRequestValidation:
     @given(secret=st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=60))
     def test_any_wrong_secret_is_401(self, trigger, secret) -> None:
         """Any header value other than a configured secret is a 401."""
-        if secret in ("test-secret-1", "test-secret-2") or secret != secret.strip():
+        if secret in ("test-secret-1-0123456", "test-secret-2-0123456") or secret != secret.strip():
             return
         response = trigger.post("/", headers={"X-Webhook-Secret": secret})
         _clean(response, {401})

@@ -157,7 +157,7 @@ def test_gcloud_flag_sends_the_identity_token(tmp_path: Path) -> None:
         server.shutdown()
     assert done.returncode == 0, done.stdout + done.stderr
     assert seen["Authorization"] == "Bearer fake-identity-token"
-    assert seen["X-Webhook-Secret"] == "test-secret-1"
+    assert seen["X-Webhook-Secret"] == "test-secret-1-0123456"
 
 
 # --- local_emulator.md, command by command -----------------------------------------------

@@ -19,7 +19,7 @@ from shared import auth
 
 TRIGGER_SOURCE = str(ROOT / "functions" / "smart_resume" / "main.py")
 STATUS_SOURCE = str(ROOT / "functions" / "smart_resume_status" / "main.py")
-GOOD = "test-secret-1"
+GOOD = "test-secret-1-0123456"
 PIPELINE = '[[operation]]\nname = "score"\nkind = "python"\ntarget = "opfuncs:ok"\n'
 MARK = "zq7echo"  # a distinctive token planted in hostile input; no response may contain it
 
@@ -67,7 +67,9 @@ TABLE = [
     Hostile("trigger secret plus a char", T, 401, secret="test-secret-1x" + MARK),
     Hostile("trigger upper-case secret", T, 401, secret="TEST-SECRET-1"),
     Hostile("trigger unlisted rotation", T, 401, secret="test-secret-3"),
-    Hostile("trigger whole secret list", T, 401, secret="test-secret-1,test-secret-2"),
+    Hostile(
+        "trigger whole secret list", T, 401, secret="test-secret-1-0123456,test-secret-2-0123456"
+    ),
     Hostile("trigger secret repeated", T, 401, secret=GOOD * 2),
     Hostile("trigger 10 kB secret", T, 401, secret=MARK + "x" * 10_000),
     Hostile("trigger secret + 5 kB", T, 401, secret=GOOD + "x" * 5_000),
@@ -194,7 +196,7 @@ def test_hostile_request_gets_its_4xx_writes_nothing_echoes_nothing(apps, db, se
     text = response.get_data(as_text=True)
     assert len(text) < 1000
     assert MARK not in text
-    assert GOOD not in text and "test-secret-2" not in text
+    assert GOOD not in text and "test-secret-2-0123456" not in text
     assert "Traceback" not in text
     assert snapshot(db) == seeded
 
@@ -227,8 +229,10 @@ class TestConstantTime:
             return real(a, b)
 
         monkeypatch.setattr(auth.hmac, "compare_digest", spy)
-        assert auth.secret_matches("test-secret-2", ("test-secret-1", "test-secret-2"))
-        assert not auth.secret_matches("nope", ("test-secret-1", "test-secret-2"))
+        assert auth.secret_matches(
+            "test-secret-2-0123456", ("test-secret-1-0123456", "test-secret-2-0123456")
+        )
+        assert not auth.secret_matches("nope", ("test-secret-1-0123456", "test-secret-2-0123456"))
         assert len(calls) == 4  # every secret compared, even after a match
         assert all(isinstance(a, bytes) and isinstance(b, bytes) for a, b in calls)
 
@@ -242,9 +246,11 @@ class TestConstantTime:
             return real(a, b)
 
         monkeypatch.setattr(auth.hmac, "compare_digest", spy)
-        response = apps[T].post("/", data=b"[]", headers={"X-Webhook-Secret": "test-secret-1"})
+        response = apps[T].post(
+            "/", data=b"[]", headers={"X-Webhook-Secret": "test-secret-1-0123456"}
+        )
         assert response.status_code == 400
-        assert b"test-secret-1" in seen
+        assert b"test-secret-1-0123456" in seen
         response = apps[S].get("/", headers={"X-Webhook-Secret": "guess"})
         assert response.status_code == 401
         assert b"guess" in seen

@@ -16,7 +16,7 @@ from functions_framework import create_app
 
 from shared.resume.shards import shard_of
 
-SECRET = {"X-Webhook-Secret": "test-secret-1"}
+SECRET = {"X-Webhook-Secret": "test-secret-1-0123456"}
 PIPELINE = '[[operation]]\nname = "first"\nkind = "python"\ntarget = "opfuncs:ok"\n'
 FAST = {
     "SMART_RESUME_SHARDS": "3",

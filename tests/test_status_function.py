@@ -14,7 +14,7 @@ from shared.resume.plan import RunOptions
 from shared.runner import start_run
 
 SOURCE = str(ROOT / "functions" / "smart_resume_status" / "main.py")
-SECRET = {"X-Webhook-Secret": "test-secret-2"}
+SECRET = {"X-Webhook-Secret": "test-secret-2-0123456"}
 OWNER = {"host": "h", "pid": 1, "function": "test"}
 
 

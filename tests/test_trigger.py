@@ -9,7 +9,7 @@ from conftest import ROOT, seed_clients
 from functions_framework import create_app
 
 SOURCE = str(ROOT / "functions" / "smart_resume" / "main.py")
-SECRET = {"X-Webhook-Secret": "test-secret-1"}
+SECRET = {"X-Webhook-Secret": "test-secret-1-0123456"}
 PIPELINE = """
 [[operation]]
 name = "first"
@@ -53,12 +53,12 @@ class TestAdmission:
         assert "guess-123" not in out
 
     def test_secret_in_query_string_is_not_accepted(self, trigger) -> None:
-        assert trigger.post("/?X-Webhook-Secret=test-secret-1").status_code == 401
-        assert trigger.post("/?secret=test-secret-1").status_code == 401
+        assert trigger.post("/?X-Webhook-Secret=test-secret-1-0123456").status_code == 401
+        assert trigger.post("/?secret=test-secret-1-0123456").status_code == 401
 
     def test_both_rotated_secrets_work(self, trigger, db) -> None:
         """During rotation the old and the new secret are both accepted."""
-        for secret in ("test-secret-1", "test-secret-2"):
+        for secret in ("test-secret-1-0123456", "test-secret-2-0123456"):
             response = post(trigger, {"dryRun": True}, headers={"X-Webhook-Secret": secret})
             assert response.status_code == 200
 

@@ -20,7 +20,7 @@ from google.cloud.firestore_v1.batch import WriteBatch
 from shared.resume.plan import RunOptions
 from shared.runs import stored_size
 
-SECRET = {"X-Webhook-Secret": "test-secret-1"}
+SECRET = {"X-Webhook-Secret": "test-secret-1-0123456"}
 
 
 def pipeline(target: str, second: str | None = None) -> str:
