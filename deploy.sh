@@ -5,6 +5,9 @@
 # health and an alert policy on it), then run the job once and report how that run ended.
 # Run `./deploy.sh --help` for the commands and settings; deploy.env.example documents each one.
 set -euo pipefail
+# gcloud writes every command's flag values to a log file under its configuration folder; a
+# deploy handles secrets, so that log stays off for every gcloud this script runs.
+export CLOUDSDK_CORE_DISABLE_FILE_LOGGING=1
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 FUNCTIONS=(smart_resume smart_resume_status)
@@ -16,13 +19,6 @@ TIMEOUT_MARGIN_SECONDS=120
 # so it bounds budget + margin).
 MAX_FUNCTION_TIMEOUT_SECONDS=3600
 MAX_ATTEMPT_DEADLINE_SECONDS=1800
-# Composite indexes on collection group `clients` (fields, all ascending): the "due" query,
-# the same per stream, and per shard (for the shard feature).
-CLIENT_INDEXES=("active nextDueAt" "active stream nextDueAt" "active shard nextDueAt")
-# Large fields never queried, as collection-group:field; their single-field indexes are
-# disabled (cheaper writes, no index-entry limits). `claim` on `clients` is queried: indexed.
-INDEX_EXEMPTIONS=(runs:results runs:trigger runs:summary operations:checkpoint operations:counts
-    locks:progress locks:owner)
 # The Monitoring service agent calls the status function for the uptime check (an OIDC token).
 MONITORING_AGENT_DOMAIN=gcp-sa-monitoring-notification.iam.gserviceaccount.com
 # Short settings names in deploy.env and the SMART_RESUME_* variable each one sets.
@@ -34,7 +30,8 @@ REQUIRED=(PROJECT_ID REGION SERVICE_ACCOUNT SCHEDULE TIME_ZONE WEBHOOK_SECRET_NA
 OPTIONAL=(SENDGRID_SECRET_NAME SENDGRID_SECRET_VERSION PING_SECRET_NAME PING_SECRET_VERSION
     OIDC_SERVICE_ACCOUNT ALLOW_UNAUTHENTICATED FUNCTION_NAME STATUS_FUNCTION_NAME SCHEDULER_JOB
     SCHEDULER_LOCATION SHARDS TRIGGER_CONCURRENCY TRIGGER_MEMORY DATABASE ALERT_CHANNEL
-    RUN_WAIT_SECONDS AWS_REGION)
+    RUN_WAIT_SECONDS AWS_REGION STATUS_MAX_INSTANCES HEADER_SECRETS AWS_ACCESS_KEY_SECRET_NAME
+    AWS_SECRET_KEY_SECRET_NAME RUN_AFTER_DEPLOY)
 
 usage() {
     cat <<'EOF'
@@ -506,6 +503,8 @@ if [[ $COMMAND == deploy ]]; then
 
     default_setting FUNCTION_NAME smart-resume
     default_setting STATUS_FUNCTION_NAME smart-resume-status
+    default_setting STATUS_MAX_INSTANCES 3
+    default_setting RUN_AFTER_DEPLOY 1
     default_setting SCHEDULER_JOB smart-resume
     default_setting SCHEDULER_LOCATION "${REGION:-}" "default: REGION"
     default_setting ALLOW_UNAUTHENTICATED 0
@@ -593,6 +592,9 @@ if [[ $COMMAND == deploy ]]; then
             set_setting SMART_RESUME_SHARDS "$SHARDS" "from SHARDS, ${FROM[SHARDS]}"
     else
         set_setting SMART_RESUME_SHARDS "" ""
+    fi
+    if [[ $RUN_AFTER_DEPLOY != 0 && $RUN_AFTER_DEPLOY != 1 ]]; then
+        problem "RUN_AFTER_DEPLOY=$RUN_AFTER_DEPLOY must be 1 (run the job once after the deploy) or 0"
     fi
     if [[ ! $RUN_WAIT_SECONDS =~ ^[0-9]{1,4}$ ]] || ((10#$RUN_WAIT_SECONDS > 3600)); then
         problem "RUN_WAIT_SECONDS=$RUN_WAIT_SECONDS must be a whole number of seconds from 0 to 3600"
@@ -683,7 +685,7 @@ function_settings_problems() {
     [[ -n ${AWS_REGION:-} ]] && pairs+=("AWS_REGION=$AWS_REGION")
     [[ -n ${SENDGRID_SECRET_NAME:-} ]] && pairs+=("SENDGRID_API_KEY=placeholder")
     [[ -n ${PING_SECRET_NAME:-} ]] && pairs+=("SMART_RESUME_PING_URL=https://ping.invalid/x")
-    pairs+=("SMART_RESUME_WEBHOOK_SECRET=placeholder")
+    pairs+=("SMART_RESUME_WEBHOOK_SECRET=placeholder-of-16-chars-or-more")
     (cd "$ROOT" && "$(python_bin)" - "${pairs[@]}") <<'PY'
 import sys
 
@@ -824,6 +826,29 @@ run() {
     ((DRY_RUN)) || "$@"
 }
 
+# flags_file NAME FLAG VALUE: a gcloud --flags-file holding FLAG=VALUE (a secret), readable by
+# this user only; prints the --flags-file argument. A dry run writes it into the build folder
+# with the secret masked, so the printed commands can be parsed as they are.
+# (Called in $(...): the folder is made, and its removal set, by the script itself.)
+FLAGS_DIR=""
+flags_file() {
+    local name=$1 flag=$2 value=$3 file
+    if ((DRY_RUN)); then
+        mkdir -p "$BUILD_DIR"
+        file="$BUILD_DIR/$name.flags.json"
+    else
+        file="$FLAGS_DIR/$name.flags.json"
+    fi
+    # The value reaches python on standard input (printf is a builtin): never on an argv.
+    (
+        umask 077
+        printf '%s' "$value" |
+            python3 -c 'import json, sys; print(json.dumps({sys.argv[1]: sys.stdin.read()}))' \
+                "$flag" >"$file"
+    )
+    echo "--flags-file=$file"
+}
+
 # run_masked COMMAND...: for commands that carry the secret; their output is masked too.
 run_masked() {
     local output status=0
@@ -885,35 +910,62 @@ capture_masked() {
     return "$status"
 }
 
-# --set-env-vars with a delimiter that no value contains (e-mail lists hold commas).
-env_vars_flag() {
-    local pair delim="," joined="" pairs=("GOOGLE_CLOUD_PROJECT=$PROJECT_ID") name
-    for name in "${PASS_THROUGH[@]}"; do pairs+=("$name=${!name}"); done
-    [[ -n ${AWS_REGION:-} ]] && pairs+=("AWS_REGION=$AWS_REGION")
-    if [[ ${pairs[*]} == *,* ]]; then
-        for delim in '|' '@' ';' '~' '#'; do
-            [[ ${pairs[*]} != *"$delim"* ]] && break
-        done
-    fi
-    for pair in "${pairs[@]}"; do joined+="${joined:+$delim}$pair"; done
-    if [[ $delim == , ]]; then
-        echo "--set-env-vars=$joined"
-    else
-        echo "--set-env-vars=^$delim^$joined"
-    fi
+# The functions' variables go in a YAML file (--env-vars-file), each value JSON-quoted: no
+# delimiter a value could contain, no variable smuggled in by a value. The status function gets
+# only what it reads: none of the email settings (it sends nothing).
+STATUS_SKIPS=(SMART_RESUME_EMAIL_TRANSPORT SMART_RESUME_EMAIL_FROM SMART_RESUME_EMAIL_TO
+    SMART_RESUME_EMAIL_ON SMART_RESUME_SENDGRID_HOST SMART_RESUME_OUTBOX
+    SMART_RESUME_EMAIL_TIMEOUT_SECONDS)
+env_vars_file() {
+    local which=$1 file="$BUILD_DIR/$1.env.yaml" name skip pairs=()
+    pairs+=("GOOGLE_CLOUD_PROJECT" "$PROJECT_ID")
+    for name in "${PASS_THROUGH[@]}"; do
+        skip=0
+        if [[ $which == status ]]; then
+            for s in "${STATUS_SKIPS[@]}"; do [[ $name == "$s" ]] && skip=1; done
+        fi
+        ((skip)) || pairs+=("$name" "${!name}")
+    done
+    [[ $which == trigger && -n ${AWS_REGION:-} ]] && pairs+=("AWS_REGION" "$AWS_REGION")
+    mkdir -p "$BUILD_DIR"
+    python3 -c 'import json, sys
+a = sys.argv[1:]
+print("\n".join(f"{a[i]}: {json.dumps(a[i + 1])}" for i in range(0, len(a), 2)))' \
+        "${pairs[@]}" >"$file"
+    echo "--env-vars-file=$file"
 }
 
-secrets="SMART_RESUME_WEBHOOK_SECRET=$WEBHOOK_SECRET_NAME:$WEBHOOK_SECRET_VERSION"
+# Least privilege: the status function holds the webhook secret only; the email key, the
+# ping URL and the operations' header secrets go to the trigger alone.
+status_secrets="SMART_RESUME_WEBHOOK_SECRET=$WEBHOOK_SECRET_NAME:$WEBHOOK_SECRET_VERSION"
+secrets=$status_secrets
 if [[ -n ${SENDGRID_SECRET_NAME:-} ]]; then
     secrets+=",SENDGRID_API_KEY=$SENDGRID_SECRET_NAME:$SENDGRID_SECRET_VERSION"
 fi
 if [[ -n ${PING_SECRET_NAME:-} ]]; then
     secrets+=",SMART_RESUME_PING_URL=$PING_SECRET_NAME:$PING_SECRET_VERSION"
 fi
+# SES deployed: the AWS keys from Secret Manager (or leave them unset and use workload identity
+# federation, see the README).
+if [[ -n ${AWS_ACCESS_KEY_SECRET_NAME:-} ]]; then
+    secrets+=",AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_SECRET_NAME:latest"
+    secrets+=",AWS_SECRET_ACCESS_KEY=${AWS_SECRET_KEY_SECRET_NAME:?AWS_SECRET_KEY_SECRET_NAME goes with AWS_ACCESS_KEY_SECRET_NAME}:latest"
+fi
+# Header secrets of http operations (headers = {"Authorization" = "env:NAME"}): NAME=secret,...
+if [[ -n ${HEADER_SECRETS:-} ]]; then
+    IFS=, read -ra header_secrets <<<"$HEADER_SECRETS"
+    for pair in "${header_secrets[@]}"; do
+        [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_-]+$ ]] ||
+            fail 2 "HEADER_SECRETS: '$pair' is not VARIABLE=secret-name"
+        secrets+=",$pair:latest"
+    done
+fi
 auth_flag=--no-allow-unauthenticated
 [[ $ALLOW_UNAUTHENTICATED == 1 ]] && auth_flag=--allow-unauthenticated
 common=(--gen2 --runtime=python312 "--region=$REGION" "--project=$PROJECT_ID" --trigger-http
-    "--service-account=$SERVICE_ACCOUNT" "--set-secrets=$secrets" "$(env_vars_flag)")
+    "--service-account=$SERVICE_ACCOUNT")
+trigger_env=$(env_vars_file trigger)
+status_env=$(env_vars_file status)
 # Checked above: budget + margin <= the attempt deadline limit <= the function timeout limit.
 timeout=$((budget + TIMEOUT_MARGIN_SECONDS))
 deadline=$timeout
@@ -923,32 +975,48 @@ show_settings
 
 # Firestore indexes first, so the functions never query without them. Creating an index that
 # exists is kept as success and an exemption update is idempotent: a deploy can be repeated.
-for index in "${CLIENT_INDEXES[@]}"; do
-    read -ra fields <<<"$index"
-    field_configs=()
-    for field in "${fields[@]}"; do
-        field_configs+=("--field-config=field-path=$field,order=ascending")
-    done
-    create_index gcloud firestore indexes composite create --collection-group=clients \
-        --query-scope=collection "${field_configs[@]}" "--database=$DATABASE" \
-        "--project=$PROJECT_ID" --async
-done
-for exemption in "${INDEX_EXEMPTIONS[@]}"; do
-    run gcloud firestore indexes fields update "${exemption#*:}" \
-        "--collection-group=${exemption%%:*}" --disable-indexes "--database=$DATABASE" \
-        "--project=$PROJECT_ID" --async
-done
+# The composite indexes and field overrides are declared in firestore.indexes.json (the
+# Firebase CLI's format; tests/test_zz_indexes.py checks every query of the code against it).
+index_commands() {
+    python3 - "$ROOT/firestore.indexes.json" <<'PY'
+import json, shlex, sys
+spec = json.load(open(sys.argv[1]))
+for index in spec.get("indexes", []):
+    fields = " ".join(
+        shlex.quote(f"--field-config=field-path={f['fieldPath']},order={f['order'].lower()}")
+        for f in index["fields"]
+    )
+    print(f"composite {index['collectionGroup']} {index.get('queryScope', 'COLLECTION').lower()} {fields}")
+for override in spec.get("fieldOverrides", []):
+    if not override.get("indexes"):
+        print(f"exempt {override['collectionGroup']} {override['fieldPath']}")
+PY
+}
+while read -r kind group rest; do
+    eval "extra=($rest)"
+    if [[ $kind == composite ]]; then
+        create_index gcloud firestore indexes composite create "--collection-group=$group" \
+            "--query-scope=${extra[0]}" "${extra[@]:1}" "--database=$DATABASE" \
+            "--project=$PROJECT_ID" --async
+    else
+        run gcloud firestore indexes fields update "${extra[0]}" \
+            "--collection-group=$group" --disable-indexes "--database=$DATABASE" \
+            "--project=$PROJECT_ID" --async
+    fi
+done < <(index_commands)
 
 # The trigger: one instance per shard (one run at a time each, each shard its own lock), but
 # several requests per instance, so that a request during a run reaches the code (409) instead
 # of Cloud Run's 429. (With concurrency above 1, Cloud Run may still put two shards' runs on
 # one instance; they then share its vCPU.)
-run gcloud functions deploy "$FUNCTION_NAME" "${common[@]}" --entry-point=smart_resume \
+run gcloud functions deploy "$FUNCTION_NAME" "${common[@]}" "--set-secrets=$secrets" \
+    "$trigger_env" --entry-point=smart_resume \
     "--source=$BUILD_DIR/smart_resume" "--timeout=${timeout}s" "--max-instances=$SHARDS" \
     "--concurrency=$TRIGGER_CONCURRENCY" --cpu=1 "--memory=$TRIGGER_MEMORY" "$auth_flag"
 run gcloud functions deploy "$STATUS_FUNCTION_NAME" "${common[@]}" \
+    "--set-secrets=$status_secrets" "$status_env" \
     --entry-point=smart_resume_status "--source=$BUILD_DIR/smart_resume_status" \
-    --no-allow-unauthenticated
+    --memory=256Mi "--max-instances=$STATUS_MAX_INSTANCES" --no-allow-unauthenticated
 
 if [[ -n ${OIDC_SERVICE_ACCOUNT:-} ]]; then
     run gcloud functions add-invoker-policy-binding "$FUNCTION_NAME" "--region=$REGION" \
@@ -969,14 +1037,20 @@ secret=${secret%"${secret##*[![:space:]]}"}
 [[ -n $secret ]] || fail 1 "secret $WEBHOOK_SECRET_NAME version $WEBHOOK_SECRET_VERSION is empty"
 ((DRY_RUN)) || SECRET_VALUE=$secret
 
+if ! ((DRY_RUN)); then
+    FLAGS_DIR=$(mktemp -d)
+    trap 'rm -rf "$FLAGS_DIR"' EXIT
+fi
 job=(--location="$SCHEDULER_LOCATION" "--project=$PROJECT_ID" "--schedule=$SCHEDULE"
     "--time-zone=$TIME_ZONE" "--uri=$url" --http-method=POST "--attempt-deadline=${deadline}s"
     --max-retry-attempts=0)
 headers="X-Webhook-Secret=$secret"
 # A shard's job POSTs a JSON body.
 ((SHARDS > 1)) && headers+=",Content-Type=application/json"
-job_create=("${job[@]}" "--headers=$headers")
-job_update=("${job[@]}" "--update-headers=$headers")
+# The secret never goes on a command line (any local user sees argv): gcloud reads the header
+# flag from a file only this user can read, removed when the deploy ends.
+job_create=("${job[@]}" "$(flags_file job-create --headers "$headers")")
+job_update=("${job[@]}" "$(flags_file job-update --update-headers "$headers")")
 if [[ -n ${OIDC_SERVICE_ACCOUNT:-} ]]; then
     job_create+=("--oidc-service-account-email=$OIDC_SERVICE_ACCOUNT")
     job_update+=("--oidc-service-account-email=$OIDC_SERVICE_ACCOUNT")
@@ -1096,9 +1170,10 @@ if [[ -n ${ALERT_CHANNEL:-} ]]; then
     check_create=(gcloud monitoring uptime create "$HEALTH_NAME" "--project=$PROJECT_ID"
         --resource-type=uptime-url "--resource-labels=host=$status_host,project_id=$PROJECT_ID"
         --protocol=https --port=443 "${check_flags[@]}" --status-classes=2xx
-        "--headers=X-Webhook-Secret=$secret" '--format=value(name)')
+        "$(flags_file check-create --headers "X-Webhook-Secret=$secret")" '--format=value(name)')
     check_update=(gcloud monitoring uptime update CHECK "--project=$PROJECT_ID"
-        "${check_flags[@]}" --set-status-classes=2xx "--update-headers=X-Webhook-Secret=$secret")
+        "${check_flags[@]}" --set-status-classes=2xx
+        "$(flags_file check-update --update-headers "X-Webhook-Secret=$secret")")
     capture check_name "" gcloud monitoring uptime list-configs "--project=$PROJECT_ID" \
         "--filter=displayName=\"$HEALTH_NAME\"" '--format=value(name)'
     check_name=${check_name%%$'\n'*}
@@ -1236,6 +1311,14 @@ run_jobs() {
 }
 # Your identity token, to read the status function (which refuses unauthenticated calls).
 capture token '***' gcloud auth print-identity-token || token=""
+if [[ $RUN_AFTER_DEPLOY == 0 ]]; then
+    # An explicit choice (RUN_AFTER_DEPLOY=0): no production run now; the schedule starts it.
+    note "not running the job now (RUN_AFTER_DEPLOY=0): its schedule starts the first run"
+    ((DRY_RUN)) && echo "# dry run: nothing was deployed"
+    ((DRY_RUN)) && exit 0
+    note "deployed $FUNCTION_NAME ($url) and $STATUS_FUNCTION_NAME"
+    exit 0
+fi
 if ((DRY_RUN)); then
     run_jobs
     which="that run's"

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import socket
 import stat
+import tempfile
 import subprocess
 import sys
 import textwrap
@@ -43,32 +44,31 @@ FORBIDDEN = {"__pycache__", ".venv", "tests", ".pytest_cache", ".git", "build"}
 #: The settings this change added to deploy.sh, each documented in deploy.env.example.
 NEW_SETTINGS = ("TRIGGER_CONCURRENCY", "TRIGGER_MEMORY", "DATABASE", "SHARDS")
 #: The Firestore index commands a deploy with the default settings runs, in order.
-INDEX_COMMANDS = [
-    *(
-        "gcloud firestore indexes composite create --collection-group=clients "
-        "--query-scope=collection "
-        + " ".join(f"--field-config=field-path={f},order=ascending" for f in fields)
-        + " '--database=(default)' --project=my-project --async"
-        for fields in (
-            ("active", "nextDueAt"),
-            ("active", "stream", "nextDueAt"),
-            ("active", "shard", "nextDueAt"),
+def _index_commands() -> list[str]:
+    """The index commands a deploy runs: one per index and field override declared in
+    firestore.indexes.json (the file the query-shape test checks the code against)."""
+    spec = json.loads((ROOT / "firestore.indexes.json").read_text())
+    out = []
+    for index in spec["indexes"]:
+        fields = " ".join(
+            f"--field-config=field-path={f['fieldPath']},order={f['order'].lower()}"
+            for f in index["fields"]
         )
-    ),
-    *(
-        f"gcloud firestore indexes fields update {field} --collection-group={group} "
-        "--disable-indexes '--database=(default)' --project=my-project --async"
-        for group, field in (
-            ("runs", "results"),
-            ("runs", "trigger"),
-            ("runs", "summary"),
-            ("operations", "checkpoint"),
-            ("operations", "counts"),
-            ("locks", "progress"),
-            ("locks", "owner"),
+        out.append(
+            f"gcloud firestore indexes composite create --collection-group="
+            f"{index['collectionGroup']} --query-scope=collection {fields} "
+            "'--database=(default)' --project=my-project --async"
         )
-    ),
-]
+    for override in spec["fieldOverrides"]:
+        out.append(
+            f"gcloud firestore indexes fields update {override['fieldPath']} --collection-group="
+            f"{override['collectionGroup']} --disable-indexes '--database=(default)' "
+            "--project=my-project --async"
+        )
+    return out
+
+
+INDEX_COMMANDS = _index_commands()
 
 
 def free_port() -> int:
@@ -282,15 +282,21 @@ class TestDryRun:
             "--no-allow-unauthenticated",
         ):
             assert f" {flag} " in f" {trigger} ", flag
-        # The recipients hold a comma, so the env vars use gcloud's alternate delimiter.
-        assert (
-            "'--set-env-vars=^|^GOOGLE_CLOUD_PROJECT=my-project|"
-            "SMART_RESUME_EMAIL_FROM=smart-resume@example.com|"
-            "SMART_RESUME_EMAIL_TO=ops@example.com,oncall@example.com|"
-            "SMART_RESUME_EMAIL_TRANSPORT=sendgrid|SMART_RESUME_EXPECTED_EVERY_SECONDS=3600|"
-            "SMART_RESUME_GRACE_SECONDS=1800|SMART_RESUME_LOCK_NAME=smart-resume|"
-            "SMART_RESUME_TIME_BUDGET_SECONDS=1500'" in trigger
-        )
+        # The variables go in a file, each value JSON-quoted: no delimiter to pick or escape.
+        assert env_vars(out) == {
+            "GOOGLE_CLOUD_PROJECT": "my-project",
+            "SMART_RESUME_EMAIL_FROM": "smart-resume@example.com",
+            "SMART_RESUME_EMAIL_ON": "activity",
+            "SMART_RESUME_EMAIL_TO": "ops@example.com,oncall@example.com",
+            "SMART_RESUME_EMAIL_TRANSPORT": "sendgrid",
+            "SMART_RESUME_EXPECTED_EVERY_SECONDS": "3600",
+            "SMART_RESUME_GRACE_SECONDS": "1800",
+            "SMART_RESUME_LOCK_NAME": "smart-resume",
+            "SMART_RESUME_TIME_BUDGET_SECONDS": "1500",
+        }
+        # Least privilege: the status function gets the webhook secret only, no email setting.
+        status_env = env_vars(out, "smart-resume-status")
+        assert not any("EMAIL" in name for name in status_env)
 
         status = command(out, "gcloud functions deploy smart-resume-status ")
         assert "--entry-point=smart_resume_status" in status
@@ -348,7 +354,7 @@ class TestDryRun:
         assert result.returncode == 0, result.stderr
         for value in (SECRET, "SG.key-value"):
             assert value not in result.stdout + result.stderr
-        assert "X-Webhook-Secret=***" in result.stdout
+        assert "--flags-file=" in result.stdout  # the secret header is read from a file
         assert "SMART_RESUME_WEBHOOK_SECRET in the environment is not deployed" in result.stderr
         assert "SMART_RESUME_WEBHOOK_SECRET" not in env_vars(result.stdout)
 
@@ -363,8 +369,8 @@ class TestDryRun:
         assert result.returncode == 0, result.stderr
         trigger = command(result.stdout, "gcloud functions deploy smart-resume ")
         assert "--region=us-central1" in trigger
-        assert "SMART_RESUME_EMAIL_ON=failure" in trigger
-        assert "SMART_RESUME_LOCK_NAME" not in trigger
+        assert env_vars(result.stdout)["SMART_RESUME_EMAIL_ON"] == "failure"
+        assert "SMART_RESUME_LOCK_NAME" not in env_vars(result.stdout)
         assert "europe-west1" not in "\n".join(commands(result.stdout))
 
     @pytest.mark.parametrize(
@@ -438,7 +444,7 @@ class TestDryRun:
         trigger = command(out, "gcloud functions deploy smart-resume ")
         assert f" --concurrency={concurrency} --cpu=1 --memory={memory} " in trigger
         status = command(out, "gcloud functions deploy smart-resume-status ")
-        assert "--concurrency" not in status and "--memory" not in status
+        assert "--concurrency" not in status and "--memory=256Mi" in status
         assert_gcloud_parses([trigger], gcloud_scratch)
 
     @needs_gcloud
@@ -830,9 +836,7 @@ class TestWhereSettingsComeFrom:
             },
         )
         assert result.returncode == 0, result.stderr
-        assert "SMART_RESUME_LEASE_SECONDS=10" in flag(
-            command(result.stdout, "gcloud functions deploy smart-resume "), "set-env-vars"
-        )
+        assert env_vars(result.stdout)["SMART_RESUME_LEASE_SECONDS"] == "10"
         found = warnings(result.stderr)
         expected = [
             "warning: SMART_RESUME_LEASE_SECONDS=10 (command line) is under a minute",
@@ -1013,8 +1017,18 @@ FAKE_GCLOUD = """\
 #!{python}
 import datetime, json, os, subprocess, sys
 
-args = sys.argv[1:]
+raw = sys.argv[1:]
 env = os.environ.get
+# What a process listing or gcloud's own log would show: argv and the environment.
+if env("FAKE_GCLOUD_SEEN"):
+    with open(env("FAKE_GCLOUD_SEEN"), "a") as seen:
+        seen.write(json.dumps({{"argv": raw, "env": dict(os.environ)}}) + "\\n")
+# The flags a --flags-file holds (the secret header), expanded as gcloud does.
+args = [a for a in raw if not a.startswith("--flags-file=")]
+for a in raw:
+    if a.startswith("--flags-file="):
+        with open(a.split("=", 1)[1]) as held:
+            args += [k + "=" + v for k, v in json.load(held).items()]
 with open(env("FAKE_GCLOUD_LOG"), "a") as log:
     log.write(json.dumps(args) + "\\n")
 if args[:2] == ["functions", "describe"]:
@@ -1154,10 +1168,35 @@ class TestDeploy:
         assert f"--headers=X-Webhook-Secret={SECRET}" in create
         assert not any(OLD_SECRET in arg for arg in create)
         assert SECRET not in result.stdout + result.stderr
-        assert "X-Webhook-Secret=***" in result.stdout
+        assert "--flags-file=" in result.stdout  # the secret header is read from a file
         assert (tmp_path / "build" / "smart_resume" / "main.py").is_file()
         # A real deploy lists its settings too, as comment lines before the commands.
         assert settings_listing(result.stdout)["REGION"] == ("europe-west1", example_line("REGION"))
+
+    def test_no_secret_value_reaches_gcloud_s_argv_or_environment(
+        self, fake_gcloud: tuple[str, Path], tmp_path: Path
+    ) -> None:
+        """The real deploy path, through a gcloud that records its argv and environment: the
+        webhook secret reaches it only in a --flags-file (argv is seen by every local user, and
+        gcloud's own log keeps flag values; that log is switched off too)."""
+        seen = tmp_path / "seen.jsonl"
+        for exists in (False, True):
+            result, _ = self.deploy(
+                fake_gcloud,
+                tmp_path,
+                job_exists=exists,
+                env={"FAKE_GCLOUD_SEEN": str(seen), "ALERT_CHANNEL": ""},
+            )
+            assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in seen.read_text().splitlines()]
+        assert len(records) > 20
+        for record in records:
+            for value in (SECRET, OLD_SECRET):
+                assert not any(value in a for a in record["argv"]), record["argv"]
+                assert not any(value in v for v in record["env"].values())
+            assert record["env"]["CLOUDSDK_CORE_DISABLE_FILE_LOGGING"] == "1"
+        assert any(a.startswith("--flags-file=") for r in records for a in r["argv"])
+        assert not list(Path(tempfile.gettempdir()).glob("tmp*/job-create.flags.json"))
 
     def test_an_existing_index_does_not_fail_the_deploy(
         self, fake_gcloud: tuple[str, Path], tmp_path: Path
@@ -1170,10 +1209,12 @@ class TestDeploy:
             env={"FAKE_INDEX_ERROR": "ALREADY_EXISTS: index already exists"},
         )
         assert result.returncode == 0, result.stderr
-        assert sum(c[:4] == ["firestore", "indexes", "composite", "create"] for c in calls) == 3
+        composites = sum("composite" in c for c in INDEX_COMMANDS)
+        creates = sum(c[:4] == ["firestore", "indexes", "composite", "create"] for c in calls)
+        assert creates == composites
         assert sum(c[:4] == ["firestore", "indexes", "fields", "update"] for c in calls) == 7
         assert calls[-5][:4] == ["scheduler", "jobs", "update", "http"]
-        assert result.stderr.count("exists already") == 3
+        assert result.stderr.count("exists already") == composites
 
     def test_an_index_error_stops_the_deploy_before_the_functions(
         self, fake_gcloud: tuple[str, Path], tmp_path: Path
@@ -1215,13 +1256,11 @@ def flag(cmd: str, name: str) -> str:
     return found[0]
 
 
-def env_vars(stdout: str) -> dict[str, str]:
-    """The trigger's --set-env-vars as a mapping."""
-    value = flag(command(stdout, "gcloud functions deploy smart-resume "), "set-env-vars")
-    delim = ","
-    if value.startswith("^"):
-        delim, value = value[1], value[3:]
-    return dict(pair.split("=", 1) for pair in value.split(delim))
+def env_vars(stdout: str, function: str = "smart-resume") -> dict[str, str]:
+    """A function's variables, read from its --env-vars-file (one `NAME: "json"` a line)."""
+    path = flag(command(stdout, f"gcloud functions deploy {function} "), "env-vars-file")
+    pairs = (line.split(": ", 1) for line in Path(path).read_text().splitlines() if line)
+    return {name: json.loads(value) for name, value in pairs}
 
 
 class TestHealthSettings:
@@ -1418,7 +1457,6 @@ class TestDeployHealth:
         result, calls = self.deploy(fake, tmp_path, ALERT)
         assert result.returncode == 0, result.stderr
         assert SECRET not in result.stdout + result.stderr  # gcloud's echo is masked too
-        assert "X-Webhook-Secret=***" in result.stderr
         kinds = [c[:4] for c in calls]
         assert ["monitoring", "uptime", "create", "smart-resume-status health"] in kinds
         assert ["alpha", "monitoring", "policies", "create"] in kinds
@@ -1530,8 +1568,8 @@ class TestShards:
             assert wanted in flags, wanted
         assert env_vars(out)["SMART_RESUME_SHARDS"] == "3"
         status = command(out, "gcloud functions deploy smart-resume-status ")
-        assert "SMART_RESUME_SHARDS=3" in flag(status, "set-env-vars")
-        assert "--max-instances" not in status
+        assert env_vars(out, "smart-resume-status")["SMART_RESUME_SHARDS"] == "3"
+        assert "--max-instances=3" in status  # its own limit, not the trigger's
 
         printed = commands(out)
         assert not [
