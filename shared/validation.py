@@ -45,6 +45,10 @@ def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, An
 
 
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+#: Operation names are letters, digits, `_` and `-` (the pipeline's rule), up to 64 of them.
+_OPERATION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+#: At most this many unknown names are named in one message; the rest are counted.
+MAX_NAMED = 5
 
 
 def unknown_names(names: list[str], what: str) -> str:
@@ -55,6 +59,17 @@ def unknown_names(names: list[str], what: str) -> str:
     parts = [f"unknown {what} " + ", ".join(f"'{n}'" for n in plain)] if plain else []
     if others:
         parts.append(f"{others} {'other ' if plain else ''}unknown {what}(s)")
+    return " and ".join(parts)
+
+
+def _named(names: list[str], shape: re.Pattern[str]) -> str:
+    """Up to `MAX_NAMED` distinct names of the given shape, quoted; the others (too many, or
+    not shaped like a name, so possibly anything a caller sent) only counted."""
+    plain = list(dict.fromkeys(n for n in names if shape.match(n)))[:MAX_NAMED]
+    others = len(names) - sum(1 for n in names if n in plain)
+    parts = [", ".join(f"'{n}'" for n in plain)] if plain else []
+    if others:
+        parts.append(f"{others} {'more' if plain else 'not shown'}")
     return " and ".join(parts)
 
 
@@ -130,7 +145,8 @@ def trigger_options(
         unknown_ops = [o for o in operations if o not in known]
         if unknown_ops:
             raise InvalidRequest(
-                f"'operations' has {len(unknown_ops)} unknown name(s); known: {', '.join(known)}"
+                f"'operations' has {len(unknown_ops)} unknown name(s): "
+                f"{_named(unknown_ops, _OPERATION)}; known: {', '.join(known)}"
             )
     stream = body.get("stream")
     if stream is not None and not 0 <= stream < 2**31:

@@ -285,7 +285,7 @@ class TestDryRun:
         # The recipients hold a comma, so the env vars use gcloud's alternate delimiter.
         assert (
             "'--set-env-vars=^|^GOOGLE_CLOUD_PROJECT=my-project|"
-            "SMART_RESUME_EMAIL_FROM=smart-resume@example.com|"
+            "SMART_RESUME_EMAIL_FROM=smart-resume@example.com|SMART_RESUME_EMAIL_ON=activity|"
             "SMART_RESUME_EMAIL_TO=ops@example.com,oncall@example.com|"
             "SMART_RESUME_EMAIL_TRANSPORT=sendgrid|SMART_RESUME_EXPECTED_EVERY_SECONDS=3600|"
             "SMART_RESUME_GRACE_SECONDS=1800|SMART_RESUME_LOCK_NAME=smart-resume|"
