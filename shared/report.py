@@ -291,7 +291,7 @@ def _what_happened(result: dict[str, Any]) -> str:
         done = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())[:10]) if counts else ""
         return f"done{', ' + done if done else ''}{due}"
     if result.get("outcome") == "failed" and reason:
-        return f"ran, due: {reason}"
+        return f"due: {reason}"
     return reason
 
 

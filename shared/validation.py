@@ -45,6 +45,10 @@ def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> dict[str, An
 
 
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+#: Operation names are letters, digits, `_` and `-` (the pipeline's rule), up to 64 of them.
+_OPERATION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+#: At most this many misspelt names are named in one message; the rest are counted.
+MAX_NAMED = 5
 
 
 def unknown_names(names: list[str], what: str) -> str:
@@ -55,6 +59,27 @@ def unknown_names(names: list[str], what: str) -> str:
     parts = [f"unknown {what} " + ", ".join(f"'{n}'" for n in plain)] if plain else []
     if others:
         parts.append(f"{others} {'other ' if plain else ''}unknown {what}(s)")
+    return " and ".join(parts)
+
+
+def _named(names: list[str], known: tuple[str, ...] | list[str]) -> str:
+    """The unknown names that are misspellings of known ones (shaped like a name and close to
+    one), quoted with the name meant, up to `MAX_NAMED`; any other name is caller input that
+    is never echoed, only counted."""
+    import difflib
+
+    named: dict[str, str] = {}
+    for name in names:
+        if name in named or len(named) >= MAX_NAMED or not _OPERATION.match(name):
+            continue
+        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+        if close:
+            named[name] = close[0]
+    others = sum(1 for n in names if n not in named)
+    parts = [", ".join(f"'{n}' (did you mean '{m}'?)" for n, m in named.items())] if named else []
+    if others:
+        other = (" others" if others != 1 else " other") if named else ""
+        parts.append(f"{others}{other} not shown")
     return " and ".join(parts)
 
 
@@ -130,7 +155,8 @@ def trigger_options(
         unknown_ops = [o for o in operations if o not in known]
         if unknown_ops:
             raise InvalidRequest(
-                f"'operations' has {len(unknown_ops)} unknown name(s); known: {', '.join(known)}"
+                f"'operations' has {len(unknown_ops)} unknown name(s): "
+                f"{_named(unknown_ops, known)}; known: {', '.join(known)}"
             )
     stream = body.get("stream")
     if stream is not None and not 0 <= stream < 2**31:

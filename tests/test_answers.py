@@ -67,6 +67,22 @@ class TestRefusals:
         assert run.get_json()["detail"].startswith("unknown field 'dryrun'; allowed: ")
         assert act.get_json()["detail"].startswith("unknown field 'acton'; allowed: ")
 
+    def test_unknown_operation_names_are_named_bounded(self, trigger) -> None:
+        """`'operations' has 1 unknown name(s)` says which (it did not) when it is a
+        misspelling of a known one; any other name is input, counted and never echoed; a long
+        list names at most a few."""
+        body = json.dumps({"operations": ["frist"], "dryRun": True})
+        detail = trigger.post("/", data=body, headers=SECRET).get_json()["detail"]
+        assert detail == (
+            "'operations' has 1 unknown name(s): 'frist' (did you mean 'first'?); known: first"
+        )
+        names = ["<img src=x>", "zq7echo", *(f"firs{i}" for i in range(10))]
+        body = json.dumps({"operations": names, "dryRun": True})
+        detail = trigger.post("/", data=body, headers=SECRET).get_json()["detail"]
+        assert detail.startswith("'operations' has 12 unknown name(s): 'firs0' (did you mean")
+        assert "'firs4' (did you mean 'first'?) and 7 others not shown; known: first" in detail
+        assert "<img" not in detail and "zq7echo" not in detail
+
     def test_every_400_leaves_a_warning_line(self, trigger, capsys) -> None:
         trigger.post("/", data="{not json", headers=SECRET)
         out = capsys.readouterr().out

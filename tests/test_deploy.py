@@ -302,7 +302,7 @@ class TestDryRun:
         assert "--entry-point=smart_resume_status" in status
         assert f"--source={tmp_path}/smart_resume_status" in status
         assert "--no-allow-unauthenticated" in status
-        assert "--max-instances" not in status and "--timeout" not in status
+        assert "--max-instances=3" in status and "--timeout" not in status
 
         assert "--member=serviceAccount:smart-resume-scheduler@" in command(
             out, "gcloud functions add-invoker-policy-binding smart-resume "

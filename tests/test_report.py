@@ -682,6 +682,9 @@ class TestWhatPeopleRead:
         assert message.subject.startswith("smart-resume completed, NEEDS ATTENTION: ")
         assert message.text.startswith(f"smart-resume run {RUN}: COMPLETED, NEEDS ATTENTION")
         assert "this run quarantined 1 client-operation(s): shop-07 / enrich" in message.text
+        assert "shop-07 | enrich | failed | due: failed 2 times in a row; quarantined" in (
+            message.text
+        )
         head = re.search(r"<h2[^>]*color:([^\"]+)\">([^<]*)</h2>", message.html)
         assert head and head.group(1) != rp._HEAD["completed"]
         assert "NEEDS ATTENTION" in head.group(2)

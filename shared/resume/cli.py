@@ -143,6 +143,13 @@ class _QuietPipe(io.TextIOBase):
     def isatty(self) -> bool:
         return bool(self.stream.isatty())
 
+    def fileno(self) -> int:
+        return int(self.stream.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self.stream, "encoding", None) or "utf-8")
+
     def write(self, text: str) -> int:
         if not self.gone:
             try:
