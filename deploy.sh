@@ -444,6 +444,16 @@ warn_test_like_settings() {
                 "SMART_RESUME_PIPELINE)"
         fi
     fi
+    # An http operation on this machine's own address cannot be what production calls.
+    if [[ -f $ROOT/$pipeline && /$pipeline/ != */../* ]]; then
+        local loopback
+        loopback=$(grep -Eo 'url *= *"https?://(localhost|127\.[0-9.]+|\[::1\])[^"]*"' \
+            "$ROOT/$pipeline" | head -1) || true
+        if [[ -n $loopback ]]; then
+            warn "the pipeline $pipeline has an operation $loopback: a local address, which" \
+                "a deployed function cannot reach"
+        fi
+    fi
     if [[ ${SMART_RESUME_PIPELINE:-} == examples/* || ${SMART_RESUME_PIPELINE:-} == ./examples/* ]]; then
         warn "$(said SMART_RESUME_PIPELINE) is under examples/, a demo pipeline: set your own" \
             "(or none, for pipeline.toml)"

@@ -9,9 +9,9 @@ import shlex
 import shutil
 import socket
 import stat
-import tempfile
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -43,6 +43,8 @@ URL = "https://smart-resume-abc123-ew.a.run.app"
 FORBIDDEN = {"__pycache__", ".venv", "tests", ".pytest_cache", ".git", "build"}
 #: The settings this change added to deploy.sh, each documented in deploy.env.example.
 NEW_SETTINGS = ("TRIGGER_CONCURRENCY", "TRIGGER_MEMORY", "DATABASE", "SHARDS")
+
+
 #: The Firestore index commands a deploy with the default settings runs, in order.
 def _index_commands() -> list[str]:
     """The index commands a deploy runs: one per index and field override declared in
@@ -312,7 +314,7 @@ class TestDryRun:
         )
         assert "--secret=smart-resume-webhook" in command(out, "gcloud secrets versions access 1")
         command(out, "gcloud scheduler jobs describe smart-resume ")
-        for verb, header in (("update", "--update-headers"), ("create", "--headers")):
+        for verb in ("update", "create"):
             job = command(out, f"gcloud scheduler jobs {verb} http smart-resume ")
             for flag in (
                 "--location=europe-west1",
@@ -322,7 +324,6 @@ class TestDryRun:
                 "--http-method=POST",
                 "--attempt-deadline=1620s",
                 "--max-retry-attempts=0",
-                f"{header}=X-Webhook-Secret=***",
                 "--oidc-service-account-email=smart-resume-scheduler@my-project.iam."
                 "gserviceaccount.com",
             ):
@@ -1250,8 +1251,12 @@ CHANNEL = "projects/my-project/notificationChannels/1234567890"
 
 
 def flag(cmd: str, name: str) -> str:
-    """The value of `--name=value` in a printed command."""
-    found = [a.split("=", 1)[1] for a in shlex.split(cmd) if a.startswith(f"--{name}=")]
+    """The value of `--name=value` in a printed command, or in the --flags-file it names (the
+    secret header is read from one, never passed on the command line)."""
+    args = shlex.split(cmd)
+    found = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    for held in [a.split("=", 1)[1] for a in args if a.startswith("--flags-file=")]:
+        found += [v for k, v in json.loads(Path(held).read_text()).items() if k == f"--{name}"]
     assert len(found) == 1, (name, cmd)
     return found[0]
 
@@ -1371,9 +1376,11 @@ class TestHealthSettings:
             tmp_path,
             {"PING_SECRET_NAME": "smart-resume-ping", "PING_SECRET_VERSION": "3"},
         )
-        for name in ("smart-resume ", "smart-resume-status "):
-            secrets = flag(command(out, f"gcloud functions deploy {name}"), "set-secrets")
-            assert secrets.endswith(",SMART_RESUME_PING_URL=smart-resume-ping:3")
+        secrets = flag(command(out, "gcloud functions deploy smart-resume "), "set-secrets")
+        assert secrets.endswith(",SMART_RESUME_PING_URL=smart-resume-ping:3")
+        # Least privilege: the status function never pings, so it never holds the URL.
+        status = flag(command(out, "gcloud functions deploy smart-resume-status "), "set-secrets")
+        assert status == "SMART_RESUME_WEBHOOK_SECRET=smart-resume-webhook:1"
 
 
 class TestAlerting:
@@ -2015,3 +2022,44 @@ class TestBundles:
         finally:
             os.killpg(proc.pid, 9)
             proc.wait(timeout=10)
+
+
+class TestPartThree:
+    def test_run_after_deploy_0_starts_no_production_run(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """Before: every deploy ran the job, with no way to skip it (RUN_WAIT_SECONDS=0 only
+        skipped the wait)."""
+        out = dry_run(path_without_gcloud, tmp_path, {"RUN_AFTER_DEPLOY": "0"})
+        assert not [c for c in commands(out) if c.startswith("gcloud scheduler jobs run")]
+        default = dry_run(path_without_gcloud, tmp_path / "b")
+        assert [c for c in commands(default) if c.startswith("gcloud scheduler jobs run")]
+        bad = example_run(path_without_gcloud, tmp_path / "c", {"RUN_AFTER_DEPLOY": "maybe"})
+        assert bad.returncode == 2 and "RUN_AFTER_DEPLOY=maybe" in bad.stderr
+
+    def test_a_pipeline_url_on_loopback_is_warned_about(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        pipeline = ROOT / "build" / "loopback-test.toml"
+        pipeline.parent.mkdir(exist_ok=True)
+        pipeline.write_text(
+            '[[operation]]\nname = "work"\nkind = "http"\nurl = "http://127.0.0.1:9000/x"\n'
+        )
+        try:
+            rel = str(pipeline.relative_to(ROOT))
+            result = example_run(path_without_gcloud, tmp_path, {"SMART_RESUME_PIPELINE": rel})
+        finally:
+            pipeline.unlink()
+        assert "a local address, which a deployed function cannot reach" in result.stderr
+
+    def test_hostile_values_reach_the_functions_as_written(
+        self, path_without_gcloud: str, tmp_path: Path
+    ) -> None:
+        """Before: `#` was the fallback delimiter even when a value held one, so this lock name
+        deployed SMART_RESUME_RELOAD_MODULE=1 and a truncated lock name."""
+        hostile = "lk|x;y~z#SMART_RESUME_RELOAD_MODULE=1"
+        out = dry_run(path_without_gcloud, tmp_path, {"LOCK_NAME": hostile})
+        for function in ("smart-resume", "smart-resume-status"):
+            found = env_vars(out, function)
+            assert found["SMART_RESUME_LOCK_NAME"] == hostile
+            assert "SMART_RESUME_RELOAD_MODULE" not in found
