@@ -447,8 +447,8 @@ warn_test_like_settings() {
     # An http operation on this machine's own address cannot be what production calls.
     if [[ -f $ROOT/$pipeline && /$pipeline/ != */../* ]]; then
         local loopback
-        loopback=$(grep -Eo 'url *= *"https?://(localhost|127\.[0-9.]+|\[::1\])[^"]*"' \
-            "$ROOT/$pipeline" | head -1) || true
+        loopback=$(grep -Ev '^[[:space:]]*#' "$ROOT/$pipeline" |
+            grep -Eo 'url *= *"https?://(localhost|127\.[0-9.]+|\[::1\])[^"]*"' | head -1) || true
         if [[ -n $loopback ]]; then
             warn "the pipeline $pipeline has an operation $loopback: a local address, which" \
                 "a deployed function cannot reach"
