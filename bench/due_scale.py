@@ -69,11 +69,12 @@ def full_pass(quick: bool) -> dict[str, Any]:
     )
     E.clear()
     T.seed(client, pipeline, n, due=False)
-    _due_in_shards(client, [T.client_id(i) for i in range(0, n, 100)], 4)
     rows, k = [], 0
     meta = client.document(f"locks/{settings.lock_name}-shard-0/meta/due")
     while True:
         k += 1
+        # New due work arrives between ticks (1 % of the clients, other ones each time).
+        _due_in_shards(client, [T.client_id(i) for i in range(k, n, 100)], 4)
         out = start_run(settings, client, RunOptions(shard=0), trigger={"source": "bench"})
         running = (meta.get().to_dict() or {}).get("pass")
         rows.append(
@@ -202,6 +203,10 @@ def shared_limit(quick: bool) -> dict[str, Any]:
     return {"peak_calls_per_second": most}
 
 
+def only(part: str, quick: bool = E.QUICK) -> None:
+    {"a": full_pass, "b": new_client, "c": shared_limit}[part](quick)
+
+
 def run(quick: bool = E.QUICK) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out.update(full_pass(quick))
@@ -212,4 +217,7 @@ def run(quick: bool = E.QUICK) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    part = next((a for a in sys.argv[1:] if a in ("a", "b", "c")), None)
+    only(part) if part else run()
