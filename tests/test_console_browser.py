@@ -107,11 +107,14 @@ def browser(chromium: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
 
 
 def wait(driver: Any, what: str, check: Callable[[Any], Any], timeout: float = WAIT) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.25).until(
-        check, message=f"waited {timeout:.0f} s for {what}"
-    )
+    # The grid is redrawn by the page's refresh: an element found just before a redraw is
+    # stale, which means "look again", not a failure.
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.25, ignored_exceptions=[StaleElementReferenceException]
+    ).until(check, message=f"waited {timeout:.0f} s for {what}")
 
 
 def by_id(driver: Any, element_id: str) -> Any:

@@ -202,3 +202,46 @@ class TestShardLayoutChange:
         worker.join(30)
         assert box["out"].status == "completed"
         assert db.document(f"clients/{client_id}").get().to_dict()["shard"] == new_shard
+
+
+class TestCountsAndPlan:
+    def test_the_summary_counts_add_up_after_a_stop(self, db, configure, pipeline_file):
+        """Before: a run stopped at client 33 of 45 said `clients 38, deferred 10`, and the
+        plan then listed 24 client-operations to run."""
+        pipeline_file(PIPE)
+        settings = configure(SMART_RESUME_TIME_BUDGET_SECONDS="1")
+        seed_clients(db, 8)
+        opfuncs.BEHAVIOUR["delay"] = 0.4
+        out = run_once(settings, db)
+        summary = out.body["summary"]
+        assert out.status == "partial"
+        assert summary["clients"] == 8
+        assert summary["clientsReached"] + summary["clientsNotReached"] == 8
+        assert summary["clientsNotReached"] > 0
+        reached_ops = summary["processed"] + summary["deferred"] + summary["skipped"]
+        assert reached_ops == summary["clientsReached"]  # one operation each
+
+    def test_the_plan_says_a_step_after_a_quarantined_one_is_blocked(
+        self, db, configure, pipeline_file
+    ):
+        """Before: after `first` was quarantined, the plan said `second` would run; the run
+        then skipped both."""
+        from shared.resume.pipeline import load_pipeline
+        from shared.resume.plan import RunOptions
+        from shared.runner import plan_run
+
+        pipeline_file(
+            PIPE + '[[operation]]\nname = "second"\nkind = "python"\ntarget = "opfuncs:ok"\n'
+        )
+        settings = configure()
+        seed_clients(db, 1)
+        now = dt.datetime.now(dt.UTC)
+        db.document("clients/c00000/operations/first").set(
+            {"status": "quarantined", "failures": 6, "finishedAt": now, "quarantinedAt": now}
+        )
+        planned = plan_run(
+            settings, db, RunOptions(client_id="c00000"), load_pipeline(settings.pipeline_path)
+        )
+        steps = {s["operation"]: s for s in planned.body["plan"][0]["operations"]}
+        assert steps["second"]["decision"] == "skip"
+        assert steps["second"]["reason"] == "blocked: first is quarantined"

@@ -190,8 +190,15 @@ def execute(
     if failure:
         raise failure[0]
     sink.close()
-    summary = summarize([], count, time.monotonic() - started)
+    # `clients` counts the due clients selected; a stop (budget, cancel) before some of them
+    # were read leaves those due for the next tick: `clientsNotReached`, so the counts add up
+    # (clients = clientsReached + clientsNotReached; the outcomes count the reached ones'
+    # client-operations).
+    selected = max(total() or 0, count) if stopped_early else count
+    summary = summarize([], selected, time.monotonic() - started)
     summary.update(sink.counts, impact=sink.impact)
+    summary["clientsReached"] = count
+    summary["clientsNotReached"] = selected - count
     summary["calls"] = limits.finish(run.run_id)  # per operation: calls, retried, throttled
     # `cancelled` only when the cancel stopped something: a cancel that arrives as the last
     # operation finishes leaves a run that did everything, which is `completed`.

@@ -221,12 +221,20 @@ def plan_client(
         names = [n for n in pipeline.names if wanted is None or n in wanted]
         plan.steps = [Step(n, "skip", INVALID_OPERATIONS) for n in names]
         return plan
+    blocked_by: str | None = None
     for name in plan.operations:
         if wanted is not None and name not in wanted:
             continue
         op = pipeline.get(name)
         assert op is not None
-        plan.steps.append(decide(plan.states.get(name), op, now))
+        step = decide(plan.states.get(name), op, now)
+        if blocked_by is not None and step.decision == "run":
+            # Held back by an earlier operation that is quarantined or backing off: the plan
+            # says so, as the run will (it used to say such a step would run).
+            step = Step(name, "skip", f"blocked: {blocked_by}", step.state, due_at=step.due_at)
+        elif step.decision == "skip" and step.blocks and blocked_by is None:
+            blocked_by = f"{name} is {step.reason.split(' ', 1)[0]}"
+        plan.steps.append(step)
     return plan
 
 
