@@ -29,8 +29,7 @@ OPS = 3
 DUE_SHARE = 10  # one client in DUE_SHARE is due in the busy tick
 #: The functions whose round trips are queries over `clients` (the emulator scans for each).
 CLIENT_QUERIES = (
-    "shared.resume.due.count_active",
-    "shared.resume.due.count_due",
+    "shared.resume.due.count",  # count_unstamped's two counts, count_due
     "shared.resume.due._pages",
     "shared.quarantine.",
 )

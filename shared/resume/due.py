@@ -94,13 +94,6 @@ class Selection:
     def mine(self, client_id: str) -> bool:
         return self.shard is None or shard_of(client_id, self.shards) == self.shard
 
-    def count_active(self) -> int:
-        with store.translate_errors("counting active clients"):
-            result = self._active().count().get(**store.call(self.settings))
-        count = int(result[0][0].value)
-        self.reads.add(math.ceil(count / 1000))
-        return count
-
     def count_unstamped(self) -> int:
         """Active clients without a due time (created with only `name` and `active`, or with a
         `nextDueAt` that is not a timestamp): two counts, of all and of those with one."""
