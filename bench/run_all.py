@@ -12,6 +12,7 @@ import time
 import _emulator as E
 import cold_start
 import contention
+import due_scale
 import http_floor
 import idle_tick
 import inprocess
@@ -34,6 +35,7 @@ BENCHES = (
     ("8. peak RSS", rss),
     ("9. empty run over HTTP", http_floor),
     ("10. shards", shards),
+    ("11. due work at any scale", due_scale),
 )
 
 
