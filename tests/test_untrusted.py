@@ -20,6 +20,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from shared.resume.plan import DECISION_FIELDS
+
 PIPE = (
     '[[operation]]\nname = "first"\nkind = "python"\ntarget = "opfuncs:ok"\n'
     '[[operation]]\nname = "second"\nkind = "python"\ntarget = "opfuncs:ok"\n'
@@ -242,18 +244,8 @@ CLIENT_FIELDS = [
     "problems",
     "problemCount",
 ]
-STATE_FIELDS = [
-    "status",
-    "startedAt",
-    "finishedAt",
-    "failures",
-    "attempts",
-    "quarantinedAt",
-    "counts",
-    "checkpoint",
-    "error",
-    "runId",
-]
+#: What deciding reads of a state (the engine's own list), and what a step loads besides.
+STATE_FIELDS = [*DECISION_FIELDS, "counts", "checkpoint", "runId"]
 LOCK_FIELDS = ["held", "runId", "token", "acquiredAt", "heartbeatAt", "progress", "owner"]
 RUN_FIELDS = ["status", "summary", "error", "startedAt", "finishedAt", "results", "report"]
 
