@@ -65,6 +65,8 @@ class Wire:
         self.origins: list[str] = []
         #: With `trace` set: (RPC, origin, seconds) of each call, once it has ended.
         self.calls: list[tuple[str, str, float]] = []
+        #: With `trace` set: (start, end) perf_counter of each call, in the order they ended.
+        self.spans: list[tuple[float, float]] = []
         self.seconds: defaultdict[str, float] = defaultdict(float)  # per RPC, summed
         self.write_times: dict[str, list[float]] = {}  # path -> perf_counter of each write
         self.writes: Counter[str] = Counter()
@@ -83,6 +85,7 @@ class Wire:
             self.sequence.clear()
             self.origins.clear()
             self.calls.clear()
+            self.spans.clear()
             self.seconds.clear()
             self.write_times.clear()
             self.writes.clear()
@@ -91,6 +94,16 @@ class Wire:
     @property
     def total_round_trips(self) -> int:
         return sum(self.round_trips.values())
+
+    def waits(self) -> int:
+        """How many round trips the caller waited for one after another (with `trace`): calls
+        in flight together are one wait, so this is the run's fixed cost in round trips."""
+        count, end = 0, float("-inf")
+        for start, stop in sorted(self.spans):
+            if start >= end:
+                count += 1
+            end = max(end, stop)
+        return count
 
     def burst(self, window: float = 1.0) -> tuple[int, str]:
         """The most writes any one document took within `window` seconds, and which one."""
@@ -122,7 +135,7 @@ class Wire:
                 result = original(*args, **kwargs)
             finally:
                 if name not in _STREAMS:
-                    self._ended(name, origin, time.perf_counter() - start)
+                    self._ended(name, origin, start)
             if name in _WRITES:  # only a commit that succeeded wrote anything
                 now = time.perf_counter()
                 with self.mutex:
@@ -137,11 +150,13 @@ class Wire:
         counted._bench_wire = True  # type: ignore[attr-defined]
         return counted
 
-    def _ended(self, name: str, origin: str, seconds: float) -> None:
+    def _ended(self, name: str, origin: str, start: float) -> None:
+        end = time.perf_counter()
         with self.mutex:
-            self.seconds[name] += seconds
+            self.seconds[name] += end - start
             if origin:
-                self.calls.append((name, origin, seconds))
+                self.calls.append((name, origin, end - start))
+                self.spans.append((start, end))
 
     def _reading(
         self, name: str, responses: Iterable[Any], start: float, origin: str
@@ -163,7 +178,7 @@ class Wire:
                         read += math.ceil(value.integer_value / 1000)
                 yield response
         finally:
-            self._ended(name, origin, time.perf_counter() - start)
+            self._ended(name, origin, start)
             with self.mutex:
                 # A query or aggregation costs at least one read, even with no result.
                 self.read += read if name == "batch_get_documents" else max(read, 1)

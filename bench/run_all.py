@@ -33,7 +33,7 @@ BENCHES = (
     ("6. write path", writes),
     ("7. contention", contention),
     ("8. peak RSS", rss),
-    ("9. empty run over HTTP", http_floor),
+    ("9. idle tick over HTTP", http_floor),
     ("10. shards", shards),
     ("11. due work at any scale", due_scale),
 )
