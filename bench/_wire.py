@@ -68,6 +68,9 @@ class Wire:
         #: With `trace` set: (start, end) perf_counter of each call, in the order they ended.
         self.spans: list[tuple[float, float]] = []
         self.seconds: defaultdict[str, float] = defaultdict(float)  # per RPC, summed
+        #: Seconds each RPC waits before it is sent: a network's round trip, which the
+        #: emulator on loopback does not have.
+        self.latency = 0.0
         self.write_times: dict[str, list[float]] = {}  # path -> perf_counter of each write
         self.writes: Counter[str] = Counter()
         self.read = 0
@@ -131,6 +134,8 @@ class Wire:
                 if self.trace:
                     self.origins.append(origin)
             start = time.perf_counter()
+            if self.latency:
+                time.sleep(self.latency)
             try:
                 result = original(*args, **kwargs)
             finally:

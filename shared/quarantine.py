@@ -63,13 +63,16 @@ def failing(
     first, so no number of backed-off clients hides one."""
     from shared.resume.shards import shard_of
 
-    seen: dict[str, Any] = {}
-    for field in ("quarantinedCount", "failingCount"):
+    def listing(field: str) -> list[Any]:
         with store.translate_errors("listing failing clients"):
-            for snap in _listing(client, settings, field, stream).stream(**store.call(settings)):
-                seen.setdefault(snap.id, snap)
-        if len(seen) >= LIST_LIMIT:
-            break
+            return list(_listing(client, settings, field, stream).stream(**store.call(settings)))
+
+    # Quarantined work counts as failing too: one query lists it all, unless it comes back
+    # full; then the quarantined are read apart, so no number of backed-off clients hides one.
+    found = listing("failingCount")
+    seen = {snap.id: snap for snap in found}
+    if len(found) >= LIST_LIMIT:
+        seen = {snap.id: snap for snap in listing("quarantinedCount")} | seen
     quarantined: list[dict[str, Any]] = []
     backed_off: list[dict[str, Any]] = []
     for client_id in sorted(seen):

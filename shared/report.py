@@ -39,6 +39,8 @@ ATTENTION = "#a15c00"
 CLAIM_ATTEMPTS = 5
 #: Runs in the report's bar strip (this lock's newest, this one included).
 HISTORY = 10
+#: What the strip draws of each run: no more is read.
+STRIP_FIELDS = ["runId", "status", "startedAt", "finishedAt", "summary.durationSeconds"]
 STRIP_MIN_PX, STRIP_MAX_PX = 4, 40
 MAX_CALL_OPERATIONS = 50
 _CALL_KEYS = ("calls", "retried", "throttled")
@@ -500,12 +502,12 @@ def build_message(report: ReportInput) -> Message:
     )
 
 
-def _history(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], ...]:
+def report_history(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], ...]:
     """This lock's newest runs for the bar strip (summary fields only); none if unreadable."""
     from shared.runs import Runs
 
     try:
-        return tuple(Runs(client, settings).recent(HISTORY))
+        return tuple(Runs(client, settings).recent(HISTORY, STRIP_FIELDS))
     except Exception as exc:
         logger.warning("could not read the last runs for the report: %s", _one_line(exc)[:300])
         return ()
@@ -620,7 +622,7 @@ def send_smart_resume_report(
         else:
             try:
                 if not report.history:
-                    report = replace(report, history=_history(settings, client))
+                    report = replace(report, history=report_history(settings, client))
                 message = build_message(report)
                 transports.send(settings, message)
                 record = {"status": "sent", "transport": transport, "error": None}

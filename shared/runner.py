@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -257,6 +258,7 @@ def _run_locked(
     error: str | None = None
     where: str | None = None
     pings = RunPings(settings)
+    settling: Future[None] | None = None
     with (
         Heartbeat(lock, lease, settings.heartbeat_seconds, settings.lease_seconds) as hb,
         _watching(watch, hb),
@@ -271,7 +273,8 @@ def _run_locked(
             status, error, where = "failed", one_line(exc), "fencing off the previous run"
             log.error("run failed: %s", error)
         else:
-            _settle_reports(settings, client, runs, run_id)
+            # Beside the run's own work: its query overlaps the run's first reads.
+            settling = store.background(lambda: _settle_reports(settings, client, runs, run_id))
         try:
             if error is not None:
                 raise _NotStarted
@@ -296,6 +299,8 @@ def _run_locked(
         except Exception as exc:
             status, error, where = "failed", one_line(exc), "resume module"
             log.exception("run failed: %s", error)
+        if settling is not None:
+            settling.result()  # never raises; the lock is still held while reports settle
     if status == "abandoned" and not _still_ours(lock, lease):
         return _abandoned(run_id)
     if status == "abandoned":
@@ -337,10 +342,14 @@ def _run_locked(
     # budget + margin), also with a slow store: what can wait (result pages, the failing-work
     # listing) is dropped as the margin runs short; the release and the report never are.
     margin_end = deadline + FINISH_MARGIN_SECONDS
+    # What the report shows beyond the run (the failing work, the last runs) is read while the
+    # run is released: queries only when a report goes out.
+    listing: Future[dict[str, Any]] | None = None
+    history: Future[Any] | None = None
     if send and margin_end - time.monotonic() < FINISH_MARGIN_SECONDS / 2:
         log.warning("little time left to finish: the report goes without the failing work")
-    elif send:  # the failing work it names: a query only when a report goes out
-        report_input = replace(report_input, **_failing_work(settings, client, options))
+    elif send:
+        listing, history = _report_reads(settings, client, options)
     claim = {
         "status": "sending" if send else "skipped",
         "transport": settings.email_transport,
@@ -418,7 +427,10 @@ def _run_locked(
         # The store was never reached: nothing was recorded, no claim exists, and the
         # operator must hear of the outage. The lock goes stale and is taken over.
         report_input = replace(
-            report_input, status="failed", error=error, error_where="finishing the run"
+            _shown(report_input, listing, history),
+            status="failed",
+            error=error,
+            error_where="finishing the run",
         )
         report = send_smart_resume_report(settings, client, report_input, claimed=False)
         return Outcome("failed", 500, body, run_id, report, stats)
@@ -427,6 +439,7 @@ def _run_locked(
     pings.end(run_id, status, summary, error)
     report = claim
     if send:
+        report_input = _shown(report_input, listing, history)
         report = send_smart_resume_report(settings, client, report_input, claimed=True)
     log.info("run ended %s", status, fields={"summary": summary, "report": report.get("status")})
     if status == "failed":
@@ -436,6 +449,24 @@ def _run_locked(
     if options.client_id and not summary.get("clients"):
         body["detail"] = NOT_SELECTED
     return Outcome(status, 200, body, run_id, report, stats)
+
+
+def _report_reads(
+    settings: Settings, client: firestore.Client, options: RunOptions
+) -> tuple[Future[dict[str, Any]], Future[Any]]:
+    """The failing work and the last runs, for the report, read in the background."""
+    from shared.report import report_history
+
+    return (
+        store.background(lambda: _failing_work(settings, client, options)),
+        store.background(lambda: report_history(settings, client)),
+    )
+
+
+def _shown(report: Any, listing: Future[Any] | None, history: Future[Any] | None) -> Any:
+    """The report with what was read for it while the run was released."""
+    extra = listing.result() if listing is not None else {}
+    return replace(report, **extra, history=history.result() if history is not None else ())
 
 
 def _failing_work(
@@ -451,8 +482,8 @@ def _failing_work(
             lambda: failing(settings, client, options.stream, shard),
             lambda: problems(settings, client),
         )
-    except StoreUnavailable as exc:
-        log.warning("could not list failing work for the report: %s", exc)
+    except Exception as exc:  # the report goes without it
+        log.warning("could not list failing work for the report: %s", one_line(exc))
         return {}
     return {
         "quarantined": tuple(found["quarantined"]),

@@ -252,7 +252,7 @@ class Runs:
             None,
         )
 
-    def _newest(self, limit: int) -> list[dict[str, Any]]:
+    def _newest(self, limit: int, fields: list[str] = SUMMARY_FIELDS) -> list[dict[str, Any]]:
         """This lock's runs, newest first. Run ids start with their UTC start time, so ordering
         by document id is ordering by start; an equality filter plus `__name__` order needs no
         composite index in production."""
@@ -261,7 +261,7 @@ class Runs:
                 filter=firestore.FieldFilter("lockName", "==", self.settings.lock_name)
             )
             .order_by("__name__", direction="DESCENDING")
-            .select(SUMMARY_FIELDS)
+            .select(fields)
             .limit(limit + SAME_SECOND_SLACK)
         )
         with store.translate_errors("listing runs"):
@@ -271,8 +271,8 @@ class Runs:
         # Ids have one-second resolution; within a second, the start time decides.
         return sorted(runs, key=_started, reverse=True)[:limit]
 
-    def recent(self, limit: int) -> list[dict[str, Any]]:
-        return self._newest(limit)
+    def recent(self, limit: int, fields: list[str] = SUMMARY_FIELDS) -> list[dict[str, Any]]:
+        return self._newest(limit, fields)
 
     def last_finished(self, newest: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
         """The newest run of this lock that has ended (a run in progress is skipped); from

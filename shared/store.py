@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from google.api_core import exceptions as gexc
@@ -92,19 +93,23 @@ def retrying(settings: Settings, what: str, attempt: Callable[[], T]) -> T:
 _pool: Any = None
 
 
-def parallel(*calls: Callable[[], Any]) -> list[Any]:
-    """Run independent reads at once (the client is thread-safe): an idle tick pays one round
-    trip for them, not one each. Errors are raised as the calls raise them."""
+def background(call: Callable[[], T]) -> Future[T]:
+    """Start an independent read (the client is thread-safe) and go on: the caller collects it
+    with `.result()` where it is needed, so its round trip overlaps others."""
     global _pool
-    if len(calls) <= 1:
-        return [call() for call in calls]
     with _client_lock:
         if _pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+            # Roomy: a read issued in the background may issue reads together itself.
+            _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="smart-resume-read")
+    return _pool.submit(contextvars.copy_context().run, call)
 
-            _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="smart-resume-read")
-    futures = [_pool.submit(contextvars.copy_context().run, call) for call in calls]
-    return [future.result() for future in futures]
+
+def parallel(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent reads at once: an idle tick pays one round trip for them, not one each.
+    Errors are raised as the calls raise them."""
+    futures = [background(call) for call in calls[:-1]]
+    last = [calls[-1]()] if calls else []  # in this thread: one hop fewer
+    return [future.result() for future in futures] + last
 
 
 def read_then_commit(

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -50,10 +51,12 @@ class Reads:
 
     documents: int = 0
     round_trips: int = 0
+    mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, documents: int) -> None:
-        self.documents += max(documents, 1)
-        self.round_trips += 1
+        with self.mutex:  # reads issued together add from several threads
+            self.documents += max(documents, 1)
+            self.round_trips += 1
 
 
 class Selection:
@@ -119,26 +122,44 @@ class Selection:
         self.reads.add(math.ceil(count / 1000))
         return count
 
-    def _pages(self, query: firestore.Query, size: int) -> Iterator[list[Any]]:
+    def _read(self, query: firestore.Query) -> list[Any]:
+        with store.translate_errors("listing clients"):
+            page = list(query.stream(**store.call(self.settings)))
+        self.reads.add(len(page))
+        return page
+
+    def _pages(
+        self, query: firestore.Query, size: int, first: list[Any] | None = None
+    ) -> Iterator[list[Any]]:
+        """The query's results page by page; `first`, when given, is its first page, read."""
         query = query.limit(size)
         last = None
         while True:
-            page_query = query.start_after(last) if last is not None else query
-            with store.translate_errors("listing clients"):
-                page = list(page_query.stream(**store.call(self.settings)))
-            self.reads.add(len(page))
+            if first is not None:
+                page, first = first, None
+            else:
+                page = self._read(query.start_after(last) if last is not None else query)
             if page:
                 yield page
             if len(page) < size:
                 return
             last = page[-1]
 
-    def due_pages(self, cutoff: dt.datetime) -> Iterator[list[Any]]:
-        """Active clients due at `cutoff`, longest waiting first."""
+    def _due(self, cutoff: dt.datetime) -> firestore.Query:
         query = self._active(own_shard=True).where(
             filter=firestore.FieldFilter("nextDueAt", "<=", cutoff)
         )
-        for number, page in enumerate(self._pages(query.order_by("nextDueAt"), PAGE_SIZE)):
+        return query.order_by("nextDueAt")
+
+    def first_due_page(self, cutoff: dt.datetime) -> list[Any]:
+        """The first page of `due_pages`, read ahead (together with the tick's other reads)."""
+        return self._read(self._due(cutoff).limit(PAGE_SIZE))
+
+    def due_pages(self, cutoff: dt.datetime, first: list[Any] | None = None) -> Iterator[list[Any]]:
+        """Active clients due at `cutoff`, longest waiting first (`first`: the first page,
+        when `first_due_page` read it ahead)."""
+        pages = self._pages(self._due(cutoff), PAGE_SIZE, first)
+        for number, page in enumerate(pages):
             if number == 0:
                 # The progress bar's length: a first page that is not full is all there is;
                 # only a longer queue costs a count (one read per 1,000).
@@ -290,8 +311,8 @@ class Reconcile:
         )
         self.epoch: int | None = None
 
-    def reason(self, now: dt.datetime) -> str | None:
-        """Why a full pass must run (or go on) on this tick, or None."""
+    def read(self) -> dict[str, Any]:
+        """The pass's record (and the shards' change count), by path, for `reason`."""
         sel = self.selection
         refs = [self.ref] + ([self.shards_ref] if self.shards_ref is not None else [])
         with store.translate_errors("reading the due-work state"):
@@ -299,6 +320,15 @@ class Reconcile:
                 s.reference.path: s for s in sel.client.get_all(refs, **store.call(sel.settings))
             }
         sel.reads.add(len(refs))
+        return found
+
+    def reason(
+        self, now: dt.datetime, found: dict[str, Any] | None = None, unstamped: int | None = None
+    ) -> str | None:
+        """Why a full pass must run (or go on) on this tick, or None. `found` (from `read`) and
+        `unstamped` (from `count_unstamped`) when the caller read them ahead, together."""
+        sel = self.selection
+        found = self.read() if found is None else found
         snap = found[self.ref.path]
         meta = (snap.to_dict() or {}) if snap.exists else None
         if self.shards_ref is not None:
@@ -319,7 +349,7 @@ class Reconcile:
             return "the pipeline's operations or timing, or the number of shards, changed"
         if meta.get("shardsEpoch") != self.epoch:
             return "the number of shards changed since the last full pass"
-        unstamped = sel.count_unstamped()
+        unstamped = sel.count_unstamped() if unstamped is None else unstamped
         if unstamped:
             return f"{unstamped} active client(s) without a due time (new, or written by hand)"
         at = meta.get("reconciledAt")

@@ -24,7 +24,7 @@ from typing import Any
 
 from google.cloud import firestore
 
-from shared import documents
+from shared import documents, store
 from shared.config import Settings
 from shared.fence import Fence
 from shared.heartbeat import Heartbeat
@@ -221,16 +221,18 @@ def execute(
 PASS_SHARE = 1 / 3
 
 
-def _full_pass(run: RunContext, selection: Selection, fence: Fence, cutoff: dt.datetime) -> None:
+def _full_pass(
+    run: RunContext, reconcile: Reconcile, cutoff: dt.datetime, found: Any, unstamped: int
+) -> bool:
     """The full pass over every client document, when one is due or under way: at most
-    `PASS_SHARE` of the budget per tick, then due work runs and the next tick goes on.
+    `PASS_SHARE` of the budget per tick, then due work runs and the next tick goes on. Returns
+    whether it ran (and so may have moved due times).
 
     With shards, each shard makes its own pass, reading every client and writing its own (a
     client's stored shard may be missing or stale, so it is computed from the id)."""
-    reconcile = Reconcile(selection, fence)
-    why = reconcile.reason(cutoff)
+    why = reconcile.reason(cutoff, found, unstamped)
     if why is None:
-        return
+        return False
     log.info("full pass over the clients: %s", why)
     until = run.started + run.settings.time_budget_seconds * PASS_SHARE
     seen, repaired = reconcile.run(
@@ -239,6 +241,7 @@ def _full_pass(run: RunContext, selection: Selection, fence: Fence, cutoff: dt.d
     place = "done" if reconcile.finished else "goes on next tick"
     log.info("full pass %s: %d active clients read, %d repaired", place, seen, repaired)
     run.heartbeat.set_progress(fullPass=place)
+    return True
 
 
 def run_smart_resume(run: RunContext) -> RunResult:
@@ -249,8 +252,18 @@ def run_smart_resume(run: RunContext) -> RunResult:
     if run.options.client_id:
         pages = selection.one()
     else:
-        _full_pass(run, selection, fence, cutoff)
-        pages = selection.due_pages(cutoff)
+        # The tick's reads, issued together: whether a full pass is due (its record, and the
+        # count of clients without a due time) and the first page of due clients, read ahead
+        # for the usual tick without a pass (a pass may move due times: then it is read again).
+        reconcile = Reconcile(selection, fence)
+        found, unstamped, first = store.parallel(
+            reconcile.read,
+            selection.count_unstamped,
+            lambda: selection.first_due_page(cutoff),
+        )
+        if _full_pass(run, reconcile, cutoff, found, unstamped):
+            first = None
+        pages = selection.due_pages(cutoff, first)
     plans = selection.plans(pages, cutoff)
     if run.options.client_id:
         selection.due_total = 1

@@ -1,0 +1,103 @@
+"""An idle tick's round trips: which it makes, and that the independent ones are in flight
+together, so its fixed cost is a few waits whatever the number of reads.
+
+Every RPC is slowed by a fixed latency, as a real network adds one: calls issued together then
+overlap, calls issued one after another do not, and the count of waits is exact.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from conftest import run_once, seed_clients
+
+PIPE = """
+[[operation]]
+name = "first"
+kind = "python"
+target = "opfuncs:ok"
+"""
+
+LATENCY = 0.2
+STREAMS = ("batch_get_documents", "run_query", "run_aggregation_query")
+RPCS = ("commit", *STREAMS)
+
+
+class Slowed:
+    """Each RPC of the client waits `LATENCY` before it is sent; spans are recorded."""
+
+    def __init__(self, db, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: Counter[str] = Counter()
+        self.spans: list[tuple[float, float]] = []
+        self.mutex = threading.Lock()
+        self.on = False
+        api = db._firestore_api
+        for name in RPCS:
+            monkeypatch.setattr(api, name, self._wrap(name, getattr(api, name)))
+
+    def _wrap(self, name, original):
+        def call(*args, **kwargs):
+            if not self.on:
+                return original(*args, **kwargs)
+            start = time.monotonic()
+            time.sleep(LATENCY)
+            result = original(*args, **kwargs)
+            if name in STREAMS:
+                result = iter(list(result))  # its answer is read here, within the span
+            with self.mutex:
+                self.calls[name] += 1
+                self.spans.append((start, time.monotonic()))
+            return result
+
+        return call
+
+    def waits(self) -> int:
+        """Round trips waited for one after another: calls in flight together count once."""
+        count, end = 0, float("-inf")
+        for start, stop in sorted(self.spans):
+            if start >= end:
+                count += 1
+            end = max(end, stop)
+        return count
+
+
+@pytest.fixture
+def slowed(db, monkeypatch) -> Iterator[Slowed]:
+    yield Slowed(db, monkeypatch)
+
+
+def test_idle_tick_makes_eleven_round_trips_in_four_waits(db, configure, pipeline_file, slowed):
+    """Take the lock; read together (the due record, two counts, the first due page, reports
+    left unsent); release the lock while the report's listings are read; record the report."""
+    pipeline_file(PIPE)
+    settings = configure(SMART_RESUME_EMAIL_ON="always")
+    seed_clients(db, 20)
+    run_once(settings, db)  # the first tick: its full pass and the clients' first run
+    slowed.on = True
+    out = run_once(settings, db)
+    assert out.body["summary"]["clients"] == 0
+    assert out.report["status"] == "sent"
+    assert slowed.calls == {
+        "commit": 3,  # take, release, record the report
+        "batch_get_documents": 1,  # the due-work record
+        "run_aggregation_query": 2,  # active clients, and those with a due time
+        "run_query": 5,  # due page, unsent reports, failing work, problems, last runs
+    }
+    assert slowed.waits() == 4
+
+
+def test_idle_tick_without_a_report_waits_three_times(db, configure, pipeline_file, slowed):
+    """With EMAIL_ON=activity an idle tick sends nothing and reads nothing for a report."""
+    pipeline_file(PIPE)
+    settings = configure(SMART_RESUME_EMAIL_ON="activity")
+    seed_clients(db, 20)
+    run_once(settings, db)
+    slowed.on = True
+    out = run_once(settings, db)
+    assert out.report["status"] == "skipped"
+    assert sum(slowed.calls.values()) == 7
+    assert slowed.waits() == 3
