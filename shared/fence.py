@@ -44,7 +44,8 @@ from google.cloud import firestore
 from shared import store
 from shared.config import Settings
 from shared.errors import ClientGone, ClientTrouble, LeaseLost, StoreUnavailable
-from shared.lock import Lease, recorded_stale
+from shared.lock import Lease
+from shared.lock_state import recorded_stale
 from shared.log import get_logger
 
 log = get_logger("fence")

@@ -35,16 +35,16 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
-from google.cloud.firestore_v1.batch import WriteBatch
 
-from shared import documents, store
+from shared import store
 from shared.config import Settings
-from shared.errors import LeaseLost, LockHeld, SmartResumeError, StoreUnavailable
+from shared.errors import LeaseLost, LockHeld, StoreUnavailable
+from shared.lock_actions import ATTEMPTS, ExtraWrites, OperatorActions
+from shared.lock_actions import NotRunning as NotRunning  # where callers have found it
+from shared.lock_state import LockState, lock_state
 from shared.log import get_logger
 
-ExtraWrites = Callable[[WriteBatch, str | None], None]
 log = get_logger("lock")
-_ATTEMPTS = 5
 
 
 # What this process knows about locks it released last: (update time, token) per lock.
@@ -60,10 +60,6 @@ def _remember_released(key: tuple[str, str], update_time: dt.datetime, token: in
 def _pop_released(key: tuple[str, str]) -> tuple[dt.datetime, int] | None:
     with _released_mutex:
         return _released.pop(key, None)
-
-
-class NotRunning(SmartResumeError):
-    """The action needs a live run and there is none."""
 
 
 @dataclass
@@ -83,106 +79,14 @@ class Lease:
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-@dataclass(frozen=True)
-class LockState:
-    """A read of the lock document, with ages measured on the server's clock."""
-
-    exists: bool
-    held: bool
-    run_id: str | None
-    token: int
-    stale: bool
-    read_time: dt.datetime | None
-    acquired_at: dt.datetime | None
-    heartbeat_at: dt.datetime | None
-    released_at: dt.datetime | None
-    age_seconds: float | None
-    heartbeat_age_seconds: float | None
-    cancel_requested: bool
-    progress: dict[str, Any]
-    owner: dict[str, Any]
-    update_time: dt.datetime | None = None
-    lease_seconds: float = 0.0  # as the holder recorded it (else this reader's setting)
-    max_run_seconds: float = 0.0
-    took_over: str | None = None
-    took_over_age: float | None = None
-    revoke: tuple[str, ...] = ()
-
-    @property
-    def live(self) -> bool:
-        return self.held and not self.stale
-
-
-def _positive(value: Any, default: float) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e9
-    return float(value) if ok else default
-
-
-def recorded_limits(data: dict[str, Any], settings: Settings) -> tuple[float, float]:
-    """The lease and max-run seconds the holder wrote into the lock (this reader's settings
-    for a lock written before they were recorded, or with a value of the wrong type)."""
-    return (
-        _positive(data.get("leaseSeconds"), settings.lease_seconds),
-        _positive(data.get("maxRunSeconds"), settings.max_run_seconds),
-    )
-
-
-def recorded_stale(data: dict[str, Any], now: dt.datetime | None, settings: Settings) -> bool:
-    """Whether a held lock (its document's `data`, read at `now` by the server's clock) is
-    stale by the limits its holder recorded."""
-    lease, max_run = recorded_limits(data, settings)
-    beat_age = _seconds(now, data.get("heartbeatAt"))
-    age = _seconds(now, data.get("acquiredAt"))
-    return beat_age is None or beat_age > lease or age is None or age > max_run
-
-
-def _ids(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        return ()
-    return tuple(dict.fromkeys(v for v in value if isinstance(v, str) and v))[:20]
-
-
-#: Progress fields a run writes (anything else in the map is not ours and not shown).
-PROGRESS_FIELDS = {
-    "clientId": str,
-    "clientIndex": int,
-    "clientCount": int,
-    "operation": str,
-    "clientsDone": int,
-    "failed": int,
-    "fullPass": str,
-}
-
-
-def _progress(value: Any) -> dict[str, Any]:
-    """The lock's progress map with only the fields a run writes, of their types, bounded."""
-    if not isinstance(value, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for key, value_type in PROGRESS_FIELDS.items():
-        v = value.get(key)
-        if value_type is int and documents.is_int(v):
-            out[key] = v
-        elif value_type is str and isinstance(v, str):
-            out[key] = documents.text(v)
-    for key, v in value.items():
-        if key not in PROGRESS_FIELDS and isinstance(v, dt.datetime):
-            out[key] = v  # the heartbeat's own progress stamp
-    return out
-
-
 def owner_info(function: str) -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "function": function}
 
 
-def _seconds(later: dt.datetime | None, earlier: Any) -> float | None:
-    if later is None or not isinstance(earlier, dt.datetime):
-        return None
-    return round((later - earlier).total_seconds(), 3)
-
-
-class Lock:
-    """The lock document `locks/{name}` and its fence; all calls have bounded deadlines."""
+class Lock(OperatorActions):
+    """The lock document `locks/{name}` and its fence; all calls have bounded deadlines. The
+    holder's protocol is here (take, renew, release); an operator's actions come with
+    `OperatorActions`."""
 
     def __init__(self, client: firestore.Client, settings: Settings) -> None:
         self.client = client
@@ -196,44 +100,7 @@ class Lock:
     def read(self) -> LockState:
         with store.translate_errors("reading the lock"):
             snap = self.ref.get(**store.call(self.settings))
-        return self._state(snap)
-
-    def _state(self, snap: Any) -> LockState:
-        data = (snap.to_dict() or {}) if snap.exists else {}
-        now = snap.read_time
-        acquired, beat = data.get("acquiredAt"), data.get("heartbeatAt")
-        age, beat_age = _seconds(now, acquired), _seconds(now, beat)
-        held = data.get("held") is True
-        lease_seconds, max_run = recorded_limits(data, self.settings)
-        stale = held and recorded_stale(data, now, self.settings)
-        token = data.get("token")
-        run_id = data.get("runId")
-        took = data.get("tookOver") if isinstance(data.get("tookOver"), dict) else {}
-        took_age = took.get("ageSeconds")
-        return LockState(
-            exists=bool(snap.exists),
-            held=held,
-            run_id=documents.text(run_id) if isinstance(run_id, str) else None,
-            token=token if documents.is_int(token) else 0,
-            stale=stale,
-            read_time=now,
-            acquired_at=acquired if isinstance(acquired, dt.datetime) else None,
-            heartbeat_at=beat if isinstance(beat, dt.datetime) else None,
-            released_at=documents.timestamp(data.get("releasedAt")),
-            age_seconds=age,
-            heartbeat_age_seconds=beat_age,
-            cancel_requested=data.get("cancelRequested") is True,
-            progress=_progress(data.get("progress")),
-            owner=documents.bounded(data["owner"], items=5)
-            if isinstance(data.get("owner"), dict)
-            else {},
-            update_time=snap.update_time if snap.exists else None,
-            lease_seconds=lease_seconds,
-            max_run_seconds=max_run,
-            took_over=took.get("runId") if isinstance(took.get("runId"), str) else None,
-            took_over_age=float(took_age) if isinstance(took_age, int | float) else None,
-            revoke=_ids(data.get("revoke")),
-        )
+        return lock_state(snap, self.settings)
 
     # -- taking and giving back ----------------------------------------------------------------
 
@@ -255,7 +122,7 @@ class Lock:
                 return self._take(run_id, owner, extra, token + 1, update_time, None, None, ())
             except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
                 pass  # someone wrote it since, or the answer was lost: decide on a fresh read
-        for _ in range(_ATTEMPTS):
+        for _ in range(ATTEMPTS):
             state = self.read()
             if state.held and state.run_id == run_id:
                 return self._lease_from(state)  # an earlier attempt of ours landed after all
@@ -368,23 +235,8 @@ class Lock:
                 log.warning("could not record the closed claims: %s", exc)
 
     def held(self, state: LockState) -> LockHeld:
-        """The error for a live lock: how old it is, how old its heartbeat, and when it goes
-        stale unless renewed (so a caller knows whether to wait or to look)."""
-        stale_in = None
-        if state.heartbeat_age_seconds is not None and state.age_seconds is not None:
-            stale_in = max(
-                0.0,
-                min(
-                    state.lease_seconds - state.heartbeat_age_seconds,
-                    state.max_run_seconds - state.age_seconds,
-                ),
-            )
-        return LockHeld(
-            state.run_id,
-            state.age_seconds or 0.0,
-            state.heartbeat_age_seconds,
-            round(stale_in, 3) if stale_in is not None else None,
-        )
+        """The error for a live lock: its age, its heartbeat's age, and when it goes stale."""
+        return state.held_error()
 
     def _owned(self, lease: Lease) -> LockState:
         """Re-read after a lost precondition; raise `LeaseLost` unless the lock is still ours."""
@@ -401,7 +253,7 @@ class Lock:
         something else wrote the document (a cancel request, a takeover) do we read it.
         """
         with lease._mutex:
-            for _ in range(_ATTEMPTS):
+            for _ in range(ATTEMPTS):
                 try:
                     with store.translate_errors("renewing the lease"):
                         result = self.ref.update(
@@ -437,7 +289,7 @@ class Lock:
         write over a newer holder.
         """
         with lease._mutex:
-            for _ in range(_ATTEMPTS):
+            for _ in range(ATTEMPTS):
                 batch = self.client.batch()
                 batch.update(
                     self.ref,
@@ -469,87 +321,3 @@ class Lock:
                         return False
                     lease.lock_update_time = state.update_time
             return False
-
-    def force_release(self, force: bool, extra: ExtraWrites | None = None) -> LockState:
-        """Release on behalf of an operator: if stale, or always with `force`.
-
-        Bumps the token (and the fence) so the run that held it can write nothing more, and
-        adds that run to `revoke` (its claims are closed by `clear_revokes`, or by the next
-        holder). A lost answer is settled by reading back. Returns the state before; raises
-        `LockHeld` for a live lock without `force`.
-        """
-        for _ in range(_ATTEMPTS):
-            state = self.read()
-            if not state.held:
-                return state
-            if state.live and not force:
-                raise self.held(state)
-            revoke = list(dict.fromkeys([*state.revoke, *([state.run_id] if state.run_id else [])]))
-            batch = self.client.batch()
-            batch.update(
-                self.ref,
-                {
-                    "held": False,
-                    "token": state.token + 1,
-                    "releasedAt": firestore.SERVER_TIMESTAMP,
-                    "cancelRequested": False,
-                    "progress": {},
-                    "revoke": revoke,
-                },
-                option=self.client.write_option(last_update_time=state.update_time),
-            )
-            batch.set(self.fence_ref, {"token": state.token + 1, "runId": None})
-            if extra is not None:
-                extra(batch, state.run_id)
-            try:
-                with store.translate_errors("releasing the lock"):
-                    batch.commit(**store.commit_call(self.settings))
-                return state
-            except gexc.FailedPrecondition:
-                continue  # a heartbeat landed in between; decide again on a fresh read
-            except StoreUnavailable:
-                after = self.read()  # the answer was lost: did it land?
-                if not after.held and after.token == state.token + 1:
-                    return state
-                continue
-        raise self.held(state)
-
-    def clear_revokes(self, revoke: Any) -> int:
-        """Close the claims of every run the lock still lists in `revoke` (the holder a
-        takeover or unlock displaced), then take them off the list. `revoke(run_id)` closes
-        one run's claims and returns how many; raises `StoreUnavailable` if it cannot."""
-        state = self.read()
-        closed = 0
-        for run_id in state.revoke:
-            closed += revoke(run_id)
-        if state.revoke:
-            try:
-                with store.translate_errors("recording the revoke"):
-                    self.ref.update(
-                        {"revoke": []},
-                        option=self.client.write_option(last_update_time=state.update_time),
-                        **store.commit_call(self.settings),
-                    )
-            except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable) as exc:
-                # Taken meanwhile (the new holder has the list), or the answer was lost: the
-                # claims are closed either way; a list left behind costs one empty query.
-                log.warning("could not clear the revoke list: %s", exc)
-        return closed
-
-    def request_cancel(self) -> str | None:
-        """Ask the live run to stop at its next check; raises `NotRunning` if none is live."""
-        for _ in range(_ATTEMPTS):
-            state = self.read()
-            if not state.live:
-                raise NotRunning("no run is in progress")
-            try:
-                with store.translate_errors("requesting cancel"):
-                    self.ref.update(
-                        {"cancelRequested": True},
-                        option=self.client.write_option(last_update_time=state.update_time),
-                        **store.commit_call(self.settings),
-                    )
-                return state.run_id
-            except gexc.FailedPrecondition:
-                continue
-        raise NotRunning("the lock kept changing; try again")

@@ -8,63 +8,39 @@ lock it took (or, having lost it, writes nothing more) and sends at most one rep
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import importlib
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
-from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
 from shared import store
-from shared.config import FINISH_MARGIN_SECONDS, Settings
-from shared.errors import (
-    LeaseLost,
-    LockHeld,
-    ModuleLoadError,
-    PipelineError,
-    StoreRejected,
-    StoreUnavailable,
-)
+from shared.config import Settings
+from shared.errors import LeaseLost, LockHeld, ModuleLoadError, PipelineError, StoreUnavailable
+from shared.finish import NOT_SELECTED, Ended, Outcome, failed_before_start, finish_run
 from shared.heartbeat import Heartbeat
 from shared.lock import Lease, Lock, owner_info
 from shared.log import bind, get_logger
-from shared.pings import RunPings, end_body, ping
-from shared.resume.engine import RunContext, RunResult, one_line, summarize
+from shared.pings import RunPings
+from shared.resume.engine import RunContext, RunResult, one_line
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import RunOptions
-from shared.resume.results import bounded_summary, minimal_summary
 from shared.resume.shards import lock_name as shard_lock_name
-from shared.runs import FINISHED, Runs, jsonable, new_run_id
+from shared.runs import Runs, new_run_id
+from shared.unsent import sending_grace, settle_reports
+
+__all__ = ["Outcome", "load_entry_point", "plan_run", "sending_grace", "start_run"]
 
 log = get_logger("runner")
 EntryPoint = Callable[[RunContext], RunResult]
 #: Entered with the run's heartbeat while the lock is held (the command line's progress view).
 Watch = Callable[[Heartbeat], contextlib.AbstractContextManager[Any]]
-NOT_SELECTED = "the client is inactive (or not in this stream or shard): nothing to run"
-#: Reports left `sending` by earlier runs that one run settles (the query's limit).
-SETTLE_LIMIT = 10
-#: A report left `sending` for longer than this is marked `lost` instead of sent: too late to
-#: be news, and more likely than not to have gone out before its sender died.
-LOST_AFTER_SECONDS = 24 * 3600
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a run came to, and how the trigger answers it over HTTP."""
-
-    status: str
-    http_status: int
-    body: dict[str, Any]
-    run_id: str | None = None
-    report: dict[str, Any] | None = field(default=None, compare=False)
-    #: What the engine counted (documents read, commits, writes per document): benchmarks.
-    stats: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 _runs_mutex = threading.Lock()
@@ -188,7 +164,7 @@ def start_run(
             entry = load_entry_point(settings)
             pipeline = pipeline or load_pipeline(settings.pipeline_path)
         except (ModuleLoadError, PipelineError) as exc:
-            return _failed_before_start(settings, client, runs, run_id, exc, trigger, schedule_time)
+            return failed_before_start(settings, client, runs, run_id, exc, trigger, schedule_time)
         try:
             lease = lock.acquire(
                 run_id,
@@ -250,8 +226,6 @@ def _watching(watch: Watch | None, heartbeat: Heartbeat) -> Iterator[None]:
 def _run_locked(
     settings, client, lock, lease, runs, entry, pipeline, options, deadline, watch
 ) -> Outcome:  # type: ignore[no-untyped-def]
-    from shared.report import ReportInput, send_smart_resume_report, wanted  # lazy: cold start
-
     run_id = lease.run_id
     started = time.monotonic()
     result: RunResult | None = None
@@ -274,7 +248,8 @@ def _run_locked(
             log.error("run failed: %s", error)
         else:
             # Beside the run's own work: its query overlaps the run's first reads.
-            settling = store.background(lambda: _settle_reports(settings, client, runs, run_id))
+            settle = partial(settle_reports, settings, client, runs, run_id)
+            settling = store.background(partial(settle, sending_grace(settings)))
         try:
             if error is not None:
                 raise _NotStarted
@@ -301,195 +276,8 @@ def _run_locked(
             log.exception("run failed: %s", error)
         if settling is not None:
             settling.result()  # never raises; the lock is still held while reports settle
-    if status == "abandoned" and not _still_ours(lock, lease):
-        return _abandoned(run_id)
-    if status == "abandoned":
-        # The engine saw its lease as lost, yet the lock is still ours (a claim or renewal
-        # refused for another reason): end the run properly, never strand the lock.
-        status, where = "failed", "the lease"
-        log.error("the run stopped as if its lease were lost, but the lock is still its own")
-    # A heartbeat that flagged the lease lost (renewal refused, or the store silent for a
-    # lease) does not by itself mean another run took over: the release below is
-    # preconditioned on our lease, so it lands only if the lock is still ours.
-    summary = bounded_summary(
-        result.summary if result else summarize([], 0, time.monotonic() - started)
-    )
-    summary["durationSeconds"] = round(time.monotonic() - started, 3)
-    results = result.results if result else []
-    stats = getattr(result, "stats", None) or {}
-    report_input = ReportInput(
-        run_id=run_id,
-        status=status,
-        summary=summary,
-        results=results,
-        client_names=result.client_names if result else {},
-        error=error,
-        error_where=where,
-        takeover=(
-            {"runId": lease.previous_run_id, "ageSeconds": lease.previous_age_seconds}
-            if lease.previous_run_id
-            else None
-        ),
-        lock_name=settings.lock_name,
-        started_at=lease.acquired_at,
-        finished_at=dt.datetime.now(dt.UTC),
-        problems=tuple(getattr(result, "problems", None) or ()),
-    )
-    # The report is claimed (or marked skipped) in the same commit that finishes the run and
-    # releases the lock: one round trip instead of three, and never a second email.
-    send = wanted(settings, report_input)
-    # The finishing phase must fit the margin after the budget (the function's timeout is
-    # budget + margin), also with a slow store: what can wait (result pages, the failing-work
-    # listing) is dropped as the margin runs short; the release and the report never are.
-    margin_end = deadline + FINISH_MARGIN_SECONDS
-    # What the report shows beyond the run (the failing work, the last runs) is read while the
-    # run is released: queries only when a report goes out.
-    listing: Future[dict[str, Any]] | None = None
-    history: Future[Any] | None = None
-    if send and margin_end - time.monotonic() < FINISH_MARGIN_SECONDS / 2:
-        log.warning("little time left to finish: the report goes without the failing work")
-    elif send:
-        listing, history = _report_reads(settings, client, options)
-    claim = {
-        "status": "sending" if send else "skipped",
-        "transport": settings.email_transport,
-        "at": firestore.SERVER_TIMESTAMP,
-        "error": None,
-    }
-    # The engine wrote what did not fit in memory to result pages as it went; the rest
-    # (or all of a custom module's results) is split here.
-    paged = getattr(result, "paged", 0) if result else 0
-    lost = getattr(result, "omitted", 0) if result else 0
-    inline, omitted = runs.store_results(
-        run_id, results, until=margin_end - FINISH_MARGIN_SECONDS * 3 / 4
-    )
-    omitted += lost
-
-    def finish(batch: Any, _: Any, inline: list[dict[str, Any]] = inline) -> None:
-        runs.finish(
-            batch,
-            run_id,
-            status=status,
-            summary=summary,
-            results=inline,
-            total=len(results) + paged + lost,
-            omitted=omitted,
-            error=error,
-            report=claim,
-        )
-
-    commit_errors: list[BaseException | None] = []
-
-    def landed() -> bool:
-        """Did the release commit land? Read back until the store answers: a guess either way
-        would strand the lock or send a second report."""
-        error = sys.exc_info()[1]  # called while handling the commit's error
-        commit_errors.append(error)
-        if not _may_have_landed(error):
-            return False
-        deadline = time.monotonic() + 2 * settings.rpc_timeout_seconds
-        for wait in (0.0, 0.2, 0.5, 1.0, 2.0):
-            if time.monotonic() + wait > deadline:
-                break
-            time.sleep(wait)
-            try:
-                record = runs.get(run_id, fields=["status"]) or {}
-            except StoreUnavailable:
-                continue
-            return record.get("status") == status
-        raise StoreUnavailable(
-            "Firestore unavailable: could not read back whether the run's end was recorded"
-        )
-
-    try:
-        try:
-            released = lock.release(lease, extra=finish, landed=landed)
-        except StoreRejected as exc:
-            # The record itself was refused (a value Firestore cannot store): never strand
-            # the lock over it. Release again with the summary only, then with a bare record.
-            log.error("the run record was refused (%s); releasing with the summary only", exc)
-            omitted = len(results) + lost
-            try:
-                released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
-            except StoreRejected as again:
-                log.error("the summary was refused too (%s); releasing with a bare record", again)
-                summary = minimal_summary(summary)
-                released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
-    except StoreUnavailable as exc:
-        log.error("could not record the end of the run: %s", one_line(exc))
-        error = error if status == "failed" and error else one_line(exc)
-        body = {"status": "failed", "runId": run_id, "error": error}
-        if any(_may_have_landed(e) for e in commit_errors):
-            # The release may have landed with its report claim: then the next run sends the
-            # report (it settles claims left `sending`). Sending here too could make two.
-            log.error("the report is left to the next run: the end may have been recorded")
-            return Outcome("failed", 500, body, run_id, None, stats)
-        # The store was never reached: nothing was recorded, no claim exists, and the
-        # operator must hear of the outage. The lock goes stale and is taken over.
-        report_input = replace(
-            _shown(report_input, listing, history),
-            status="failed",
-            error=error,
-            error_where="finishing the run",
-        )
-        report = send_smart_resume_report(settings, client, report_input, claimed=False)
-        return Outcome("failed", 500, body, run_id, report, stats)
-    if not released:
-        return _abandoned(run_id)
-    pings.end(run_id, status, summary, error)
-    report = claim
-    if send:
-        report_input = _shown(report_input, listing, history)
-        report = send_smart_resume_report(settings, client, report_input, claimed=True)
-    log.info("run ended %s", status, fields={"summary": summary, "report": report.get("status")})
-    if status == "failed":
-        body = {"status": "failed", "runId": run_id, "error": error}
-        return Outcome("failed", 500, body, run_id, report, stats)
-    body = {"status": status, "runId": run_id, "summary": jsonable(summary)}
-    if options.client_id and not summary.get("clients"):
-        body["detail"] = NOT_SELECTED
-    return Outcome(status, 200, body, run_id, report, stats)
-
-
-def _report_reads(
-    settings: Settings, client: firestore.Client, options: RunOptions
-) -> tuple[Future[dict[str, Any]], Future[Any]]:
-    """The failing work and the last runs, for the report, read in the background."""
-    from shared.report import report_history
-
-    return (
-        store.background(lambda: _failing_work(settings, client, options)),
-        store.background(lambda: report_history(settings, client)),
-    )
-
-
-def _shown(report: Any, listing: Future[Any] | None, history: Future[Any] | None) -> Any:
-    """The report with what was read for it while the run was released."""
-    extra = listing.result() if listing is not None else {}
-    return replace(report, **extra, history=history.result() if history is not None else ())
-
-
-def _failing_work(
-    settings: Settings, client: firestore.Client, options: RunOptions
-) -> dict[str, Any]:
-    """The quarantined and backed-off work, and the problems in documents, that the report
-    names (small queries, issued together)."""
-    from shared.quarantine import failing, problems
-
-    shard = (options.shard, settings.shards) if options.shard is not None else None
-    try:
-        found, listed = store.parallel(
-            lambda: failing(settings, client, options.stream, shard),
-            lambda: problems(settings, client),
-        )
-    except Exception as exc:  # the report goes without it
-        log.warning("could not list failing work for the report: %s", one_line(exc))
-        return {}
-    return {
-        "quarantined": tuple(found["quarantined"]),
-        "backed_off": tuple(found["backedOff"]),
-        "problems": tuple(listed),
-    }
+    end = Ended(settings, client, lock, lease, runs, options, deadline, started, pings)
+    return finish_run(end, result, status, error, where)
 
 
 class _NotStarted(Exception):
@@ -512,153 +300,3 @@ def _fence_off(settings: Settings, client: firestore.Client, lock: Lock, lease: 
         if closed:
             log.warning("revoked %d client claims of run %s", closed, previous)
     lock.revoked(lease, done)
-
-
-def _may_have_landed(exc: BaseException | None) -> bool:
-    """Whether a commit that failed with `exc` may still have been applied: only a store that
-    was never reached (unavailable, refused connection) is known not to have applied it."""
-    while exc is not None:
-        if isinstance(exc, gexc.ServiceUnavailable):
-            return False
-        inner = getattr(exc, "cause", None)  # a RetryError's last attempt
-        exc = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
-    return True
-
-
-def _still_ours(lock: Lock, lease: Lease) -> bool:
-    try:
-        state = lock.read()
-    except StoreUnavailable:
-        return False
-    return state.held and state.run_id == lease.run_id and state.token == lease.token
-
-
-def _settle_reports(settings: Settings, client: firestore.Client, runs: Runs, run_id: str) -> None:
-    """Send, or mark `lost` with a reason, the reports that earlier runs of this lock left
-    `sending`: their instance died between claiming the report and recording how it went.
-
-    A claim younger than the longest a send can take (`sending_grace`) may still be in flight
-    from its own run (it sends after releasing the lock) and is left alone. Never raises: the
-    run goes on whatever happens here.
-    """
-    try:
-        left = runs.reports_sending(SETTLE_LIMIT)
-    except Exception as exc:
-        log.warning("could not look for unsent reports: %s", one_line(exc))
-        return
-    for snap, record in left:
-        if snap.id == run_id:
-            continue
-        try:
-            _settle_report(settings, client, run_id, snap, record)
-        except Exception as exc:
-            log.warning("could not settle the report of run %s: %s", snap.id, one_line(exc))
-
-
-def sending_grace(settings: Settings) -> float:
-    """Seconds a report may rightly stay `sending`: every attempt of a provider's send (three,
-    each up to a connect and a read timeout) with their backoff, and a margin."""
-    return 6 * settings.email_timeout_seconds + 30
-
-
-def _settle_report(  # type: ignore[no-untyped-def]
-    settings: Settings, client: firestore.Client, run_id: str, snap, record: dict[str, Any]
-) -> None:
-    from shared.report import ReportInput, send_smart_resume_report
-
-    claim = record.get("report") or {}
-    at = claim.get("at")
-    age = (snap.read_time - at).total_seconds() if isinstance(at, dt.datetime) else None
-    if age is not None and age < sending_grace(settings):
-        return
-    lost = None
-    if record.get("status") not in FINISHED:
-        lost = "its run never finished"
-    elif claim.get("settledBy"):
-        lost = f"run {claim['settledBy']} tried to send it again and stopped before recording it"
-    elif age is not None and age > LOST_AFTER_SECONDS:
-        lost = f"left unsent for {age / 3600:.0f} h by an instance that stopped: too late to send"
-    elif age is None:
-        lost = "left unsent by an instance that stopped, at an unknown time"
-    ref = client.collection(store.RUNS).document(snap.id)
-    mark = {
-        "status": "lost" if lost else "sending",
-        "transport": claim.get("transport") if lost else settings.email_transport,
-        "at": firestore.SERVER_TIMESTAMP,
-        "error": lost,
-        "settledBy": run_id,
-    }
-    try:
-        with store.translate_errors("settling a report"):
-            ref.update(
-                {"report": mark},
-                option=client.write_option(last_update_time=snap.update_time),
-                **store.commit_call(settings),
-            )
-    except (gexc.FailedPrecondition, gexc.NotFound):
-        return  # it changed since we looked: whoever changed it owns it
-    if lost:
-        log.warning("report of run %s marked lost: %s", snap.id, lost)
-        return
-    log.warning("report of run %s was left sending by a stopped instance; sending it", snap.id)
-    took_over = record.get("tookOver")
-    started, finished = record.get("startedAt"), record.get("finishedAt")
-    send_smart_resume_report(
-        settings,
-        client,
-        ReportInput(
-            run_id=str(record.get("runId") or snap.id),
-            status=str(record.get("status")),
-            summary=record.get("summary") or {},
-            results=[r for r in record.get("results") or [] if isinstance(r, dict)],
-            client_names={},
-            error=record.get("error"),
-            takeover={"runId": took_over, "ageSeconds": None} if took_over else None,
-            started_at=started if isinstance(started, dt.datetime) else None,
-            finished_at=finished if isinstance(finished, dt.datetime) else None,
-            lock_name=settings.lock_name,
-        ),
-        claimed=True,
-    )
-
-
-def _abandoned(run_id: str) -> Outcome:
-    log.error("lease lost: stopped without writing anything more")
-    body = {"status": "abandoned", "runId": run_id, "error": "lease lost"}
-    return Outcome("abandoned", 500, body, run_id)
-
-
-def _failed_before_start(
-    settings: Settings,
-    client: firestore.Client,
-    runs: Runs,
-    run_id: str,
-    exc: Exception,
-    trigger: dict[str, Any],
-    schedule_time: str | None,
-) -> Outcome:
-    """The module or pipeline would not load: record a failed run, report it, take no lock."""
-    from shared.report import ReportInput, send_smart_resume_report
-
-    error = one_line(exc)
-    where = "loading the resume module" if isinstance(exc, ModuleLoadError) else "the pipeline"
-    log.error("run failed before starting: %s", error)
-    runs.record_failed(run_id, trigger=trigger, schedule_time=schedule_time, error=error)
-    ping(settings, "fail", end_body(run_id, "failed", {}, error))
-    report = send_smart_resume_report(
-        settings,
-        client,
-        ReportInput(
-            run_id=run_id,
-            status="failed",
-            summary=summarize([], 0, 0.0),
-            results=[],
-            client_names={},
-            error=error,
-            error_where=where,
-            module_error=isinstance(exc, ModuleLoadError),
-            lock_name=settings.lock_name,
-        ),
-    )
-    body = {"status": "failed", "runId": run_id, "error": error}
-    return Outcome("failed", 500, body, run_id, report)
