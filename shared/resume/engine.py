@@ -31,7 +31,8 @@ from shared.heartbeat import Heartbeat
 from shared.lock import Lease, Lock
 from shared.log import get_logger
 from shared.resume import limits
-from shared.resume.due import Reconcile, Selection
+from shared.resume.due import Selection
+from shared.resume.full_pass import Reconcile
 from shared.resume.pipeline import Pipeline
 from shared.resume.plan import ClientPlan, RunOptions
 from shared.resume.results import ResultSink

@@ -283,3 +283,23 @@ def failing(plan: ClientPlan, pipeline: Pipeline) -> dict[str, dict[str, Any]]:
             "error": state.get("error") if isinstance(state.get("error"), str) else None,
         }
     return out
+
+
+def client_fields(
+    plan: ClientPlan, pipeline: Pipeline, now: dt.datetime, stamp_shard: bool = False
+) -> dict[str, Any]:
+    """What the client document says about its work: when it is next due and what is failing.
+
+    Only the full pass stamps `shard` (`stamp_shard`): a run of an older shard layout, still
+    finishing while the new one starts, must not write its own layout's shard back."""
+    failures = failing(plan, pipeline)
+    fields: dict[str, Any] = {
+        "nextDueAt": next_due(plan, pipeline, now),
+        "failing": failures,
+        "failingCount": len(failures),
+        "quarantinedCount": sum(1 for f in failures.values() if f["state"] == "quarantined"),
+        **documents.problem_fields(plan.all_problems()),
+    }
+    if stamp_shard and plan.shard is not None:
+        fields["shard"] = plan.shard
+    return fields

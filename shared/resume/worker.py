@@ -22,7 +22,6 @@ from shared import documents, store
 from shared.errors import ClientTrouble, LeaseLost, OperationFailed, StoreUnavailable
 from shared.log import bind, get_logger, mask
 from shared.resume import limits
-from shared.resume.due import client_fields
 from shared.resume.http_operation import run_http
 from shared.resume.operations import Context, Outcome, run_python
 from shared.resume.pipeline import Operation
@@ -31,6 +30,7 @@ from shared.resume.plan import (
     RESUMES,
     ClientPlan,
     Step,
+    client_fields,
     failures_of,
     next_due,
 )
