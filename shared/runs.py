@@ -17,17 +17,19 @@ from google.cloud.firestore_v1.batch import WriteBatch
 
 from shared import documents, store
 from shared.config import Settings
+from shared.resume.results import (
+    MAX_PAGES,
+    PAGE_RESULT_BYTES,
+    RECORD_RESULT_BYTES,
+    RESULTS,
+    split_by_bytes,
+)
+from shared.resume.results import stored_size as stored_size  # where callers have found it
 
 FINISHED = ("completed", "partial", "failed", "cancelled", "abandoned")
 #: The ends that count as the job having run: health's `lastSuccessAt`, the success ping.
 SUCCEEDED = ("completed", "partial", "cancelled")
 SAME_SECOND_SLACK = 10  # runs that may share a start second, read beyond the limit to order
-RESULTS = "results"  # subcollection of a run: the results that do not fit its document
-#: Bytes of results kept in the run document itself, and per page document: well under
-#: Firestore's 1 MiB per document, with room for the summary and the rest of the record.
-RECORD_RESULT_BYTES = 512 * 1024
-PAGE_RESULT_BYTES = 768 * 1024
-MAX_PAGES = 40
 #: What status reads of a run: everything but the per-client results.
 SUMMARY_FIELDS = [
     "runId",
@@ -43,35 +45,6 @@ SUMMARY_FIELDS = [
     "report",
     "tookOver",
 ]
-
-
-def stored_size(value: Any) -> int:
-    """Firestore's storage size of a value (strings as UTF-8 bytes + 1; see its docs)."""
-    if isinstance(value, str):
-        return len(value.encode("utf-8", "surrogatepass")) + 1
-    if isinstance(value, dict):
-        return sum(stored_size(k) + stored_size(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return sum(stored_size(v) for v in value)
-    if value is None or isinstance(value, bool):
-        return 1
-    return 8
-
-
-def split_by_bytes(
-    results: list[dict[str, Any]], first: int, rest: int
-) -> list[list[dict[str, Any]]]:
-    """Results in chunks: the first under `first` bytes, the others under `rest` each."""
-    chunks: list[list[dict[str, Any]]] = [[]]
-    budget, used = first, 0
-    for entry in results:
-        size = stored_size(entry)
-        if used + size > budget and chunks[-1]:
-            chunks.append([])
-            budget, used = rest, 0
-        chunks[-1].append(entry)
-        used += size
-    return chunks
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:

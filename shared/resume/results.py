@@ -15,14 +15,48 @@ from google.cloud import firestore
 from shared import store
 from shared.config import Settings
 from shared.log import get_logger
-from shared.runs import MAX_PAGES, PAGE_RESULT_BYTES, RECORD_RESULT_BYTES, RESULTS, stored_size
 
 log = get_logger("results")
+RESULTS = "results"  # subcollection of a run: the results that do not fit its document
+#: Bytes of results kept in the run document itself, and per page document: well under
+#: Firestore's 1 MiB per document, with room for the summary and the rest of the record.
+RECORD_RESULT_BYTES = 512 * 1024
+PAGE_RESULT_BYTES = 768 * 1024
+MAX_PAGES = 40
 #: Count names the summary's `impact` keeps (the rest are summed in `impactOmitted`): a run
 #: whose operations report 10,000 distinct names still records and releases.
 MAX_IMPACT_NAMES = 100
 #: The summary fields that always fit: the counts a bare, last-resort record keeps.
 MINIMAL_FIELDS = ("clients", "processed", "skipped", "failed", "deferred", "durationSeconds")
+
+
+def stored_size(value: Any) -> int:
+    """Firestore's storage size of a value (strings as UTF-8 bytes + 1; see its docs)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass")) + 1
+    if isinstance(value, dict):
+        return sum(stored_size(k) + stored_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(stored_size(v) for v in value)
+    if value is None or isinstance(value, bool):
+        return 1
+    return 8
+
+
+def split_by_bytes(
+    results: list[dict[str, Any]], first: int, rest: int
+) -> list[list[dict[str, Any]]]:
+    """Results in chunks: the first under `first` bytes, the others under `rest` each."""
+    chunks: list[list[dict[str, Any]]] = [[]]
+    budget, used = first, 0
+    for entry in results:
+        size = stored_size(entry)
+        if used + size > budget and chunks[-1]:
+            chunks.append([])
+            budget, used = rest, 0
+        chunks[-1].append(entry)
+        used += size
+    return chunks
 
 
 def bounded_summary(summary: dict[str, Any]) -> dict[str, Any]:
