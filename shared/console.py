@@ -19,7 +19,6 @@ from google.cloud import firestore
 from shared import documents, store
 from shared.config import Settings
 from shared.errors import InvalidRequest, PipelineError
-from shared.log import mask
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import (
     DECISION_FIELDS,
@@ -215,8 +214,7 @@ def last_error(error: Any) -> str | None:
     `MAX_ERROR_CHARS`, every known secret masked (before it is cut, so no part of one shows)."""
     if not isinstance(error, str) or not error.strip():
         return None
-    text = mask(" ".join(error.split()))
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+    return documents.error_line(error, MAX_ERROR_CHARS)
 
 
 def _due(value: Any) -> str | None:

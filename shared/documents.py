@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from shared.log import mask
+
 #: A name, an id or a short text taken from a document into an answer, a page or a report.
 MAX_TEXT = 200
 #: Problems kept per client document, and listed by the status.
@@ -52,6 +54,13 @@ def text(value: Any, limit: int = MAX_TEXT) -> str:
     if len(value) > limit or "\n" in value or "\r" in value:
         value = " ".join(value[: limit * 2].split())
     return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def error_line(value: Any, limit: int) -> str:
+    """An error as people see it: one line, every known secret masked (before it is cut, so
+    no part of one shows), at most `limit` characters."""
+    line = mask(" ".join(str(value).split()))
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def bounded(value: Any, items: int = 20, chars: int = MAX_TEXT, depth: int = 3) -> Any:

@@ -29,6 +29,7 @@ from typing import Any
 from google.cloud import firestore
 
 from shared.config import Settings
+from shared.documents import error_line
 from shared.heartbeat import PROGRESS_AT
 from shared.lock import Lock, LockState
 from shared.runs import FINISHED, SUCCEEDED, Runs, jsonable
@@ -138,11 +139,6 @@ def _seconds(value: float) -> str:
     return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
 
 
-def _short(text: Any) -> str:
-    value = " ".join(str(text).split())
-    return value if len(value) <= MAX_ERROR_CHARS else value[: MAX_ERROR_CHARS - 1] + "…"
-
-
 def progress_age(lock: LockState) -> float | None:
     """Seconds since a live run's progress last moved (its start, if it never moved)."""
     moved = lock.progress.get(PROGRESS_AT)
@@ -219,7 +215,7 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
     failing: list[str] = []
     last = next((r for r in evidence.newest if r.get("status") in FINISHED), None)
     if last is not None and last.get("status") in FAILED_ENDS:
-        error = f": {_short(last['error'])}" if last.get("error") else ""
+        error = f": {error_line(last['error'], MAX_ERROR_CHARS)}" if last.get("error") else ""
         failing.append(f"the last run {last.get('runId')} ended {last.get('status')}{error}")
     if evidence.quarantined:
         named = ", ".join(
