@@ -118,11 +118,8 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every value that must never appear in a log line, response or file."""
-        return tuple(
-            s
-            for s in (*self.webhook_secrets, self.sendgrid_api_key, *url_secrets(self.ping_url))
-            if s
-        )
+        found = (*self.webhook_secrets, self.sendgrid_api_key, *url_secrets(self.ping_url))
+        return tuple(s for s in found if s)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -217,7 +214,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not all(part.isidentifier() for part in module.split(".")):
         r.problems.append(f"SMART_RESUME_MODULE={module!r} is not a dotted module name")
 
-    expected = _expected_every(r)
+    expected = r.optional_seconds("SMART_RESUME_EXPECTED_EVERY_SECONDS", None)
     grace = _grace(r, expected)
     stuck = r.seconds("SMART_RESUME_STUCK_SECONDS")
     if stuck <= heartbeat:  # False for NaN: a bad value is reported once, by name
@@ -226,9 +223,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"SMART_RESUME_STUCK_SECONDS ({stuck:g}) must be longer than "
             f"SMART_RESUME_HEARTBEAT_SECONDS ({heartbeat:g})"
         )
-    behind = 2 * expected if expected else 3600.0
-    if r.raw("SMART_RESUME_BEHIND_SECONDS") is not None:
-        behind = r.seconds("SMART_RESUME_BEHIND_SECONDS")
+    behind = r.optional_seconds("SMART_RESUME_BEHIND_SECONDS", 2 * expected if expected else 3600.0)
     ping_url = r.raw("SMART_RESUME_PING_URL")
     if ping_url is not None and not http_url(ping_url):
         # Never echo the value: it is a secret.
@@ -263,9 +258,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         emulator_host=r.raw("FIRESTORE_EMULATOR_HOST"),
         rpc_timeout_seconds=r.seconds("SMART_RESUME_RPC_TIMEOUT_SECONDS"),
         email_timeout_seconds=r.seconds("SMART_RESUME_EMAIL_TIMEOUT_SECONDS"),
-        log_format=r.choice(
-            "SMART_RESUME_LOG_FORMAT", LOG_FORMATS, "json" if r.env.get("K_SERVICE") else "text"
-        ),
+        log_format=_log_format(r),
         expected_every_seconds=expected,
         grace_seconds=grace,
         stuck_seconds=stuck,
@@ -277,11 +270,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def _expected_every(r: Reader) -> float | None:
-    if r.raw("SMART_RESUME_EXPECTED_EVERY_SECONDS") is None:
-        return None
-    value = r.seconds("SMART_RESUME_EXPECTED_EVERY_SECONDS")
-    return None if math.isnan(value) else value
+def _log_format(r: Reader) -> str:
+    default = "json" if r.env.get("K_SERVICE") else "text"  # Cloud Logging reads JSON lines
+    return r.choice("SMART_RESUME_LOG_FORMAT", LOG_FORMATS, default)
 
 
 def _grace(r: Reader, expected: float | None) -> float:
@@ -315,9 +306,7 @@ def warn_unknown_variables(function: str) -> None:
         return
     from shared import log as logging_setup
 
-    r = Reader(os.environ, VARIABLES)
-    default = "json" if os.environ.get("K_SERVICE") else "text"
-    logging_setup.configure(r.choice("SMART_RESUME_LOG_FORMAT", LOG_FORMATS, default))
+    logging_setup.configure(_log_format(Reader(os.environ, VARIABLES)))
     logger = logging_setup.get_logger("config")
     for warning in warnings:
         logger.warning("%s at start: %s", function, warning)

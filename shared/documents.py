@@ -63,6 +63,12 @@ def error_line(value: Any, limit: int) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def named(items: list[str], most: int) -> str:
+    """The first `most` of `items`, and how many more there are."""
+    more = len(items) - most
+    return ", ".join(items[:most]) + (f" and {more} more" if more > 0 else "")
+
+
 def bounded(value: Any, items: int = 20, chars: int = MAX_TEXT, depth: int = 3) -> Any:
     """A copy of `value` fit to be returned: strings cut, maps and lists shortened, nesting
     flattened below `depth`. Timestamps and numbers pass as they are."""
@@ -101,12 +107,7 @@ class Problem:
 
     def listed(self) -> dict[str, Any]:
         """As the status lists it (contract: clientId, operation, problem)."""
-        return {
-            "clientId": text(self.client_id),
-            "operation": self.operation,
-            "field": self.field,
-            "problem": self.problem,
-        }
+        return {"clientId": text(self.client_id), **self.stored()}
 
 
 def _wrong(field: str, value: Any, want: str, effect: str) -> str:
@@ -185,9 +186,7 @@ def client(client_id: str, data: dict[str, Any] | None, names: Iterable[str]) ->
             operations = tuple(n for n in known if n in selected)
             unknown = tuple(dict.fromkeys(n for n in selected if n not in known))
             if unknown:
-                quoted = ", ".join(repr(text(n, 40)) for n in unknown[:MAX_NAMED])
-                more = len(unknown) - MAX_NAMED
-                quoted += f" and {more} more" if more > 0 else ""
+                quoted = named([repr(text(n, 40)) for n in unknown], MAX_NAMED)
                 effect = "they are ignored" if operations else "nothing runs for this client"
                 problem(
                     "operations",
@@ -241,11 +240,7 @@ def merged(
     replaced by what was `found`; what was not looked at this time keeps what was stored."""
     looked = set(checked)
     kept = [p for p in stored if (p.operation, p.field) not in looked]
-    out: list[Problem] = []
-    for p in [*found, *kept]:
-        if p not in out:
-            out.append(p)
-    return out[:MAX_CLIENT_PROBLEMS]
+    return list(dict.fromkeys([*found, *kept]))[:MAX_CLIENT_PROBLEMS]
 
 
 def problem_fields(problems: list[Problem]) -> dict[str, Any]:
@@ -308,15 +303,8 @@ def state(
             if value is None or isinstance(value, dict):
                 clean[key] = value
             else:
-                problem(
-                    key,
-                    _wrong(
-                        key,
-                        value,
-                        "a map",
-                        "the operation is skipped until the state is fixed or deleted",
-                    ),
-                )
+                skipped = "the operation is skipped until the state is fixed or deleted"
+                problem(key, _wrong(key, value, "a map", skipped))
                 clean["badCheckpoint"] = True
         elif key == "error":
             clean[key] = text(value, 500) if isinstance(value, str) else None
@@ -340,20 +328,15 @@ def failing_entries(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         failures = entry.get("failures")
         if not is_int(failures) or failures < 1:
             continue
-        out.append(
-            (
-                text(operation),
-                {
-                    "state": entry["state"],
-                    "failures": failures,
-                    "since": timestamp(entry.get("since")),
-                    "dueAt": timestamp(entry.get("dueAt")),
-                    "error": text(entry["error"], 300)
-                    if isinstance(entry.get("error"), str)
-                    else None,
-                },
-            )
-        )
+        error = entry.get("error")
+        kept = {
+            "state": entry["state"],
+            "failures": failures,
+            "since": timestamp(entry.get("since")),
+            "dueAt": timestamp(entry.get("dueAt")),
+            "error": text(error, 300) if isinstance(error, str) else None,
+        }
+        out.append((text(operation), kept))
     return out
 
 
@@ -378,11 +361,8 @@ def run_record(data: dict[str, Any] | None) -> dict[str, Any]:
         elif key in ("trigger", "report"):
             out[key] = bounded(value, items=10) if isinstance(value, dict) else None
         elif key == "results":
-            out[key] = (
-                [bounded(r, items=10, chars=500) for r in value if isinstance(r, dict)]
-                if (isinstance(value, list))
-                else []
-            )
+            rows = value if isinstance(value, list) else []
+            out[key] = [bounded(r, items=10, chars=500) for r in rows if isinstance(r, dict)]
         else:
             out[key] = bounded(value, items=10)
     return out
@@ -396,11 +376,8 @@ def _summary(value: Any) -> dict[str, Any]:
         if not isinstance(key, str):
             continue
         if key == "impact":
-            out[key] = (
-                {text(k): n for k, n in list(v.items())[:50] if is_int(n)}
-                if isinstance(v, dict)
-                else {}
-            )
+            impact = list(v.items())[:50] if isinstance(v, dict) else []
+            out[key] = {text(k): n for k, n in impact if is_int(n)}
         elif is_int(v) or isinstance(v, float):
             out[text(key)] = v
         else:

@@ -42,6 +42,10 @@ class Reader:
     def seconds(self, name: str) -> float:
         return self.positive(name, "seconds")
 
+    def optional_seconds(self, name: str, default: T) -> float | T:
+        """`default` when unset, else as `seconds`."""
+        return default if self.raw(name) is None else self.seconds(name)
+
     def positive(self, name: str, unit: str) -> float:
         """A positive, finite number of `unit`; NaN on error, so cross-checks on it stay quiet."""
         before = len(self.problems)

@@ -28,7 +28,6 @@ from shared.report_tables import HEAD_COLOURS as _HEAD  # noqa: F401 (its old na
 from shared.report_tables import HISTORY as HISTORY
 from shared.report_tables import MAX_ROWS as MAX_ROWS
 from shared.report_tables import STRIP_MAX_PX as STRIP_MAX_PX
-from shared.report_tables import one_line
 from shared.transports import Message as Message
 
 logger = get_logger("report")
@@ -40,7 +39,7 @@ FAILURE_KINDS = frozenset({"failed", "partial", "abandoned"})
 
 
 def _brief(exc: BaseException) -> str:
-    return one_line(exc)[:300]
+    return " ".join(str(exc).split())[:300]
 
 
 def report_history(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], ...]:
@@ -118,12 +117,12 @@ def _record(
         )
 
 
-def _failed(transport: str, exc: BaseException) -> dict[str, Any]:
-    return {
-        "status": "failed",
-        "transport": transport,
-        "error": f"{type(exc).__name__}: {_brief(exc)}",
-    }
+def _result(transport: str, status: str, error: str | None = None) -> dict[str, Any]:
+    return {"status": status, "transport": transport, "error": error}
+
+
+def _crash(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_brief(exc)}"
 
 
 def _deliver(settings: Settings, client: firestore.Client, report: ReportInput) -> dict[str, Any]:
@@ -135,7 +134,7 @@ def _deliver(settings: Settings, client: firestore.Client, report: ReportInput) 
             f"report skipped (SMART_RESUME_EMAIL_ON={settings.email_on})",
             fields={**fields, "runStatus": report.status},
         )
-        return {"status": "skipped", "transport": transport, "error": None}
+        return _result(transport, "skipped")
     try:
         if not report.history:
             report = replace(report, history=report_history(settings, client))
@@ -146,14 +145,14 @@ def _deliver(settings: Settings, client: firestore.Client, report: ReportInput) 
             "report delivery failed",
             fields={**fields, "transport": transport, "status": exc.status, "detail": exc.detail},
         )
-        return {"status": "failed", "transport": transport, "error": str(exc)}
+        return _result(transport, "failed", str(exc))
     except Exception as exc:
         logger.exception("report could not be built or sent", fields=fields)
-        return _failed(transport, exc)
+        return _result(transport, "failed", _crash(exc))
     logger.info(
         "report sent", fields={**fields, "transport": transport, "subject": message.subject}
     )
-    return {"status": "sent", "transport": transport, "error": None}
+    return _result(transport, "sent")
 
 
 def send_smart_resume_report(
@@ -192,4 +191,4 @@ def send_smart_resume_report(
         return {**record, "at": dt.datetime.now(dt.UTC)}
     except Exception as exc:  # the last line of defence: a report never fails the run
         logger.exception("report step failed", fields={"runId": report.run_id})
-        return {**_failed(transport, exc), "at": dt.datetime.now(dt.UTC)}
+        return {**_result(transport, "failed", _crash(exc)), "at": dt.datetime.now(dt.UTC)}

@@ -12,21 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.report_tables import (
-    HEAD_COLOURS,
-    MAX_ID_CHARS,
-    MAX_NAME_CHARS,
-    MAX_ROWS,
-    client_rows,
-    label,
-    left_out,
-    one_line,
-    run_strip,
-    seconds,
-    shown_rows,
-    span,
-    truncate,
-)
+from shared import report_tables as tables
+from shared.documents import named
+from shared.report_tables import one_line, span, truncate
 from shared.transports import Message
 
 MAX_ERROR_CHARS = 500
@@ -68,7 +56,7 @@ class ReportInput:
 
 
 def _took(report: ReportInput) -> float | None:
-    return seconds(report.summary, report.started_at, report.finished_at)
+    return tables.seconds(report.summary, report.started_at, report.finished_at)
 
 
 def count(report: ReportInput, key: str) -> int:
@@ -138,8 +126,7 @@ def _attention(report: ReportInput) -> list[str]:
     reasons = []
     now = _quarantined_now(report)
     if now:
-        named = ", ".join(now[:5]) + (f" and {len(now) - 5} more" if len(now) > 5 else "")
-        reasons.append(f"this run quarantined {len(now)} client-operation(s): {named}")
+        reasons.append(f"this run quarantined {len(now)} client-operation(s): {named(now, 5)}")
     if report.problems:
         n = len(report.problems)
         reasons.append(f"{n} client document(s) or state(s) cannot be used (see Problems)")
@@ -240,7 +227,7 @@ def _errors(report: ReportInput, rows: Iterable[dict[str, Any]]) -> list[str]:
     failed = [r for r in rows if r["error"]]
     for row in failed[:20]:
         errors.append(
-            f"{label(row['client'], row['clientId'])} / {row['operation']}: "
+            f"{tables.label(row['client'], row['clientId'])} / {row['operation']}: "
             f"{truncate(row['error'], MAX_ERROR_CHARS)}"
         )
     if len(failed) > 20:
@@ -252,9 +239,9 @@ def _problems(report: ReportInput) -> list[str]:
     """One line per client document or state the engine could not use (bounded)."""
     lines = []
     for p in report.problems[:MAX_PROBLEMS]:
-        where = truncate(one_line(p.get("clientId")), MAX_ID_CHARS)
+        where = truncate(one_line(p.get("clientId")), tables.MAX_ID_CHARS)
         if p.get("operation"):
-            where += f" / {truncate(one_line(p.get('operation')), MAX_NAME_CHARS)}"
+            where += f" / {truncate(one_line(p.get('operation')), tables.MAX_NAME_CHARS)}"
         lines.append(f"{where}: {truncate(one_line(p.get('problem')), MAX_PROBLEM_CHARS)}")
     if len(report.problems) > MAX_PROBLEMS:
         lines.append(f"... and {len(report.problems) - MAX_PROBLEMS} more")
@@ -280,9 +267,9 @@ def build_message(report: ReportInput) -> Message:
     """Render the subject, plain text and HTML of a report (templates, loaded on first use)."""
     from shared import templates
 
-    rows = client_rows(report.results, report.client_names)
+    rows = tables.client_rows(report.results, report.client_names)
     facts = _facts(report)
-    strip = run_strip(report.history, report.run_id, report.status, _took(report))
+    strip = tables.run_strip(report.history, report.run_id, report.status, _took(report))
     attention = _attention(report)
     context = {
         "subject": build_subject(report),
@@ -290,18 +277,18 @@ def build_message(report: ReportInput) -> Message:
         "status": report.status,
         "head": ATTENTION
         if attention and report.status not in ("failed", "abandoned")
-        else HEAD_COLOURS.get(report.status, "#333333"),
+        else tables.HEAD_COLOURS.get(report.status, "#333333"),
         "attention": bool(attention),
         "headline": _headline(report, attention),
         "problems": _problems(report),
         "facts": facts,
         "width": max(len(k) for k, _ in facts),
         "errors": _errors(report, rows),
-        "failing": _failing(report)[:MAX_ROWS],
+        "failing": _failing(report)[: tables.MAX_ROWS],
         "strip": strip,
         "longest": span(max((r["seconds"] or 0.0 for r in strip), default=0.0)),
-        "rows": shown_rows(rows),
-        "note": left_out(rows),
+        "rows": tables.shown_rows(rows),
+        "note": tables.left_out(rows),
         "hints": _hints(report),
         "one_line": one_line,
     }

@@ -17,13 +17,7 @@ MAX_ID_CHARS = 200
 HISTORY = 10
 STRIP_MIN_PX, STRIP_MAX_PX = 4, 40
 _ORDER = {"failed": 0, "deferred": 1, "processed": 2, None: 3, "skipped": 4}
-_COLOURS = {
-    "failed": "#b00020",
-    "deferred": "#a15c00",
-    "processed": "#1b6e20",
-    "skipped": "#666666",
-    None: "#666666",
-}
+_COLOURS = {"failed": "#b00020", "deferred": "#a15c00", "processed": "#1b6e20"}  # else grey
 #: A run's colour by how it ended: the report's head (unless it needs attention), and its bar.
 HEAD_COLOURS = {
     "completed": "#1b6e20",
@@ -82,28 +76,19 @@ def client_rows(
     """One row per result, plus one per selected client that has none; most urgent first."""
     names = {cid: str(name) for cid, name in client_names.items()}
 
-    def row(cid: str, outcome: Any, reason: str, operation: str = "", error: str = "") -> dict:
+    def row(cid: str, result: dict[str, Any], reason: str) -> dict[str, Any]:
         return {
             "client": names.get(cid, cid),
             "clientId": cid,
-            "operation": operation,
-            "outcome": outcome,
+            "operation": result.get("operation") or "",
+            "outcome": result.get("outcome"),
             "reason": reason,
-            "error": error,
+            "error": result.get("error") or "",
         }
 
-    rows = [
-        row(
-            str(r.get("clientId")),
-            r.get("outcome"),
-            _what_happened(r),
-            r.get("operation") or "",
-            r.get("error") or "",
-        )
-        for r in results
-    ]
+    rows = [row(str(r.get("clientId")), r, _what_happened(r)) for r in results]
     seen = {r["clientId"] for r in rows}
-    rows += [row(cid, None, "no operation ran") for cid in names if cid not in seen]
+    rows += [row(cid, {}, "no operation ran") for cid in names if cid not in seen]
     order = {cid: i for i, cid in enumerate(names)}
     rows.sort(key=lambda r: (_ORDER.get(r["outcome"], 3), order.get(r["clientId"], len(order))))
     return rows

@@ -1,8 +1,8 @@
-"""`python -m shared.resume`: the same resume module, outside any function.
+"""`python -m shared.resume`: the same resume module, outside any function; its commands
+and what each does (what they print: `shared.resume.cli_answers`; exit codes: `EPILOG`).
 
 `run` takes the lock itself (with heartbeat), so a cron-less local run is as safe as one from
-Cloud Scheduler. Exit codes: 0 done, 1 failed, 2 usage, 3 locked, 4 partial or cancelled,
-5 completed with failed client-operations.
+Cloud Scheduler.
 """
 
 from __future__ import annotations
@@ -24,16 +24,7 @@ from shared.exit_codes import (
     EXIT_USAGE,
 )
 from shared.lock import NotRunning
-from shared.resume import live
-from shared.resume.cli_answers import (
-    QuietPipe,
-    print_plan,
-    print_run,
-    print_status,
-    print_unlock,
-    say,
-)
-from shared.resume.live import MODES
+from shared.resume import cli_answers, live
 
 #: Bounds of --progress-every: a busy loop below, and beyond what a thread can wait above.
 MIN_EVERY, MAX_EVERY = 0.1, 86400.0
@@ -78,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     filters(run)
     run.add_argument(
         "--progress",
-        choices=MODES,
+        choices=live.MODES,
         default="auto",
         help="while it runs, on standard error: a live bar (clients done of due, elapsed, the "
         "client and operation, failures), plain lines every --progress-every seconds, or "
@@ -125,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit code. Output to a reader that stops reading (`plan | head`)
     is dropped quietly: the command's own outcome and exit code stand."""
     stdout = sys.stdout
-    sys.stdout = quiet = QuietPipe(stdout)
+    sys.stdout = quiet = cli_answers.QuietPipe(stdout)
     try:
         code = _main(argv)
         quiet.flush()
@@ -200,7 +191,7 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
                     return EXIT_USAGE
                 print(f"error: {outcome.body.get('error')}", file=sys.stderr)
                 return EXIT_FAILED
-            print_plan(outcome.body["plan"], args.json)
+            cli_answers.print_plan(outcome.body["plan"], args.json)
             if outcome.body.get("detail"):
                 print(outcome.body["detail"], file=sys.stderr)
             return EXIT_OK
@@ -217,7 +208,7 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             pipeline=pipeline,
             watch=live.watch(args.progress, args.progress_every),
         )
-        print_run(outcome.body, args.json)
+        cli_answers.print_run(outcome.body, args.json)
         code = EXIT_BY_STATUS.get(outcome.status, EXIT_FAILED)
         if code == EXIT_OK and (outcome.body.get("summary") or {}).get("failed"):
             return EXIT_FAILURES  # completed, but some client-operations failed
@@ -225,16 +216,18 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
     if args.command == "status":
         if not 1 <= args.runs <= 50:
             raise ValueError("--runs must be from 1 to 50")
-        print_status(status.snapshot(settings, client, args.runs, args.shard), args.json)
+        cli_answers.print_status(
+            status.snapshot(settings, client, args.runs, args.shard), args.json
+        )
         return EXIT_OK
     if args.command == "cancel":
         try:
             run_id = status.cancel(settings, client, args.shard)
         except NotRunning:
-            say(args.json, {"status": "not running"}, "nothing is running")
+            cli_answers.say(args.json, {"status": "not running"}, "nothing is running")
             return EXIT_LOCKED
         body = {"status": "cancel requested", "runId": run_id}
-        say(args.json, body, f"cancel requested for run {run_id}")
+        cli_answers.say(args.json, body, f"cancel requested for run {run_id}")
         return EXIT_OK
     if args.command == "unlock":
         try:
@@ -242,7 +235,7 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
         except LockHeld as held:
             print(f"lock is live (run {held.run_id}, {held.age_seconds:.0f}s); use --force")
             return EXIT_LOCKED
-        print_unlock(result, args.json)
+        cli_answers.print_unlock(result, args.json)
         return EXIT_OK
     if args.command == "retry":
         from shared import quarantine
@@ -262,7 +255,7 @@ def _dispatch(args: argparse.Namespace, settings, client) -> int:  # type: ignor
             text = f"released {', '.join(names)} of {args.client}: due on the next run"
         else:
             text = f"nothing to release: no operation of {args.client} is failing"
-        say(args.json, released, text)
+        cli_answers.say(args.json, released, text)
         return EXIT_OK
     if args.command == "seed-demo":
         from examples.seed import seed_demo
