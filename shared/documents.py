@@ -25,6 +25,7 @@ MAX_LISTED_PROBLEMS = 100
 #: Unknown operation names quoted in one problem (the rest are counted).
 MAX_NAMED = 5
 STATUSES = ("success", "failed", "partial", "running", "quarantined")
+SUMMARY_COUNTS = ("clients", "processed", "skipped", "failed", "deferred")
 #: Problems found only when a step loads its whole state (never at planning time).
 LOAD_FIELDS = ("counts", "checkpoint")
 
@@ -67,6 +68,19 @@ def named(items: list[str], most: int) -> str:
     """The first `most` of `items`, and how many more there are."""
     more = len(items) - most
     return ", ".join(items[:most]) + (f" and {more} more" if more > 0 else "")
+
+
+def count(summary: dict[str, Any] | None, key: str) -> int:
+    """One count of a run summary: 0 when it is missing or not a number."""
+    try:
+        return int((summary or {}).get(key) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def counts(summary: dict[str, Any] | None, keys: Iterable[str] = SUMMARY_COUNTS) -> str:
+    """`3 clients, 2 processed, 1 skipped, 0 failed, 0 deferred` from a run summary."""
+    return ", ".join(f"{count(summary, k)} {k}" for k in keys)
 
 
 def bounded(value: Any, items: int = 20, chars: int = MAX_TEXT, depth: int = 3) -> Any:
@@ -217,16 +231,10 @@ def stored_problems(client_id: str, data: dict[str, Any]) -> tuple[Problem, ...]
     for entry in found[:MAX_CLIENT_PROBLEMS]:
         if not isinstance(entry, dict) or not isinstance(entry.get("problem"), str):
             continue
-        operation = entry.get("operation")
-        field = entry.get("field")
-        out.append(
-            Problem(
-                client_id,
-                text(operation) if isinstance(operation, str) else None,
-                text(field) if isinstance(field, str) else "",
-                text(entry["problem"], 300),
-            )
-        )
+        operation, field = entry.get("operation"), entry.get("field")
+        operation = text(operation) if isinstance(operation, str) else None
+        field = text(field) if isinstance(field, str) else ""
+        out.append(Problem(client_id, operation, field, text(entry["problem"], 300)))
     return tuple(out)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.config import Settings
-from shared.documents import error_line
+from shared.documents import counts, error_line
 from shared.log import get_logger
 
 log = get_logger("pings")
@@ -85,20 +85,6 @@ def ping(settings: Settings, kind: str, body: str) -> bool:
     except Exception as exc:  # the last line of defence: a ping never fails a run
         log.warning("ping %s failed unexpectedly (%s)", kind, type(exc).__name__)
         return False
-
-
-def counts(summary: dict[str, Any] | None) -> str:
-    """`3 clients, 2 processed, 1 skipped, 0 failed, 0 deferred` from a run summary."""
-    summary = summary or {}
-
-    def count(key: str) -> int:
-        try:
-            return int(summary.get(key) or 0)
-        except (TypeError, ValueError):
-            return 0
-
-    keys = ("clients", "processed", "skipped", "failed", "deferred")
-    return ", ".join(f"{count(k)} {k}" for k in keys)
 
 
 def start_body(run_id: str, lock: str, token: int) -> str:

@@ -17,13 +17,13 @@ from google.cloud import firestore
 
 from shared import store, transports
 from shared.config import Settings
+from shared.documents import count
 from shared.log import get_logger
 from shared.report_message import MAX_ERROR_CHARS as MAX_ERROR_CHARS
 from shared.report_message import MAX_PROBLEMS as MAX_PROBLEMS
 from shared.report_message import ReportInput as ReportInput
 from shared.report_message import _facts as _facts
 from shared.report_message import build_message as build_message
-from shared.report_message import count
 from shared.report_tables import HEAD_COLOURS as _HEAD  # noqa: F401 (its old name)
 from shared.report_tables import HISTORY as HISTORY
 from shared.report_tables import MAX_ROWS as MAX_ROWS
@@ -63,7 +63,7 @@ def wanted(settings: Settings, report: ReportInput) -> bool:
     if report.status in FAILURE_KINDS or report.takeover or report.module_error:
         return True
     if settings.email_on == "activity":
-        did = any(count(report, k) for k in ("processed", "failed", "deferred"))
+        did = any(count(report.summary, k) for k in ("processed", "failed", "deferred"))
         return did or report.status != "completed"
     return False
 

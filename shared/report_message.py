@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import report_tables as tables
-from shared.documents import named
+from shared.documents import count, counts, named
 from shared.report_tables import one_line, span, truncate
 from shared.transports import Message
 
@@ -59,17 +59,6 @@ def _took(report: ReportInput) -> float | None:
     return tables.seconds(report.summary, report.started_at, report.finished_at)
 
 
-def count(report: ReportInput, key: str) -> int:
-    try:
-        return int(report.summary.get(key) or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _counts(report: ReportInput, keys: Iterable[str]) -> str:
-    return ", ".join(f"{count(report, k)} {k}" for k in keys)
-
-
 def _takeover_note(report: ReportInput) -> str | None:
     if not report.takeover:
         return None
@@ -89,11 +78,10 @@ def build_subject(report: ReportInput) -> str:
             what = f"resume module did not load: {what}"
         short = truncate(one_line(what), 80)
         return f"smart-resume {report.status.upper()}: {short}{suffix} {tag}"
-    keys = ("processed", "skipped", "failed", "deferred")
-    shown = [k for k in keys if k != "deferred" or count(report, k) or report.status == "partial"]
-    counts = _counts(report, shown)
+    summary, keys = report.summary, ("processed", "skipped", "failed", "deferred")
+    shown = [k for k in keys if k != "deferred" or count(summary, k) or report.status == "partial"]
     attention = ", NEEDS ATTENTION" if _attention(report) else ""
-    return f"smart-resume {report.status}{attention}: {counts}{suffix} {tag}"
+    return f"smart-resume {report.status}{attention}: {counts(summary, shown)}{suffix} {tag}"
 
 
 def _quarantined_now(report: ReportInput) -> list[str]:
@@ -139,7 +127,7 @@ def _headline(report: ReportInput, attention: list[str]) -> str:
 
 
 def _outcome_line(report: ReportInput) -> str:
-    failed, deferred = count(report, "failed"), count(report, "deferred")
+    failed, deferred = count(report.summary, "failed"), count(report.summary, "deferred")
     if report.module_error:
         return "The resume module failed to load; no client work ran."
     if report.status == "failed":
@@ -204,9 +192,7 @@ def _facts(report: ReportInput) -> list[tuple[str, str]]:
     facts.append(("Duration", span(_took(report))))
     if report.lock_name:
         facts.append(("Lock", report.lock_name))
-    facts.append(
-        ("Summary", _counts(report, ("clients", "processed", "skipped", "failed", "deferred")))
-    )
+    facts.append(("Summary", counts(report.summary)))
     impact = report.summary.get("impact")
     pairs = sorted(impact.items()) if isinstance(impact, dict) else []
     facts.append(("Impact", ", ".join(f"{k}={v}" for k, v in pairs) or "none"))
