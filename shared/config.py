@@ -6,16 +6,16 @@ round instead of one variable per redeploy.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 import os
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from shared.env import Reader, flag, header_safe, http_url, split, unknown_names, url_secrets
 from shared.errors import ConfigError
 
 #: The folder that holds `shared/`: the repository root locally, the bundle root when deployed.
@@ -72,8 +72,6 @@ VARIABLES: dict[str, str | None] = {
     "SMART_RESUME_BEHIND_SECONDS": None,
 }
 
-T = TypeVar("T")
-
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -120,97 +118,13 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every value that must never appear in a log line, response or file."""
-        return tuple(
-            s
-            for s in (*self.webhook_secrets, self.sendgrid_api_key, *_url_secrets(self.ping_url))
-            if s
-        )
-
-
-def _url_secrets(url: str | None) -> tuple[str, ...]:
-    """A ping URL, and its path on its own: the path carries the check's token, and an error
-    message that names the path without the host must not leak it either."""
-    if not url:
-        return ()
-    from urllib.parse import urlsplit
-
-    path = urlsplit(url).path.strip("/")
-    return (url, path) if len(path) >= 8 else (url,)
-
-
-class _Reader:
-    """Parses variables one by one, collecting problems instead of stopping at the first."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-
-    def raw(self, name: str) -> str | None:
-        value = self.env.get(name, VARIABLES[name])
-        if value is None:
-            return None
-        value = value.strip()
-        return value or VARIABLES[name]
-
-    def parse(self, name: str, convert: Callable[[str], T], what: str, default: T) -> T:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            return convert(value)
-        except ValueError:
-            self.problems.append(f"{name}={value!r} is not {what}")
-            return default
-
-    def seconds(self, name: str) -> float:
-        """A positive, finite number; NaN on error, so cross-checks on it stay quiet."""
-        return self.positive(name, "seconds")
-
-    def positive(self, name: str, unit: str) -> float:
-        """A positive, finite number of `unit`; NaN on error, so cross-checks on it stay quiet."""
-        before = len(self.problems)
-        value = self.parse(name, float, f"a number of {unit}", math.nan)
-        if len(self.problems) > before:
-            return math.nan
-        if not 0 < value < math.inf:
-            self.problems.append(f"{name} must be a positive number of {unit}, got {value:g}")
-            return math.nan
-        return value
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = (self.raw(name) or default).lower()
-        if value not in choices:
-            self.problems.append(f"{name}={value!r} is not one of {', '.join(choices)}")
-            return default
-        return value
-
-
-def _flag(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-def _split(value: str | None) -> tuple[str, ...]:
-    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
-
-
-def _header_safe(secret: str) -> bool:
-    """Whether a client can present `secret` in a header and have it match.
-
-    WSGI hands header values over decoded as Latin-1, so a secret with any non-ASCII character
-    never compares equal to what was sent, and a control character cannot travel in a header at
-    all: such a secret would refuse every request, which is better found at startup.
-    """
-    return secret.isascii() and secret.isprintable()
+        found = (*self.webhook_secrets, self.sendgrid_api_key, *url_secrets(self.ping_url))
+        return tuple(s for s in found if s)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build and validate settings; raise one `ConfigError` naming every bad variable."""
-    r = _Reader(os.environ if env is None else env)
+    r = Reader(os.environ if env is None else env, VARIABLES)
     heartbeat = r.seconds("SMART_RESUME_HEARTBEAT_SECONDS")
     lease = r.seconds("SMART_RESUME_LEASE_SECONDS")
     max_run = r.seconds("SMART_RESUME_MAX_RUN_SECONDS")
@@ -243,8 +157,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not 1 <= shards <= 1000:
         r.problems.append(f"SMART_RESUME_SHARDS must be between 1 and 1000, got {shards}")
         shards = 1
-    webhook_secrets = _split(r.env.get("SMART_RESUME_WEBHOOK_SECRET"))
-    unusable = [i for i, secret in enumerate(webhook_secrets, 1) if not _header_safe(secret)]
+    webhook_secrets = split(r.env.get("SMART_RESUME_WEBHOOK_SECRET"))
+    unusable = [i for i, secret in enumerate(webhook_secrets, 1) if not header_safe(secret)]
     if unusable:
         # Which one by position, never by value: this message is logged.
         which = ", ".join(f"#{i}" for i in unusable)
@@ -272,7 +186,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "SMART_RESUME_EMAIL_TRANSPORT", TRANSPORTS, "sendgrid" if api_key else "log"
     )
     email_from = r.raw("SMART_RESUME_EMAIL_FROM")
-    email_to = _split(r.raw("SMART_RESUME_EMAIL_TO"))
+    email_to = split(r.raw("SMART_RESUME_EMAIL_TO"))
     if transport in ("sendgrid", "ses"):
         # Found at startup, not at the end of a two-hour run when the report cannot go out.
         if not email_from:
@@ -300,7 +214,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not all(part.isidentifier() for part in module.split(".")):
         r.problems.append(f"SMART_RESUME_MODULE={module!r} is not a dotted module name")
 
-    expected = _expected_every(r)
+    expected = r.optional_seconds("SMART_RESUME_EXPECTED_EVERY_SECONDS", None)
     grace = _grace(r, expected)
     stuck = r.seconds("SMART_RESUME_STUCK_SECONDS")
     if stuck <= heartbeat:  # False for NaN: a bad value is reported once, by name
@@ -309,11 +223,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"SMART_RESUME_STUCK_SECONDS ({stuck:g}) must be longer than "
             f"SMART_RESUME_HEARTBEAT_SECONDS ({heartbeat:g})"
         )
-    behind = 2 * expected if expected else 3600.0
-    if r.raw("SMART_RESUME_BEHIND_SECONDS") is not None:
-        behind = r.seconds("SMART_RESUME_BEHIND_SECONDS")
+    behind = r.optional_seconds("SMART_RESUME_BEHIND_SECONDS", 2 * expected if expected else 3600.0)
     ping_url = r.raw("SMART_RESUME_PING_URL")
-    if ping_url is not None and not _http_url(ping_url):
+    if ping_url is not None and not http_url(ping_url):
         # Never echo the value: it is a secret.
         r.problems.append("SMART_RESUME_PING_URL is not an http(s) URL with a host")
 
@@ -330,7 +242,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         shards=shards,
         pipeline_path=pipeline if pipeline.is_absolute() else PROJECT_ROOT / pipeline,
         module=module,
-        reload_module=r.parse("SMART_RESUME_RELOAD_MODULE", _flag, "0 or 1", False),
+        reload_module=r.parse("SMART_RESUME_RELOAD_MODULE", flag, "0 or 1", False),
         concurrency=concurrency,
         stream=stream,
         email_transport=transport,
@@ -346,9 +258,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         emulator_host=r.raw("FIRESTORE_EMULATOR_HOST"),
         rpc_timeout_seconds=r.seconds("SMART_RESUME_RPC_TIMEOUT_SECONDS"),
         email_timeout_seconds=r.seconds("SMART_RESUME_EMAIL_TIMEOUT_SECONDS"),
-        log_format=r.choice(
-            "SMART_RESUME_LOG_FORMAT", LOG_FORMATS, "json" if r.env.get("K_SERVICE") else "text"
-        ),
+        log_format=_log_format(r),
         expected_every_seconds=expected,
         grace_seconds=grace,
         stuck_seconds=stuck,
@@ -360,14 +270,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def _expected_every(r: _Reader) -> float | None:
-    if r.raw("SMART_RESUME_EXPECTED_EVERY_SECONDS") is None:
-        return None
-    value = r.seconds("SMART_RESUME_EXPECTED_EVERY_SECONDS")
-    return None if math.isnan(value) else value
+def _log_format(r: Reader) -> str:
+    default = "json" if r.env.get("K_SERVICE") else "text"  # Cloud Logging reads JSON lines
+    return r.choice("SMART_RESUME_LOG_FORMAT", LOG_FORMATS, default)
 
 
-def _grace(r: _Reader, expected: float | None) -> float:
+def _grace(r: Reader, expected: float | None) -> float:
     """The grace before a run is overdue: as set (0 allowed), else half the expected interval."""
     name = "SMART_RESUME_GRACE_SECONDS"
     value = r.parse(name, float, "a number of seconds", math.nan)
@@ -379,16 +287,6 @@ def _grace(r: _Reader, expected: float | None) -> float:
     return value
 
 
-def _http_url(value: str) -> bool:
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and value.isprintable()
-
-
 #: Names under smart-resume's own prefix: any other name with it is most likely a misspelling.
 PREFIX = "SMART_RESUME_"
 MAX_UNKNOWN_NAMED = 10
@@ -396,29 +294,8 @@ MAX_UNKNOWN_NAMED = 10
 
 def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
     """One warning per `SMART_RESUME_*` variable that no code reads, naming the closest known
-    one: a misspelt `SMART_RESUME_CONCURENCY=4` is otherwise ignored without a word. Names
-    only, never values (a value may be a secret); at most `MAX_UNKNOWN_NAMED` of them."""
-    names = sorted(n for n in (os.environ if env is None else env) if n.startswith(PREFIX))
-    known = [n[len(PREFIX) :] for n in VARIABLES if n.startswith(PREFIX)]
-    unknown = [n for n in names if n not in VARIABLES]
-    named = [n for n in unknown if n.isprintable() and len(n) <= 100][:MAX_UNKNOWN_NAMED]
-    warnings = []
-    for name in named:
-        # Compared without the shared prefix, which would make every name look close.
-        short = name[len(PREFIX) :]
-        close = (
-            difflib.get_close_matches(short, known, n=1, cutoff=0.6)
-            or [
-                k
-                for k in known
-                if short and k.startswith(short)  # `LEASE` for `LEASE_SECONDS`
-            ][:1]
-        )
-        hint = f"; did you mean {PREFIX}{close[0]}?" if close else " (no setting is close)"
-        warnings.append(f"{name} is not a smart-resume setting and is ignored{hint}")
-    if len(unknown) > len(named):
-        warnings.append(f"... and {len(unknown) - len(named)} more unknown {PREFIX}* variables")
-    return warnings
+    one: a misspelt `SMART_RESUME_CONCURENCY=4` is otherwise ignored without a word."""
+    return unknown_names(os.environ if env is None else env, VARIABLES, PREFIX, MAX_UNKNOWN_NAMED)
 
 
 def warn_unknown_variables(function: str) -> None:
@@ -429,9 +306,7 @@ def warn_unknown_variables(function: str) -> None:
         return
     from shared import log as logging_setup
 
-    r = _Reader(os.environ)
-    default = "json" if os.environ.get("K_SERVICE") else "text"
-    logging_setup.configure(r.choice("SMART_RESUME_LOG_FORMAT", LOG_FORMATS, default))
+    logging_setup.configure(_log_format(Reader(os.environ, VARIABLES)))
     logger = logging_setup.get_logger("config")
     for warning in warnings:
         logger.warning("%s at start: %s", function, warning)

@@ -19,7 +19,6 @@ from google.cloud import firestore
 from shared import documents, store
 from shared.config import Settings
 from shared.errors import InvalidRequest, PipelineError
-from shared.log import mask
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import (
     DECISION_FIELDS,
@@ -158,21 +157,19 @@ def _client(
     names = _operations(doc, pipeline)
     if doc.operations_invalid:
         out["invalidOperations"] = True
-    if not out["active"]:  # never run while inactive: neither new nor due
-        for name in names:
-            state = states.get((snap.id, name))
-            out["operations"][name] = {
-                **_state_fields(state),
-                "nextDueAt": None,
-                "state": "inactive",
-                "reason": "the client is inactive: not run until it is active",
-            }
-        return out
     gate = EPOCH  # a failing operation holds back the ones after it, as the engine does
     for name in names:
+        state = states.get((snap.id, name))
+        shown = out["operations"][name] = {
+            **_state_fields(state),
+            "nextDueAt": None,
+            "state": "inactive",
+            "reason": "the client is inactive: not run until it is active",
+        }
+        if not doc.active:  # never run while inactive: neither new nor due
+            continue
         op = pipeline.get(name)
         assert op is not None
-        state = states.get((snap.id, name))
         step = decide(state, op, now)
         own = step.due_at or EPOCH
         label = _label(state, step.decision, own, now)
@@ -181,12 +178,11 @@ def _client(
         due = max(own, gate)
         if state and state.get("status") in ("failed", "quarantined"):
             gate = max(gate, own)
-        out["operations"][name] = {
-            **_state_fields(state),
-            "nextDueAt": _due(due) if due > EPOCH else None,
-            "state": label,
-            "reason": "blocked by an earlier operation" if label == "blocked" else step.reason,
-        }
+        shown.update(
+            nextDueAt=_due(due) if due > EPOCH else None,
+            state=label,
+            reason="blocked by an earlier operation" if label == "blocked" else step.reason,
+        )
     return out
 
 
@@ -200,23 +196,21 @@ def _operations(doc: documents.Client, pipeline: Pipeline) -> list[str]:
 def _state_fields(state: dict[str, Any] | None) -> dict[str, Any]:
     """What a stored state says of itself: status, when it last finished, failures in a row,
     and, while it is failing, its last error (one line, bounded, secrets masked)."""
-    status = state.get("status") if state else None
-    error = state.get("error") if state else None
+    state = state or {}
+    status = state.get("status")
     return {
         "status": status,
-        "finishedAt": jsonable(state.get("finishedAt")) if state else None,
+        "finishedAt": jsonable(state.get("finishedAt")),
         "failures": failures_of(state),
-        "error": last_error(error) if status in FAILING else None,
+        "error": last_error(state.get("error")) if status in FAILING else None,
     }
 
 
 def last_error(error: Any) -> str | None:
-    """An operation's stored error as the console shows it: one line, at most
-    `MAX_ERROR_CHARS`, every known secret masked (before it is cut, so no part of one shows)."""
+    """An operation's stored error as the grid shows it (`documents.error_line`), if any."""
     if not isinstance(error, str) or not error.strip():
         return None
-    text = mask(" ".join(error.split()))
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+    return documents.error_line(error, MAX_ERROR_CHARS)
 
 
 def _due(value: Any) -> str | None:

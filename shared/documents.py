@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from shared.log import mask
+
 #: A name, an id or a short text taken from a document into an answer, a page or a report.
 MAX_TEXT = 200
 #: Problems kept per client document, and listed by the status.
@@ -23,6 +25,7 @@ MAX_LISTED_PROBLEMS = 100
 #: Unknown operation names quoted in one problem (the rest are counted).
 MAX_NAMED = 5
 STATUSES = ("success", "failed", "partial", "running", "quarantined")
+SUMMARY_COUNTS = ("clients", "processed", "skipped", "failed", "deferred")
 #: Problems found only when a step loads its whole state (never at planning time).
 LOAD_FIELDS = ("counts", "checkpoint")
 
@@ -52,6 +55,32 @@ def text(value: Any, limit: int = MAX_TEXT) -> str:
     if len(value) > limit or "\n" in value or "\r" in value:
         value = " ".join(value[: limit * 2].split())
     return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def error_line(value: Any, limit: int) -> str:
+    """An error as people see it: one line, every known secret masked (before it is cut, so
+    no part of one shows), at most `limit` characters."""
+    line = mask(" ".join(str(value).split()))
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def named(items: list[str], most: int) -> str:
+    """The first `most` of `items`, and how many more there are."""
+    more = len(items) - most
+    return ", ".join(items[:most]) + (f" and {more} more" if more > 0 else "")
+
+
+def count(summary: dict[str, Any] | None, key: str) -> int:
+    """One count of a run summary: 0 when it is missing or not a number."""
+    try:
+        return int((summary or {}).get(key) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def counts(summary: dict[str, Any] | None, keys: Iterable[str] = SUMMARY_COUNTS) -> str:
+    """`3 clients, 2 processed, 1 skipped, 0 failed, 0 deferred` from a run summary."""
+    return ", ".join(f"{count(summary, k)} {k}" for k in keys)
 
 
 def bounded(value: Any, items: int = 20, chars: int = MAX_TEXT, depth: int = 3) -> Any:
@@ -92,12 +121,7 @@ class Problem:
 
     def listed(self) -> dict[str, Any]:
         """As the status lists it (contract: clientId, operation, problem)."""
-        return {
-            "clientId": text(self.client_id),
-            "operation": self.operation,
-            "field": self.field,
-            "problem": self.problem,
-        }
+        return {"clientId": text(self.client_id), **self.stored()}
 
 
 def _wrong(field: str, value: Any, want: str, effect: str) -> str:
@@ -176,9 +200,7 @@ def client(client_id: str, data: dict[str, Any] | None, names: Iterable[str]) ->
             operations = tuple(n for n in known if n in selected)
             unknown = tuple(dict.fromkeys(n for n in selected if n not in known))
             if unknown:
-                quoted = ", ".join(repr(text(n, 40)) for n in unknown[:MAX_NAMED])
-                more = len(unknown) - MAX_NAMED
-                quoted += f" and {more} more" if more > 0 else ""
+                quoted = named([repr(text(n, 40)) for n in unknown], MAX_NAMED)
                 effect = "they are ignored" if operations else "nothing runs for this client"
                 problem(
                     "operations",
@@ -209,16 +231,10 @@ def stored_problems(client_id: str, data: dict[str, Any]) -> tuple[Problem, ...]
     for entry in found[:MAX_CLIENT_PROBLEMS]:
         if not isinstance(entry, dict) or not isinstance(entry.get("problem"), str):
             continue
-        operation = entry.get("operation")
-        field = entry.get("field")
-        out.append(
-            Problem(
-                client_id,
-                text(operation) if isinstance(operation, str) else None,
-                text(field) if isinstance(field, str) else "",
-                text(entry["problem"], 300),
-            )
-        )
+        operation, field = entry.get("operation"), entry.get("field")
+        operation = text(operation) if isinstance(operation, str) else None
+        field = text(field) if isinstance(field, str) else ""
+        out.append(Problem(client_id, operation, field, text(entry["problem"], 300)))
     return tuple(out)
 
 
@@ -232,11 +248,7 @@ def merged(
     replaced by what was `found`; what was not looked at this time keeps what was stored."""
     looked = set(checked)
     kept = [p for p in stored if (p.operation, p.field) not in looked]
-    out: list[Problem] = []
-    for p in [*found, *kept]:
-        if p not in out:
-            out.append(p)
-    return out[:MAX_CLIENT_PROBLEMS]
+    return list(dict.fromkeys([*found, *kept]))[:MAX_CLIENT_PROBLEMS]
 
 
 def problem_fields(problems: list[Problem]) -> dict[str, Any]:
@@ -299,15 +311,8 @@ def state(
             if value is None or isinstance(value, dict):
                 clean[key] = value
             else:
-                problem(
-                    key,
-                    _wrong(
-                        key,
-                        value,
-                        "a map",
-                        "the operation is skipped until the state is fixed or deleted",
-                    ),
-                )
+                skipped = "the operation is skipped until the state is fixed or deleted"
+                problem(key, _wrong(key, value, "a map", skipped))
                 clean["badCheckpoint"] = True
         elif key == "error":
             clean[key] = text(value, 500) if isinstance(value, str) else None
@@ -331,20 +336,15 @@ def failing_entries(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         failures = entry.get("failures")
         if not is_int(failures) or failures < 1:
             continue
-        out.append(
-            (
-                text(operation),
-                {
-                    "state": entry["state"],
-                    "failures": failures,
-                    "since": timestamp(entry.get("since")),
-                    "dueAt": timestamp(entry.get("dueAt")),
-                    "error": text(entry["error"], 300)
-                    if isinstance(entry.get("error"), str)
-                    else None,
-                },
-            )
-        )
+        error = entry.get("error")
+        kept = {
+            "state": entry["state"],
+            "failures": failures,
+            "since": timestamp(entry.get("since")),
+            "dueAt": timestamp(entry.get("dueAt")),
+            "error": text(error, 300) if isinstance(error, str) else None,
+        }
+        out.append((text(operation), kept))
     return out
 
 
@@ -369,11 +369,8 @@ def run_record(data: dict[str, Any] | None) -> dict[str, Any]:
         elif key in ("trigger", "report"):
             out[key] = bounded(value, items=10) if isinstance(value, dict) else None
         elif key == "results":
-            out[key] = (
-                [bounded(r, items=10, chars=500) for r in value if isinstance(r, dict)]
-                if (isinstance(value, list))
-                else []
-            )
+            rows = value if isinstance(value, list) else []
+            out[key] = [bounded(r, items=10, chars=500) for r in rows if isinstance(r, dict)]
         else:
             out[key] = bounded(value, items=10)
     return out
@@ -387,11 +384,8 @@ def _summary(value: Any) -> dict[str, Any]:
         if not isinstance(key, str):
             continue
         if key == "impact":
-            out[key] = (
-                {text(k): n for k, n in list(v.items())[:50] if is_int(n)}
-                if isinstance(v, dict)
-                else {}
-            )
+            impact = list(v.items())[:50] if isinstance(v, dict) else []
+            out[key] = {text(k): n for k, n in impact if is_int(n)}
         elif is_int(v) or isinstance(v, float):
             out[text(key)] = v
         else:

@@ -29,6 +29,7 @@ from typing import Any
 from google.cloud import firestore
 
 from shared.config import Settings
+from shared.documents import error_line, named
 from shared.heartbeat import PROGRESS_AT
 from shared.lock import Lock, LockState
 from shared.runs import FINISHED, SUCCEEDED, Runs, jsonable
@@ -138,11 +139,6 @@ def _seconds(value: float) -> str:
     return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
 
 
-def _short(text: Any) -> str:
-    value = " ".join(str(text).split())
-    return value if len(value) <= MAX_ERROR_CHARS else value[: MAX_ERROR_CHARS - 1] + "…"
-
-
 def progress_age(lock: LockState) -> float | None:
     """Seconds since a live run's progress last moved (its start, if it never moved)."""
     moved = lock.progress.get(PROGRESS_AT)
@@ -155,11 +151,8 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
     lock = evidence.lock
     now = lock.read_time
     expected = settings.expected_every_seconds
-    success_at = None
-    if evidence.last_success is not None:
-        success_at = evidence.last_success.get("finishedAt") or evidence.last_success.get(
-            "startedAt"
-        )
+    success = evidence.last_success or {}
+    success_at = success.get("finishedAt") or success.get("startedAt")
     body: dict[str, Any] = {
         "state": "ok",
         "reasons": [],
@@ -197,14 +190,10 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
     if expected is not None and not (lock.live and not ended):  # the first run is running
         window = expected + settings.grace_seconds
         since = _age(now, success_at)
-        if since is None:
+        if since is None or since > window:
+            how_long = "yet" if since is None else f"for {_seconds(since)}"
             found["overdue"] = [
-                "no run has ended completed, partial or cancelled yet "
-                f"(expected every {expected:g} s, grace {settings.grace_seconds:g} s)"
-            ]
-        elif since > window:
-            found["overdue"] = [
-                f"no run has ended completed, partial or cancelled for {_seconds(since)} "
+                f"no run has ended completed, partial or cancelled {how_long} "
                 f"(expected every {expected:g} s, grace {settings.grace_seconds:g} s)"
             ]
 
@@ -219,17 +208,15 @@ def judge(settings: Settings, evidence: Evidence) -> dict[str, Any]:
     failing: list[str] = []
     last = next((r for r in evidence.newest if r.get("status") in FINISHED), None)
     if last is not None and last.get("status") in FAILED_ENDS:
-        error = f": {_short(last['error'])}" if last.get("error") else ""
+        error = f": {error_line(last['error'], MAX_ERROR_CHARS)}" if last.get("error") else ""
         failing.append(f"the last run {last.get('runId')} ended {last.get('status')}{error}")
     if evidence.quarantined:
-        named = ", ".join(
-            f"{q.get('clientId')}/{q.get('operation')}" for q in evidence.quarantined[:MAX_NAMED]
-        )
-        more = len(evidence.quarantined) - MAX_NAMED
-        named += f" and {more} more" if more > 0 else ""
         count = len(evidence.quarantined)
+        names = named(
+            [f"{q.get('clientId')}/{q.get('operation')}" for q in evidence.quarantined], MAX_NAMED
+        )
         failing.append(
-            f"{count} client-operation{'s are' if count != 1 else ' is'} quarantined ({named}): "
+            f"{count} client-operation{'s are' if count != 1 else ' is'} quarantined ({names}): "
             "release with the retry action once the cause is fixed"
         )
     if failing:

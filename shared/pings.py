@@ -18,7 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.config import Settings
-from shared.log import get_logger, mask
+from shared.documents import counts, error_line
+from shared.log import get_logger
 
 log = get_logger("pings")
 
@@ -34,11 +35,6 @@ def url_for(base: str, kind: str) -> str:
     parts = urlsplit(base)
     path = parts.path.rstrip("/") + _SUFFIX[kind] if _SUFFIX[kind] else parts.path
     return urlunsplit((parts.scheme, parts.netloc, path or "/", parts.query, parts.fragment))
-
-
-def _one_line(text: str) -> str:
-    value = mask(" ".join(text.split()))
-    return value if len(value) <= MAX_BODY_CHARS else value[: MAX_BODY_CHARS - 1] + "…"
 
 
 def _post(url: str, body: str, result: dict[str, Any]) -> None:
@@ -68,7 +64,7 @@ def ping(settings: Settings, kind: str, body: str) -> bool:
         result: dict[str, Any] = {}
         worker = threading.Thread(
             target=_post,
-            args=(url_for(settings.ping_url, kind), _one_line(body), result),
+            args=(url_for(settings.ping_url, kind), error_line(body, MAX_BODY_CHARS), result),
             name=f"smart-resume-ping-{kind}",
             daemon=True,
         )
@@ -89,20 +85,6 @@ def ping(settings: Settings, kind: str, body: str) -> bool:
     except Exception as exc:  # the last line of defence: a ping never fails a run
         log.warning("ping %s failed unexpectedly (%s)", kind, type(exc).__name__)
         return False
-
-
-def counts(summary: dict[str, Any] | None) -> str:
-    """`3 clients, 2 processed, 1 skipped, 0 failed, 0 deferred` from a run summary."""
-    summary = summary or {}
-
-    def count(key: str) -> int:
-        try:
-            return int(summary.get(key) or 0)
-        except (TypeError, ValueError):
-            return 0
-
-    keys = ("clients", "processed", "skipped", "failed", "deferred")
-    return ", ".join(f"{count(k)} {k}" for k in keys)
 
 
 def start_body(run_id: str, lock: str, token: int) -> str:
