@@ -19,7 +19,7 @@ from google.cloud import firestore
 
 from shared import documents, store
 from shared.errors import ClientTrouble, LeaseLost, OperationFailed, StoreUnavailable
-from shared.log import bind, get_logger, mask
+from shared.log import bind, get_logger
 from shared.resume import limits
 from shared.resume.handle import IO
 from shared.resume.http_operation import run_http
@@ -48,8 +48,7 @@ def one_line(exc: BaseException | str) -> str:
     """An error as stored, mailed and answered: one line, bounded, secrets masked (an
     operation may quote a key in its exception)."""
     text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
-    text = mask(" ".join(text.split()))
-    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
+    return documents.error_line(text, MAX_ERROR)
 
 
 class Aborted(Exception):
