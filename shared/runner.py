@@ -1,4 +1,5 @@
-"""One run, start to finish: lock, heartbeat, the resume module in-process, release, report.
+"""One run: take the lock, fence off the runs it displaced, run the resume module in-process
+under the heartbeat, then hand over to `finish.py` (record, release, report).
 
 The trigger function and `python -m shared.resume run` both call `start_run`, so a run from
 the command line is exactly as safe as one from Cloud Scheduler. Every exit path releases the

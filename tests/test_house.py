@@ -133,3 +133,14 @@ def test_the_check_sees_an_import_from_above() -> None:
     """The rule can fail: the engine importing the runner would be caught."""
     assert _floor("shared.runner") > _floor("shared.resume.worker")
     assert "shared.runner" in _imports(MODULES["shared.resume.cli"])
+
+
+def test_the_readme_map_names_every_module() -> None:
+    """The README's map of the house is kept true: each module's file is named in it."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## The code", 1)[1].split("\n## ", 1)[0]
+    files = {p.parent.name + "/" if p.name == "__init__.py" else p.name for p in MODULES.values()}
+    missing = sorted(
+        f for f in files - {"shared/", "resume/", "__main__.py"} if f"{f}`" not in table
+    )
+    assert not missing, f"README's map of the house does not name: {missing}"
