@@ -983,13 +983,9 @@ class TestWhereSettingsComeFrom:
 class TestExample:
     def test_every_setting_is_documented(self) -> None:
         """Each setting deploy.sh reads (the new ones included) has a line in the example."""
-        script = SCRIPT.read_text()
-        read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):?[-+=]", script))
-        for array in ("SHORT_NAMES", "REQUIRED", "OPTIONAL"):
-            match = re.search(rf"^{array}=\(([^)]*)\)", script, re.M)
-            assert match, array
-            read |= set(match.group(1).split())
-        read = {n for n in read if not n.startswith("SMART_RESUME_")} | set(NEW_SETTINGS)
+        from deploy.read import OPTIONAL, REQUIRED, SHORT_NAMES
+
+        read = {*REQUIRED, *OPTIONAL, *SHORT_NAMES, *NEW_SETTINGS}
         documented = set(re.findall(r"^#?([A-Z][A-Z0-9_]*)=", EXAMPLE.read_text(), re.M))
         assert read - documented == set()
 
@@ -1790,6 +1786,7 @@ def fake_repo(tmp_path: Path) -> Path:
         (repo / "functions" / fn).mkdir(parents=True)
         shutil.copy(ROOT / "functions" / fn / "main.py", repo / "functions" / fn / "main.py")
     shutil.copy(SCRIPT, repo / "deploy.sh")
+    shutil.copytree(ROOT / "deploy", repo / "deploy", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "requirements.txt", repo / "requirements.txt")
     shutil.copytree(ROOT / "shared", repo / "shared", ignore=shutil.ignore_patterns("__pycache__"))
     files = {
