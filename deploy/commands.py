@@ -14,59 +14,59 @@ from pathlib import Path
 from deploy import note
 from deploy.settings import Settings
 
-WHERE = "--region={s.region} --project={s.project_id}"
-AT = "--location={s.scheduler_location} --project={s.project_id}"
-FUNCTION = "functions deploy {name} --gen2 --runtime=python312 " + WHERE + " --trigger-http"
-FUNCTION += " --service-account={s.service_account} --set-secrets={secrets}"
-JOB = AT + " --schedule={s.schedule} --time-zone={s.time_zone} --uri={url} --http-method=POST"
-JOB += " --attempt-deadline={s.timeout}s --max-retry-attempts=0 --flags-file={flags} {oidc}"
-CHECK = "--path={path}?check=health --request-method=get --mask-headers=true"
-CHECK += " --service-agent-auth=oidc-token --period=5 --timeout=30"
-FOUND = '--project={s.project_id} --filter=displayName="{health}" --format=value(name)'
-#: What each command is for -> its words. A word that is one {name} of a tuple is its words.
+#: What each command is for -> its words, each formatted alone (so a value with spaces stays
+#: one argument); a word that is just {name} of a tuple stands for its words (maybe none).
 TEMPLATES = {
-    "create a composite index": "firestore indexes composite create --collection-group={group}"
-    " --query-scope={scope} {fields} --database={s.database} --project={s.project_id} --async",
-    "exempt a field from indexing": "firestore indexes fields update {field}"
-    " --collection-group={group} --disable-indexes --database={s.database} --project={s.project_id}"
-    " --async",
-    "deploy the trigger": FUNCTION + " --env-vars-file={build}/trigger.env.yaml"
-    " --entry-point=smart_resume --source={build}/smart_resume"
-    " --timeout={s.timeout}s --max-instances={s.shards} --concurrency={s.trigger_concurrency}"
-    " --cpu=1 --memory={s.trigger_memory} {auth}",
-    "deploy the status function": FUNCTION + " --env-vars-file={build}/status.env.yaml"
-    " --entry-point=smart_resume_status"
-    " --source={build}/smart_resume_status --memory=256Mi --max-instances={s.status_max_instances}"
-    " --no-allow-unauthenticated",
-    "grant the invoker role": "functions add-invoker-policy-binding {name} "
-    + WHERE
-    + " --member=serviceAccount:{member}",
-    "read a function's URL": "functions describe {name} --gen2 "
-    + WHERE
-    + " --format=value(serviceConfig.uri)",
-    "read the webhook secret": "secrets versions access {s.webhook_secret_version}"
-    " --secret={s.webhook_secret_name} --project={s.project_id}",
-    "does the job exist": "scheduler jobs describe {name} " + AT + " --format=none",
-    "update the job": "scheduler jobs update http {name} " + JOB + " {clear} {body}",
-    "create the job": "scheduler jobs create http {name} " + JOB + " {body}",
-    "list the jobs": "scheduler jobs list " + AT + ' --filter=name~"/jobs/{s.scheduler_job}'
-    '(-shard-[0-9]+)?$" --format=value(name)',
-    "delete a job no longer wanted": "scheduler jobs delete {name} " + AT + " --quiet",
-    "run the job once": "scheduler jobs run {name} " + AT,
+    "create a composite index": """firestore indexes composite create --collection-group={group}
+        --query-scope={scope} {fields} --database={s.database} --project={s.project_id} --async""",
+    "exempt a field from indexing": """firestore indexes fields update {field}
+        --collection-group={group} --disable-indexes --database={s.database}
+        --project={s.project_id} --async""",
+    "deploy the trigger": """functions deploy {name} --gen2 --runtime=python312 {where}
+        --trigger-http --service-account={s.service_account} --set-secrets={secrets}
+        --env-vars-file={build}/trigger.env.yaml --entry-point=smart_resume
+        --source={build}/smart_resume --timeout={s.timeout}s --max-instances={s.shards}
+        --concurrency={s.trigger_concurrency} --cpu=1 --memory={s.trigger_memory} {auth}""",
+    "deploy the status function": """functions deploy {name} --gen2 --runtime=python312 {where}
+        --trigger-http --service-account={s.service_account} --set-secrets={secrets}
+        --env-vars-file={build}/status.env.yaml --entry-point=smart_resume_status
+        --source={build}/smart_resume_status --memory=256Mi
+        --max-instances={s.status_max_instances} --no-allow-unauthenticated""",
+    "grant the invoker role": """functions add-invoker-policy-binding {name} {where}
+        --member={member}""",
+    "read a function's URL": """functions describe {name} --gen2 {where}
+        --format=value(serviceConfig.uri)""",
+    "read the webhook secret": """secrets versions access {s.webhook_secret_version}
+        --secret={s.webhook_secret_name} --project={s.project_id}""",
+    "does the job exist": "scheduler jobs describe {name} {at} --format=none",
+    "update the job": """scheduler jobs update http {name} {at} --schedule={s.schedule}
+        --time-zone={s.time_zone} --uri={url} --http-method=POST --attempt-deadline={s.timeout}s
+        --max-retry-attempts=0 --flags-file={flags} {oidc} {clear} {body}""",
+    "create the job": """scheduler jobs create http {name} {at} --schedule={s.schedule}
+        --time-zone={s.time_zone} --uri={url} --http-method=POST --attempt-deadline={s.timeout}s
+        --max-retry-attempts=0 --flags-file={flags} {oidc} {body}""",
+    "list the jobs": """scheduler jobs list {at}
+        --filter=name~"/jobs/{s.scheduler_job}(-shard-[0-9]+)?$" --format=value(name)""",
+    "delete a job no longer wanted": "scheduler jobs delete {name} {at} --quiet",
+    "run the job once": "scheduler jobs run {name} {at}",
     "read the project number": "projects describe {s.project_id} --format=value(projectNumber)",
-    "find the uptime check": "monitoring uptime list-configs " + FOUND,
-    "update the uptime check": "monitoring uptime update {check} --project={s.project_id} "
-    + CHECK
-    + " --set-status-classes=2xx --flags-file={flags}",
-    "create the uptime check": "monitoring uptime create {health} --project={s.project_id}"
-    " --resource-type=uptime-url --resource-labels=host={host},project_id={s.project_id}"
-    " --protocol=https --port=443 " + CHECK + " --status-classes=2xx --flags-file={flags}"
-    " --format=value(name)",
-    "find the alert policy": "alpha monitoring policies list " + FOUND,
-    "update the alert policy": "alpha monitoring policies update {policy_name}"
-    " --project={s.project_id} --policy={policy}",
-    "create the alert policy": "alpha monitoring policies create --project={s.project_id}"
-    " --policy={policy}",
+    "find the uptime check": """monitoring uptime list-configs --project={s.project_id}
+        --filter=displayName="{health}" --format=value(name)""",
+    "update the uptime check": """monitoring uptime update {check} --project={s.project_id}
+        --path={path}?check=health --request-method=get --mask-headers=true
+        --service-agent-auth=oidc-token --period=5 --timeout=30 --set-status-classes=2xx
+        --flags-file={flags}""",
+    "create the uptime check": """monitoring uptime create {health} --project={s.project_id}
+        --resource-type=uptime-url --resource-labels=host={host},project_id={s.project_id}
+        --protocol=https --port=443 --path={path}?check=health --request-method=get
+        --mask-headers=true --service-agent-auth=oidc-token --period=5 --timeout=30
+        --status-classes=2xx --flags-file={flags} --format=value(name)""",
+    "find the alert policy": """alpha monitoring policies list --project={s.project_id}
+        --filter=displayName="{health}" --format=value(name)""",
+    "update the alert policy": """alpha monitoring policies update {policy_name}
+        --project={s.project_id} --policy={policy}""",
+    "create the alert policy": """alpha monitoring policies create --project={s.project_id}
+        --policy={policy}""",
     "get your identity token": "auth print-identity-token",
 }
 #: Commands whose output is read first: it may hold the secret (masked), or an index exists.
@@ -106,6 +106,8 @@ class Command:
 
 def gcloud(s: Settings, purpose: str, **values: object) -> Command:
     """The command of TEMPLATES[purpose] with these values."""
+    values.setdefault("where", (f"--region={s.region}", f"--project={s.project_id}"))
+    values.setdefault("at", (f"--location={s.scheduler_location}", f"--project={s.project_id}"))
     argv = ["gcloud"]
     for word in TEMPLATES[purpose].split():
         value = values.get(word[1:-1])
@@ -150,7 +152,7 @@ def functions(s: Settings, build: Path) -> list[Command]:
         gcloud(s, "deploy the status function", name=status_function, secrets=status, **extra),
     ]
     if s.oidc_service_account:
-        member = s.oidc_service_account
+        member = f"serviceAccount:{s.oidc_service_account}"
         found.append(gcloud(s, "grant the invoker role", name=s.function_name, member=member))
     return found
 
@@ -181,40 +183,23 @@ def indexes(s: Settings) -> list[Command]:
 
 def job_names(s: Settings) -> list[str]:
     """SCHEDULER_JOB, or with SHARDS > 1 one job per shard: NAME-shard-K."""
-    return (
-        [f"{s.scheduler_job}-shard-{k}" for k in range(s.shards)]
-        if s.shards > 1
-        else [s.scheduler_job]
-    )
+    shards = [f"{s.scheduler_job}-shard-{k}" for k in range(s.shards)]
+    return shards if s.shards > 1 else [s.scheduler_job]
 
 
-def jobs(
-    s: Settings, url: str, create_flags: Path, update_flags: Path
-) -> list[tuple[Command, ...]]:
-    """Each job's lookup, update and creation (with shards, each POSTs {"shard": K}). The shard
-    jobs share the schedule (Cloud Scheduler has minute resolution and no delay)."""
-    oidc = (
-        (f"--oidc-service-account-email={s.oidc_service_account}",)
-        if s.oidc_service_account
-        else ()
-    )
+def jobs(s: Settings, url: str, create: Path, update: Path) -> list[tuple[Command, ...]]:
+    """Each job's lookup, update and creation (with flags files holding the headers). With
+    shards each POSTs {"shard": K}, all on the same schedule (Cloud Scheduler has minute
+    resolution and no per-job delay)."""
+    oidc = (f"--oidc-service-account-email={s.oidc_service_account}",)
+    auth = {"oidc": oidc, "clear": ()} if s.oidc_service_account else {"oidc": ()}
     found = []
     for k, name in enumerate(job_names(s)):
-        job = {"name": name, "url": url, "oidc": oidc}
-        job["body"] = (f'--message-body={{"shard": {k}}}',) if s.shards > 1 else ()
-        found.append(
-            (
-                gcloud(s, "does the job exist", name=name),
-                gcloud(
-                    s,
-                    "update the job",
-                    flags=update_flags,
-                    clear=() if oidc else ("--clear-auth-token",),
-                    **job,
-                ),
-                gcloud(s, "create the job", flags=create_flags, **job),
-            )
-        )
+        body = (f'--message-body={{"shard": {k}}}',) if s.shards > 1 else ()
+        job = {"clear": ("--clear-auth-token",), **auth, "name": name, "url": url, "body": body}
+        update_job = gcloud(s, "update the job", flags=update, **job)
+        create_job = gcloud(s, "create the job", flags=create, **job)
+        found.append((gcloud(s, "does the job exist", name=name), update_job, create_job))
     return found
 
 

@@ -189,7 +189,9 @@ def alerting(s: Settings, r: Runner, status_url: str, secret: str) -> None:
     Monitoring agent's token, and an alert policy on it; both found by display name, so that
     a redeploy updates them instead of adding more."""
     number = r.capture(gcloud(s, "read the project number"), "PROJECT_NUMBER")
-    member = f"service-{number}@gcp-sa-monitoring-notification.iam.gserviceaccount.com"
+    member = (
+        f"serviceAccount:service-{number}@gcp-sa-monitoring-notification.iam.gserviceaccount.com"
+    )
     header = f"X-Webhook-Secret={secret}"
     create = r.flags_file("check-create", "--headers", header)
     update = r.flags_file("check-update", "--update-headers", header)
