@@ -7,6 +7,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON=python3
 [[ -x $ROOT/.venv/bin/python ]] && PYTHON=$ROOT/.venv/bin/python
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
+    { echo "deploy.sh: needs Python 3.11 or later: $PYTHON is not" >&2; exit 2; }
 # The repository goes on the import path (deploy/ and shared/), the working folder does not (-P),
 # and relative --env-file and --build-dir paths are read from where this was started.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

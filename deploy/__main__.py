@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         if e.message:
             note(f"deploy.sh: {e.message}")
         return e.status
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `./deploy.sh --dry-run | head`: quietly
     sys.exit(main())

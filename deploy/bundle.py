@@ -17,16 +17,14 @@ from pathlib import Path
 from deploy import Failed, note
 
 FUNCTIONS = ("smart_resume", "smart_resume_status")
-SKIPPED = shutil.ignore_patterns(
-    "__pycache__",
-    "*.py[co]",
-    ".pytest_cache",
-    "tests",
-    "test_*.py",
-    "*_test.py",
-    "conftest.py",
-    ".DS_Store",
-)
+#: Never staged: caches and tests. Nor, as a package of operations, the bundle's own parts.
+SKIPPED = "__pycache__ *.py[co] .pytest_cache tests test_*.py *_test.py conftest.py .DS_Store"
+NOT_PACKAGES = ("shared", "functions", "tests", "build")
+
+
+def _copy_tree(source: Path, dest: Path) -> None:
+    ignore = shutil.ignore_patterns(*SKIPPED.split())
+    shutil.copytree(source, dest, symlinks=True, ignore=ignore, dirs_exist_ok=True)
 
 
 def pipeline_targets(root: Path, pipeline: str) -> list[str]:
@@ -36,9 +34,8 @@ def pipeline_targets(root: Path, pipeline: str) -> list[str]:
     except tomllib.TOMLDecodeError as e:
         raise Failed(1, f"{pipeline} is not valid TOML: {e}") from e
     targets = [op.get("target") for op in spec.get("operation", []) if isinstance(op, dict)]
-    return [
-        t.strip().split(":")[0].split(".")[0] for t in targets if isinstance(t, str) and t.strip()
-    ]
+    targets = [t.strip() for t in targets if isinstance(t, str) and t.strip()]
+    return [target.split(":")[0].split(".")[0] for target in targets]
 
 
 def stage(root: Path, build_dir: str, values: Mapping[str, str]) -> Path:
@@ -51,20 +48,17 @@ def stage(root: Path, build_dir: str, values: Mapping[str, str]) -> Path:
     else:
         note(f"note: no pipeline.toml in {root}; staging without one")
     names = [name for pipeline in pipelines for name in pipeline_targets(root, pipeline)]
-    names += (
-        [values["SMART_RESUME_MODULE"].split(".")[0]] if values.get("SMART_RESUME_MODULE") else []
-    )
+    if values.get("SMART_RESUME_MODULE"):
+        names.append(values["SMART_RESUME_MODULE"].split(".")[0])
     local = [n for n in names if (root / n).is_dir() or (root / f"{n}.py").is_file()]
-    packages = [
-        n for n in dict.fromkeys(local) if n not in ("shared", "functions", "tests", "build")
-    ]
+    packages = [n for n in dict.fromkeys(local) if n not in NOT_PACKAGES]
     build = Path(os.path.abspath(build_dir))
     for fn in FUNCTIONS:
         dest, main = build / fn, root / "functions" / fn / "main.py"
         if (dest / "main.py").exists() and (dest / "main.py").samefile(main):
             raise Failed(2, f"--build-dir {build} would overwrite the sources")
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(root / "shared", dest / "shared", symlinks=True, ignore=SKIPPED)
+        _copy_tree(root / "shared", dest / "shared")
         shutil.copy(main, dest)
         shutil.copy(root / "requirements.txt", dest)
         for path in pipelines:
@@ -72,9 +66,7 @@ def stage(root: Path, build_dir: str, values: Mapping[str, str]) -> Path:
             shutil.copy(root / path, dest / path)
         for name in packages:
             if (root / name).is_dir():
-                shutil.copytree(
-                    root / name, dest / name, symlinks=True, ignore=SKIPPED, dirs_exist_ok=True
-                )
+                _copy_tree(root / name, dest / name)
             else:
                 shutil.copy(root / f"{name}.py", dest)
     staged = " ".join(pipelines) or "none"

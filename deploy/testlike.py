@@ -79,11 +79,12 @@ def warnings(d: Draft, root: Path) -> list[str]:
             )
         # An http operation on this machine's own address cannot be what production calls.
         lines = (root / path).read_text(encoding="utf-8").splitlines()
-        local = [LOOPBACK.search(x) for x in lines if not x.lstrip().startswith("#")]
-        if any(local):
+        matches = (LOOPBACK.search(x) for x in lines if not x.lstrip().startswith("#"))
+        local = next((match[0] for match in matches if match), None)
+        if local:
             found.append(
-                f"the pipeline {path} has an operation {next(filter(None, local))[0]}: a local "
-                "address, which a deployed function cannot reach"
+                f"the pipeline {path} has an operation {local}: a local address, which a "
+                "deployed function cannot reach"
             )
     if d["SMART_RESUME_PIPELINE"].startswith(("examples/", "./examples/")):
         found.append(
