@@ -1781,15 +1781,17 @@ class TestDeploy:
 
     def test_updates_the_job_when_it_exists(self, live) -> None:
         """A second deploy updates the existing job in place instead of creating another."""
+        before = set(Path(tempfile.gettempdir()).glob("tmp*/job-update.flags.json"))
         result, calls = live(job_exists=True)
         assert result.returncode == 0, result.stderr
+        # The private flags files went with the deploy.
+        assert set(Path(tempfile.gettempdir()).glob("tmp*/job-update.flags.json")) == before
         update = calls[-5]
         assert update[:4] == ["scheduler", "jobs", "update", "http"]
         assert f"--update-headers=X-Webhook-Secret={SECRET}" in update
         assert "--max-retry-attempts=0" in update
         assert not any(c[:3] == ["scheduler", "jobs", "create"] for c in calls)
         assert SECRET not in result.stdout + result.stderr
-        assert not list(Path(tempfile.gettempdir()).glob("tmp*/job-update.flags.json"))
 
     def test_an_existing_index_does_not_fail_the_deploy(self, live) -> None:
         """A repeated deploy: every composite create answers ALREADY_EXISTS, and it goes on."""
@@ -2082,4 +2084,3 @@ class TestDeploySh:
         held = [a for r in records for a in r["argv"] if a.startswith("--flags-file=")]
         assert len(held) >= 4
         assert not [a for a in held if Path(a.split("=", 1)[1]).exists()]
-        assert not list(Path(tempfile.gettempdir()).glob("tmp*/job-create.flags.json"))
