@@ -5,6 +5,8 @@
 # A thin wrapper: the work is done by the Python package deploy/ beside this script.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+[[ -f $ROOT/deploy/__main__.py ]] ||
+    { echo "deploy.sh: $ROOT/deploy/ is missing (deploy.sh runs that package)" >&2; exit 2; }
 PYTHON=python3
 [[ -x $ROOT/.venv/bin/python ]] && PYTHON=$ROOT/.venv/bin/python
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||

@@ -24,7 +24,9 @@ class Runner:
     """Shows each command (`+ ...`) and, when `live`, runs it: with gcloud's file logging off
     (it keeps every flag value) and none of the shell's settings in its environment."""
 
-    def __init__(self, build: Path, flags_dir: Path | None = None, out: TextIO | None = None):
+    def __init__(
+        self, build: Path, flags_dir: Path | None = None, out: TextIO | None = None
+    ) -> None:
         self.build, self.flags_dir, self.out = build, flags_dir or build, out or sys.stdout
         self.live = flags_dir is not None
         self.steps: list[Command | str] = []

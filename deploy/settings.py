@@ -17,7 +17,9 @@ from shared.config import FINISH_MARGIN_SECONDS
 class SettingsError(Exception):
     """The settings cannot be used: every problem, and the warnings to say before them."""
 
-    def __init__(self, command: str, env_file: str, problems: list[str], warnings: list[str]):
+    def __init__(
+        self, command: str, env_file: str, problems: list[str], warnings: list[str]
+    ) -> None:
         super().__init__("\n".join(problems))
         self.problems, self.warnings = problems, warnings
         self.heading = f"cannot {command}, fix these settings ({env_file} or KEY=VALUE arguments):"
