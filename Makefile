@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-test.txt
 install: $(STAMP)
 
 # The project's own code only: packages of the user's own operations beside shared/ are theirs.
-LINTED := shared functions tests scripts bench examples
+LINTED := shared functions tests scripts bench examples deploy
 
 # The console's browser tests drive Debian's Chromium through its chromedriver (nothing is
 # downloaded). Missing: installed when run as root on Debian (as CI runs), else make stops at
