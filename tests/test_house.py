@@ -97,7 +97,7 @@ NAMES = list(FLOORS)
 
 def _modules() -> dict[str, Path]:
     found = {}
-    paths = [p for folder in ("shared", "functions", "deploy") for p in (ROOT / folder).rglob("*.py")]
+    paths = [p for top in ("shared", "functions", "deploy") for p in (ROOT / top).rglob("*.py")]
     for path in sorted(paths):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         if parts[-1] == "__init__":
