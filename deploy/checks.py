@@ -205,11 +205,8 @@ def _budget(d: Draft) -> int:
 
 def _expected_every(d: Draft, budget: int) -> None:
     """Unless set, how often a run should end well is derived from a fixed-period SCHEDULE."""
-    name, grace, when = (
-        "SMART_RESUME_EXPECTED_EVERY_SECONDS",
-        "SMART_RESUME_GRACE_SECONDS",
-        d["SCHEDULE"],
-    )
+    name, grace = "SMART_RESUME_EXPECTED_EVERY_SECONDS", "SMART_RESUME_GRACE_SECONDS"
+    when = d["SCHEDULE"]
     if d[name] or not when:
         return
     every = schedule.period(when)

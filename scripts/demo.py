@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _client
 import firestore_emulator
+from firestore_emulator import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".demo"
@@ -40,10 +41,6 @@ SCRUB = ("SMART_RESUME_", "SENDGRID_", "AWS_", "K_SERVICE", "GCLOUD_PROJECT")
 
 class DemoError(Exception):
     """A step failed; the message says which and where its log is."""
-
-
-def free_port() -> int:
-    return firestore_emulator.free_port()
 
 
 def emulator_command(port: int) -> list[str]:

@@ -99,16 +99,10 @@ def oldest_due(
     query's own index)."""
     from shared import store
 
-    query = client.collection(store.CLIENTS).where(
-        filter=firestore.FieldFilter("active", "==", True)
-    )
-    if settings.stream is not None:
-        query = query.where(filter=firestore.FieldFilter("stream", "==", settings.stream))
-    if shard is not None:
-        query = query.where(filter=firestore.FieldFilter("shard", "==", shard[0]))
     now = dt.datetime.now(dt.UTC)
     query = (
-        query.where(filter=firestore.FieldFilter("nextDueAt", "<=", now))
+        store.active_clients(client, settings.stream, shard[0] if shard else None)
+        .where(filter=firestore.FieldFilter("nextDueAt", "<=", now))
         .where(filter=firestore.FieldFilter("nextDueAt", ">=", KNOWN_SINCE))
         .order_by("nextDueAt")
         .select(["nextDueAt"])

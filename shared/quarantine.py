@@ -39,13 +39,9 @@ def _listing(
     """Active clients (of `stream`) whose `field` count is at least 1: a value the engine never
     writes (0.5, a string) is never matched, so hand-written documents cannot crowd out the
     real ones."""
-    query = client.collection(store.CLIENTS).where(
-        filter=firestore.FieldFilter("active", "==", True)
-    )
-    if stream is not None:
-        query = query.where(filter=firestore.FieldFilter("stream", "==", stream))
     return (
-        query.where(filter=firestore.FieldFilter(field, ">=", 1))
+        store.active_clients(client, stream)
+        .where(filter=firestore.FieldFilter(field, ">=", 1))
         .order_by(field, direction=firestore.Query.DESCENDING)
         .select(["failing"])
         .limit(LIST_LIMIT)

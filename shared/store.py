@@ -155,6 +155,19 @@ def read_then_commit(
 
 
 @functools.cache
+def active_clients(
+    client: firestore.Client, stream: int | None, shard: int | None = None
+) -> firestore.Query:
+    """The active clients, of `stream` and of `shard` when given: where every query over the
+    clients starts (due work, failing work, the oldest due client)."""
+    query = client.collection(CLIENTS).where(filter=firestore.FieldFilter("active", "==", True))
+    if stream is not None:
+        query = query.where(filter=firestore.FieldFilter("stream", "==", stream))
+    if shard is not None:
+        query = query.where(filter=firestore.FieldFilter("shard", "==", shard))
+    return query
+
+
 def _client(project: str | None, emulator_host: str | None) -> firestore.Client:
     # emulator_host is part of the key only so a test that moves the emulator gets a new client;
     # the library itself reads FIRESTORE_EMULATOR_HOST from the environment.

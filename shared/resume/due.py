@@ -77,14 +77,8 @@ class Selection:
     # -- queries ---------------------------------------------------------------------------
 
     def _active(self, own_shard: bool = False) -> firestore.Query:
-        query = self.client.collection(store.CLIENTS).where(
-            filter=firestore.FieldFilter("active", "==", True)
-        )
-        if self.options.stream is not None:
-            query = query.where(filter=firestore.FieldFilter("stream", "==", self.options.stream))
-        if own_shard and self.shard is not None:
-            query = query.where(filter=firestore.FieldFilter("shard", "==", self.shard))
-        return query
+        shard = self.shard if own_shard else None
+        return store.active_clients(self.client, self.options.stream, shard)
 
     def mine(self, client_id: str) -> bool:
         return self.shard is None or shard_of(client_id, self.shards) == self.shard

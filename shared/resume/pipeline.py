@@ -33,19 +33,14 @@ TOP_KEYS = {"operation", *TIMING}
 #: Limits on the calls of one operation, held across every client and worker of a run
 #: set per operation only.
 LIMITS = ("max_per_second", "max_concurrent")
-OP_KEYS = {
-    *TIMING,
-    *LIMITS,
-    "name",
-    "kind",
-    "url",
-    "timeout_seconds",
-    "max_calls",
-    "target",
-    "retries",
-    "retry_initial_seconds",
-    "headers",
+#: Numbers each operation may set, with the same (type, default, low, high) as `TIMING`.
+NUMBERS = {
+    "timeout_seconds": (float, 60.0, 0.0, 3600.0),
+    "max_calls": (int, 100, 1, 1_000_000),
+    "retries": (int, 3, 0, 20),
+    "retry_initial_seconds": (float, 0.5, 0.0, 60.0),
 }
+OP_KEYS = {*TIMING, *LIMITS, *NUMBERS, "name", "kind", "url", "target", "headers"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,14 +197,8 @@ def _parse_operation(
     kind = entry.get("kind")
     if kind not in KINDS:
         bad("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
-    numbers = {
-        "timeout_seconds": (float, 60.0, 0.0, 3600.0),
-        "max_calls": (int, 100, 1, 1_000_000),
-        "retries": (int, 3, 0, 20),
-        "retry_initial_seconds": (float, 0.5, 0.0, 60.0),
-    }
     values: dict[str, Any] = {}
-    for key, (kind_of, default, low, high) in numbers.items():
+    for key, (kind_of, default, low, high) in NUMBERS.items():
         value = entry.get(key, default)
         ok_type = isinstance(value, int | float) if kind_of is float else isinstance(value, int)
         if isinstance(value, bool) or not ok_type or not low <= value <= high:
@@ -241,20 +230,9 @@ def _parse_operation(
     timing = _timing(entry, defaults, lambda why: problems.append(f"{label}: {why}"))
     if len(problems) > before:
         return None
+    numbers = {key: NUMBERS[key][0](value) for key, value in values.items()}
     return Operation(
-        fresh_hours=timing["fresh_hours"],
-        retry_backoff_seconds=timing["retry_backoff_seconds"],
-        quarantine_after=timing["quarantine_after"],
-        name=name,
-        kind=kind,
-        url=url,
-        target=target,
-        timeout_seconds=float(values["timeout_seconds"]),
-        max_calls=int(values["max_calls"]),
-        retries=int(values["retries"]),
-        retry_initial_seconds=float(values["retry_initial_seconds"]),
-        headers=headers,
-        **limits,
+        name=name, kind=kind, url=url, target=target, headers=headers, **timing, **numbers, **limits
     )
 
 
