@@ -154,7 +154,6 @@ def read_then_commit(
     return retrying(settings, what, attempt)
 
 
-@functools.cache
 def active_clients(
     client: firestore.Client, stream: int | None, shard: int | None = None
 ) -> firestore.Query:
@@ -168,6 +167,7 @@ def active_clients(
     return query
 
 
+@functools.cache
 def _client(project: str | None, emulator_host: str | None) -> firestore.Client:
     # emulator_host is part of the key only so a test that moves the emulator gets a new client;
     # the library itself reads FIRESTORE_EMULATOR_HOST from the environment.

@@ -23,3 +23,11 @@ def test_isolation_second(db) -> None:
     """Data written by the test before is gone."""
     db.collection("probe").document("other").set({"n": 2})
     assert [d.id for d in db.collection("probe").stream()] == ["other"]
+
+
+def test_one_client_per_process(settings) -> None:
+    """A warm instance reuses its client and channel: each request asking for the store gets
+    the same client (a new one per request would cost a channel and its handshake)."""
+    from shared.store import get_client
+
+    assert get_client(settings) is get_client(settings)
