@@ -83,11 +83,6 @@ RULES: tuple[tuple[str, str | Callable[[str], bool], str], ...] = (
         r"(?!0+(\.0+)?$)[0-9]+(\.[0-9]+)?",  # not zero
         "must be a positive number of seconds (or none)",
     ),
-    (
-        "HEADER_SECRETS",  # of http operations: headers = {"Authorization" = "env:NAME"}
-        f"{HEADER_SECRET}(,{HEADER_SECRET})*,?",
-        "must be VARIABLE=secret-name pairs, comma-separated",
-    ),
 )
 
 
@@ -165,6 +160,12 @@ def deploy(d: Draft) -> int:
         value = d[name]
         if value and not (re.fullmatch(rule, value) if isinstance(rule, str) else rule(value)):
             d.problems.append(f"{name}={value} {must}")
+    # Of http operations (headers = {"Authorization" = "env:NAME"}): each pair named if wrong
+    # (a trailing comma is allowed, an empty pair between two is not).
+    pairs = d["HEADER_SECRETS"].removesuffix(",").split(",") if d["HEADER_SECRETS"] else []
+    for pair in pairs:
+        if not re.fullmatch(HEADER_SECRET, pair):
+            d.problems.append(f"HEADER_SECRETS: {pair!r} is not VARIABLE=secret-name")
     if d["ALLOW_UNAUTHENTICATED"] == "0" and not d["OIDC_SERVICE_ACCOUNT"]:
         d.problems.append(
             "OIDC_SERVICE_ACCOUNT is required unless ALLOW_UNAUTHENTICATED=1: without it Cloud Run "

@@ -527,8 +527,6 @@ class TestChecks:
             ("PING_SECRET_VERSION", "latest"),
             ("SENDGRID_SECRET_VERSION", "0"),
             ("STREAM", "x"),
-            ("HEADER_SECRETS", "LEADS_TOKEN=leads,,OTHER=o"),
-            ("HEADER_SECRETS", "LEADS TOKEN=leads"),
         ],
     )
     def test_a_bad_value_is_refused_with_what_it_must_be(self, name: str, value: str) -> None:
@@ -615,6 +613,14 @@ class TestChecks:
             (
                 {"AWS_ACCESS_KEY_SECRET_NAME": "k"},
                 "AWS_SECRET_KEY_SECRET_NAME goes with AWS_ACCESS_KEY_SECRET_NAME",
+            ),
+            (
+                {"HEADER_SECRETS": "API_KEY=api-key,bad pair"},
+                "HEADER_SECRETS: 'bad pair' is not VARIABLE=secret-name",
+            ),
+            (
+                {"HEADER_SECRETS": "LEADS_TOKEN=leads,,OTHER=o"},
+                "HEADER_SECRETS: '' is not VARIABLE=secret-name",
             ),
             (
                 {"SHARDS": "2", "SMART_RESUME_SHARDS": "3"},
