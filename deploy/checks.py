@@ -13,7 +13,13 @@ from pathlib import Path
 
 from deploy import note, schedule
 from deploy.read import PREFIX, REQUIRED, SHORT_NAMES, Draft
-from shared.config import FINISH_MARGIN_SECONDS, TRANSPORTS, VARIABLES, load_settings
+from shared.config import (
+    FINISH_MARGIN_SECONDS,
+    OWN_VARIABLES,
+    TRANSPORTS,
+    VARIABLES,
+    load_settings,
+)
 from shared.errors import ConfigError
 
 #: Cloud Scheduler's longest attempt deadline, and a function's longest timeout (seconds).
@@ -166,6 +172,8 @@ def deploy(d: Draft) -> int:
     for pair in pairs:
         if not re.fullmatch(HEADER_SECRET, pair):
             d.problems.append(f"HEADER_SECRETS: {pair!r} is not VARIABLE=secret-name")
+        elif OWN_VARIABLES.match(variable := pair.split("=", 1)[0]):
+            d.problems.append(f"HEADER_SECRETS: {variable} is smart-resume's own, not a header's")
     if d["ALLOW_UNAUTHENTICATED"] == "0" and not d["OIDC_SERVICE_ACCOUNT"]:
         d.problems.append(
             "OIDC_SERVICE_ACCOUNT is required unless ALLOW_UNAUTHENTICATED=1: without it Cloud Run "

@@ -33,6 +33,8 @@ class Runner:
         self.secret = ""  # masked wherever shown: known in a live run only
         self.env = {k: v for k, v in os.environ.items() if not is_setting(k)}
         self.env["CLOUDSDK_CORE_DISABLE_FILE_LOGGING"] = "1"
+        # A user's `log_http` would print every request and answer: the secret read included.
+        self.env["CLOUDSDK_CORE_LOG_HTTP"] = "false"
         # deploy.sh put the repository on PYTHONPATH for this package: gcloud gets it as it was.
         paths = [p for p in self.env.pop("PYTHONPATH", "").split(os.pathsep) if p]
         if paths := [p for p in paths if Path(p).resolve() != ROOT]:

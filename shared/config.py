@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,12 @@ PLATFORM_TIMEOUT_SECONDS = 3600
 FINISH_MARGIN_SECONDS = 120
 #: The shortest webhook secret accepted (server misconfigured below it).
 MIN_SECRET = 16
+#: smart-resume's own settings and its providers' keys: never sent to an operation's service
+#: (`env:` headers) nor replaced by one of its secrets (deploy.sh's HEADER_SECRETS).
+OWN_VARIABLES = re.compile(
+    r"^(SMART_RESUME_.*|SENDGRID_API_KEY|AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)"
+    r"|GOOGLE_APPLICATION_CREDENTIALS)$"
+)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 #: Every variable smart-resume reads, with its default as documented (None: unset).

@@ -87,6 +87,8 @@ def test_headers_are_checked_when_the_pipeline_loads(tmp_path):
     for bad, words in [
         ('headers = {"Idempotency-Key" = "x"}', "cannot set the header"),
         ('headers = {"Authorization" = "env:1BAD"}', "variable name"),
+        ('headers = {"X-Key" = "env:SMART_RESUME_WEBHOOK_SECRET"}', "smart-resume's own"),
+        ('headers = {"X-Key" = "env:SENDGRID_API_KEY"}', "never sent to a service"),
         ('headers = ["x"]', "table of header names"),
     ]:
         path.write_text(pipe("http://127.0.0.1:1/x", bad + "\n"))

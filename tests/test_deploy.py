@@ -623,6 +623,10 @@ class TestChecks:
                 "HEADER_SECRETS: '' is not VARIABLE=secret-name",
             ),
             (
+                {"HEADER_SECRETS": "SMART_RESUME_WEBHOOK_SECRET=mine"},
+                "HEADER_SECRETS: SMART_RESUME_WEBHOOK_SECRET is smart-resume's own",
+            ),
+            (
                 {"SHARDS": "2", "SMART_RESUME_SHARDS": "3"},
                 "SHARDS and SMART_RESUME_SHARDS are both set, to different values (command line "
                 "and command line)",
@@ -2086,6 +2090,7 @@ class TestDeploySh:
                 assert not any(value in a for a in record["argv"]), record["argv"]
                 assert not any(value in v for v in record["env"].values()), record["argv"]
             assert record["env"]["CLOUDSDK_CORE_DISABLE_FILE_LOGGING"] == "1"
+            assert record["env"]["CLOUDSDK_CORE_LOG_HTTP"] == "false"
             assert str(ROOT) not in record["env"].get("PYTHONPATH", "")
         held = [a for r in records for a in r["argv"] if a.startswith("--flags-file=")]
         assert len(held) >= 4

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from shared.config import OWN_VARIABLES
 from shared.errors import PipelineError
 
 KINDS = ("http", "python")
@@ -268,6 +269,9 @@ def _headers(value: Any, kind: Any, bad: Callable[[str, str], None]) -> tuple[tu
             continue
         if text.startswith("env:") and not ENV_NAME.match(text[4:]):
             bad("headers", f"{name}: 'env:' must be followed by a variable name")
+            continue
+        if text.startswith("env:") and OWN_VARIABLES.match(text[4:]):  # never sent out
+            bad("headers", f"{name}: {text[4:]} is smart-resume's own, never sent to a service")
             continue
         if any(c in text for c in "\r\n\0"):
             bad("headers", f"{name}: a header value cannot hold a line break")
