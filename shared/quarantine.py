@@ -55,8 +55,8 @@ def failing(
     shard: tuple[int, int] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """`{"quarantined": [...], "backedOff": [...]}`, each entry naming client and operation:
-    the active clients of `stream` (and of `shard`, as (k, N)), the quarantined ones read
-    first, so no number of backed-off clients hides one."""
+    the active clients of `stream` (and of `shard`, as (k, N)); when the listing comes back
+    full the quarantined are read apart, so no number of backed-off clients hides one."""
     from shared.resume.shards import shard_of
 
     def listing(field: str) -> list[Any]:

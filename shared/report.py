@@ -28,6 +28,7 @@ from shared.report_tables import HEAD_COLOURS as _HEAD  # noqa: F401 (its old na
 from shared.report_tables import HISTORY as HISTORY
 from shared.report_tables import MAX_ROWS as MAX_ROWS
 from shared.report_tables import STRIP_MAX_PX as STRIP_MAX_PX
+from shared.report_tables import one_line
 from shared.transports import Message as Message
 
 logger = get_logger("report")
@@ -39,7 +40,7 @@ FAILURE_KINDS = frozenset({"failed", "partial", "abandoned"})
 
 
 def _brief(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    return one_line(exc)[:300]
 
 
 def report_history(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], ...]:

@@ -249,8 +249,10 @@ def _run_locked(
             log.error("run failed: %s", error)
         else:
             # Beside the run's own work: its query overlaps the run's first reads.
-            settle = partial(settle_reports, settings, client, runs, run_id)
-            settling = store.background(partial(settle, sending_grace(settings)))
+            grace = sending_grace(settings)
+            settling = store.background(
+                partial(settle_reports, settings, client, runs, run_id, grace)
+            )
         try:
             if error is not None:
                 raise _NotStarted
