@@ -13,6 +13,7 @@ import sys
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -28,6 +29,7 @@ from shared.resume.engine import RunResult, one_line, summarize
 from shared.resume.plan import RunOptions
 from shared.resume.results import bounded_summary, minimal_summary
 from shared.runs import Runs, jsonable
+from shared.warm import Known, next_history, strip_record
 
 log = get_logger("runner")
 NOT_SELECTED = "the client is inactive (or not in this stream or shard): nothing to run"
@@ -59,6 +61,10 @@ class Ended:
     deadline: float  # monotonic: the budget's end; the margin for finishing comes after it
     started: float
     pings: RunPings
+    #: What this process knew of the lock when it took it warm (`warm.py`), else None.
+    known: Known | None = None
+    #: The report claims of earlier runs left unsettled (`unsent.settle_reports`), or None.
+    pending: tuple[str, ...] | None = None
 
 
 def finish_run(
@@ -70,6 +76,8 @@ def finish_run(
 
     settings, client, lock, lease, runs = end.settings, end.client, end.lock, end.lease, end.runs
     options, deadline, started, pings = end.options, end.deadline, end.started, end.pings
+    # The last runs, when this process knows them (a warm take): no query for the strip.
+    before = end.known.history if end.known is not None else None
     run_id = lease.run_id
     if status == "abandoned" and not _still_ours(lock, lease):
         return _abandoned(run_id)
@@ -115,11 +123,15 @@ def finish_run(
     # What the report shows beyond the run (the failing work, the last runs) is read while the
     # run is released: queries only when a report goes out.
     listing: Future[dict[str, Any]] | None = None
-    history: Future[Any] | None = None
+    history: Future[tuple[dict[str, Any], ...] | None] | None = None
     if send and margin_end - time.monotonic() < FINISH_MARGIN_SECONDS / 2:
         log.warning("little time left to finish: the report goes without the failing work")
     elif send:
-        listing, history = _report_reads(settings, client, options)
+        listing, history = _report_reads(settings, client, options, before is None)
+    # Remembered with the release, for this process's next take of the lock (`warm.py`).
+    memo = None
+    if end.pending is not None:
+        memo = Known(unsent={*end.pending, *([run_id] if send else [])})
     claim = {
         "status": "sending" if send else "skipped",
         "transport": settings.email_transport,
@@ -173,18 +185,22 @@ def finish_run(
 
     try:
         try:
-            released = lock.release(lease, extra=finish, landed=landed)
+            released = lock.release(lease, extra=finish, landed=landed, memo=memo)
         except StoreRejected as exc:
             # The record itself was refused (a value Firestore cannot store): never strand
             # the lock over it. Release again with the summary only, then with a bare record.
             log.error("the run record was refused (%s); releasing with the summary only", exc)
             omitted = len(results) + lost
             try:
-                released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
+                released = lock.release(
+                    lease, extra=lambda b, x: finish(b, x, []), landed=landed, memo=memo
+                )
             except StoreRejected as again:
                 log.error("the summary was refused too (%s); releasing with a bare record", again)
                 summary = minimal_summary(summary)
-                released = lock.release(lease, extra=lambda b, x: finish(b, x, []), landed=landed)
+                released = lock.release(
+                    lease, extra=lambda b, x: finish(b, x, []), landed=landed, memo=memo
+                )
     except StoreUnavailable as exc:
         log.error("could not record the end of the run: %s", one_line(exc))
         error = error if status == "failed" and error else one_line(exc)
@@ -196,8 +212,9 @@ def finish_run(
             return Outcome("failed", 500, body, run_id, None, stats)
         # The store was never reached: nothing was recorded, no claim exists, and the
         # operator must hear of the outage. The lock goes stale and is taken over.
+        own = _strip_record(lease, report_input, "failed", summary)
         report_input = replace(
-            _shown(report_input, listing, history),
+            _shown(report_input, listing, next_history(own, _resolved(before, history) or ())),
             status="failed",
             error=error,
             error_where="finishing the run",
@@ -207,10 +224,20 @@ def finish_run(
     if not released:
         return _abandoned(run_id)
     pings.end(run_id, status, summary, error)
+    own = _strip_record(lease, report_input, status, summary)
+    shown = _resolved(before, history)
+    if memo is not None and shown is not None:
+        memo.history = next_history(own, shown)
     report = claim
     if send:
-        report_input = _shown(report_input, listing, history)
-        report = send_smart_resume_report(settings, client, report_input, claimed=True)
+        report_input = _shown(report_input, listing, next_history(own, shown or ()))
+        report = send_smart_resume_report(
+            settings,
+            client,
+            report_input,
+            claimed=True,
+            recorded=partial(memo.settled, run_id) if memo is not None else None,
+        )
     log.info("run ended %s", status, fields={"summary": summary, "report": report.get("status")})
     if status == "failed":
         body = {"status": "failed", "runId": run_id, "error": error}
@@ -222,21 +249,37 @@ def finish_run(
 
 
 def _report_reads(
-    settings: Settings, client: firestore.Client, options: RunOptions
-) -> tuple[Future[dict[str, Any]], Future[Any]]:
-    """The failing work and the last runs, for the report, read in the background."""
-    from shared.report import report_history
+    settings: Settings, client: firestore.Client, options: RunOptions, last_runs: bool
+) -> tuple[Future[dict[str, Any]], Future[tuple[dict[str, Any], ...] | None] | None]:
+    """The failing work and (unless known) the last runs, for the report, read in the
+    background."""
+    from shared.report import last_runs as read_last_runs
 
     return (
         store.background(lambda: _failing_work(settings, client, options)),
-        store.background(lambda: report_history(settings, client)),
+        store.background(lambda: read_last_runs(settings, client)) if last_runs else None,
     )
 
 
-def _shown(report: Any, listing: Future[Any] | None, history: Future[Any] | None) -> Any:
+def _strip_record(lease: Lease, report: Any, status: str, summary: dict[str, Any]) -> Any:
+    """This run as the report's strip draws it (and as reading its record would give)."""
+    took = summary.get("durationSeconds")
+    return strip_record(lease.run_id, status, lease.acquired_at, report.finished_at, took)
+
+
+def _resolved(
+    before: tuple[dict[str, Any], ...] | None, history: Future[Any] | None
+) -> tuple[dict[str, Any], ...] | None:
+    """The last runs as known or as read (None: neither)."""
+    if before is not None:
+        return before
+    return history.result() if history is not None else None
+
+
+def _shown(report: Any, listing: Future[Any] | None, history: tuple[Any, ...] | None) -> Any:
     """The report with what was read for it while the run was released."""
     extra = listing.result() if listing is not None else {}
-    return replace(report, **extra, history=history.result() if history is not None else ())
+    return replace(report, **extra, history=history or ())
 
 
 def _failing_work(
@@ -296,28 +339,42 @@ def failed_before_start(
     trigger: dict[str, Any],
     schedule_time: str | None,
 ) -> Outcome:
-    """The module or pipeline would not load: record a failed run, report it, take no lock."""
-    from shared.report import ReportInput, send_smart_resume_report
+    """The module or pipeline would not load: record a failed run, report it, take no lock.
+    The record, its report's claim and a mark on the lock land in one commit (`warm.py`)."""
+    from shared.report import ReportInput, send_smart_resume_report, wanted
 
     error = one_line(exc)
     where = "loading the resume module" if isinstance(exc, ModuleLoadError) else "the pipeline"
     log.error("run failed before starting: %s", error)
-    runs.record_failed(run_id, trigger=trigger, schedule_time=schedule_time, error=error)
-    ping(settings, "fail", end_body(run_id, "failed", {}, error))
-    report = send_smart_resume_report(
-        settings,
-        client,
-        ReportInput(
-            run_id=run_id,
-            status="failed",
-            summary=summarize([], 0, 0.0),
-            results=[],
-            client_names={},
-            error=error,
-            error_where=where,
-            module_error=isinstance(exc, ModuleLoadError),
-            lock_name=settings.lock_name,
-        ),
+    report_input = ReportInput(
+        run_id=run_id,
+        status="failed",
+        summary=summarize([], 0, 0.0),
+        results=[],
+        client_names={},
+        error=error,
+        error_where=where,
+        module_error=isinstance(exc, ModuleLoadError),
+        lock_name=settings.lock_name,
     )
+    send = wanted(settings, report_input)
+    claim = {
+        "status": "sending" if send else "skipped",
+        "transport": settings.email_transport,
+        "at": firestore.SERVER_TIMESTAMP,
+        "error": None,
+    }
+    runs.record_failed(
+        run_id,
+        trigger=trigger,
+        schedule_time=schedule_time,
+        error=error,
+        report=claim,
+        also=lambda batch: Lock(client, settings).mark_outside(batch, run_id),
+    )
+    ping(settings, "fail", end_body(run_id, "failed", {}, error))
+    report = claim
+    if send:
+        report = send_smart_resume_report(settings, client, report_input, claimed=True)
     body = {"status": "failed", "runId": run_id, "error": error}
     return Outcome("failed", 500, body, run_id, report)

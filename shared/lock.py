@@ -47,17 +47,20 @@ from shared.log import get_logger
 log = get_logger("lock")
 
 
-# What this process knows about locks it released last: (update time, token) per lock.
-_released: dict[tuple[str, str], tuple[dt.datetime, int]] = {}
+# What this process knows about locks it released last, per lock: the update time and token
+# it left, and what its caller asked to remember with them (`memo`, opaque here).
+_released: dict[tuple[str, str], tuple[dt.datetime, int, Any]] = {}
 _released_mutex = threading.Lock()
 
 
-def _remember_released(key: tuple[str, str], update_time: dt.datetime, token: int) -> None:
+def _remember_released(
+    key: tuple[str, str], update_time: dt.datetime, token: int, memo: Any = None
+) -> None:
     with _released_mutex:
-        _released[key] = (update_time, token)
+        _released[key] = (update_time, token, memo)
 
 
-def _pop_released(key: tuple[str, str]) -> tuple[dt.datetime, int] | None:
+def _pop_released(key: tuple[str, str]) -> tuple[dt.datetime, int, Any] | None:
     with _released_mutex:
         return _released.pop(key, None)
 
@@ -76,6 +79,12 @@ class Lease:
     cancel_requested: bool = False
     #: Runs whose client claims this holder must close before doing any work.
     revoke: list[str] = field(default_factory=list)
+    #: Taken without a read because this process released the lock last and nothing wrote
+    #: it since: what the release asked to remember (`release(memo=...)`), else None.
+    memo: Any = None
+    #: Someone else wrote the lock document while this lease held it (a cancel request, a
+    #: run that failed before starting): its release is not remembered.
+    outside_write: bool = False
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -117,9 +126,11 @@ class Lock(OperatorActions):
             # This process released the lock last. If nothing has written it since (the
             # precondition checks exactly that), it is still free with the token we left:
             # take it without reading first, one round trip saved on every warm run.
-            update_time, token = cached
+            update_time, token, memo = cached
             try:
-                return self._take(run_id, owner, extra, token + 1, update_time, None, None, ())
+                lease = self._take(run_id, owner, extra, token + 1, update_time, None, None, ())
+                lease.memo = memo
+                return lease
             except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
                 pass  # someone wrote it since, or the answer was lost: decide on a fresh read
         for _ in range(ATTEMPTS):
@@ -146,7 +157,10 @@ class Lock(OperatorActions):
                 winner = self.read()
                 if winner.held and winner.run_id == run_id:
                     return self._lease_from(winner)
-                raise self.held(winner) from exc
+                if winner.live:
+                    raise self.held(winner) from exc
+                # Still free: the write was not a rival's take (a run that failed before
+                # starting marks the lock); decide again on this read.
             except StoreUnavailable:
                 # The commit may or may not have landed: read back and decide on what is there.
                 continue
@@ -234,6 +248,13 @@ class Lock(OperatorActions):
             except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable) as exc:
                 log.warning("could not record the closed claims: %s", exc)
 
+    def mark_outside(self, batch: Any, run_id: str) -> None:
+        """Mark the lock with a run that failed before taking it (its record and report claim
+        are in `batch`): every write to the lock document ends what a process remembers of
+        it since its release (`release(memo=...)`), so the next take reads what this run left.
+        A holder's next conditional write reads the lock again, as after a cancel request."""
+        batch.update(self.ref, {"outsideRun": {"runId": run_id, "at": firestore.SERVER_TIMESTAMP}})
+
     def held(self, state: LockState) -> LockHeld:
         """The error for a live lock: its age, its heartbeat's age, and when it goes stale."""
         return state.held_error()
@@ -269,6 +290,7 @@ class Lock(OperatorActions):
                     raise LeaseLost("the lock document was deleted") from exc
                 except gexc.FailedPrecondition:
                     state = self._owned(lease)
+                    lease.outside_write = True
                     lease.lock_update_time = state.update_time
                     lease.cancel_requested = state.cancel_requested
             raise LeaseLost("could not renew the lease: the lock keeps changing")
@@ -278,8 +300,11 @@ class Lock(OperatorActions):
         lease: Lease,
         extra: ExtraWrites | None = None,
         landed: Callable[[], bool] | None = None,
+        memo: Any = None,
     ) -> bool:
         """Give the lock back if it is still ours; `extra` writes land in the same commit.
+        `memo` comes back as `Lease.memo` on this process's next take, if that take proves
+        nothing wrote the lock since (and nothing else wrote it while this lease held it).
 
         `landed` tells, by reading back, whether a commit whose answer was lost in fact
         landed (the run record says so), so a lost answer is never reported as a failure.
@@ -308,10 +333,12 @@ class Lock(OperatorActions):
                         results = batch.commit(**store.commit_call(self.settings))
                     # lock_update_time stays at the pre-release value, so a second release
                     # fails its precondition and finds the lock no longer ours.
-                    if not lease.revoke:
-                        _remember_released(self._key, results[0].update_time, lease.token)
+                    if not lease.revoke and not lease.outside_write:
+                        _remember_released(self._key, results[0].update_time, lease.token, memo)
                     return True
-                except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
+                except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable) as exc:
+                    if isinstance(exc, gexc.FailedPrecondition):
+                        lease.outside_write = True
                     # Refused, or an unknown outcome: what is stored now decides.
                     if landed is not None and landed():
                         return True  # the commit landed; only its answer was lost

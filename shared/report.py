@@ -9,6 +9,7 @@ records how that went on the run. What the report says is imported here under it
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -43,15 +44,20 @@ def _brief(exc: BaseException) -> str:
     return one_line(exc)[:300]
 
 
-def report_history(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], ...]:
-    """This lock's newest runs for the bar strip (summary fields only); none if unreadable."""
+def last_runs(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], ...] | None:
+    """This lock's newest runs for the bar strip (the fields it draws); None if unreadable."""
     from shared.runs import Runs
 
     try:
         return tuple(Runs(client, settings).recent(HISTORY, STRIP_FIELDS))
     except Exception as exc:
         logger.warning("could not read the last runs for the report: %s", _brief(exc))
-        return ()
+        return None
+
+
+def report_history(settings: Settings, client: firestore.Client) -> tuple[dict[str, Any], ...]:
+    """`last_runs`, or none if unreadable."""
+    return last_runs(settings, client) or ()
 
 
 def wanted(settings: Settings, report: ReportInput) -> bool:
@@ -100,7 +106,8 @@ def _claim(
 
 def _record(
     settings: Settings, client: firestore.Client, run_id: str, record: dict[str, Any]
-) -> None:
+) -> bool:
+    """Record how the report went on its run; returns whether that landed."""
     ref = client.collection(store.RUNS).document(run_id)
     try:
         store.retrying(  # a blind update: repeating it after a lost answer is harmless
@@ -116,6 +123,8 @@ def _record(
             "could not record the report on the run",
             fields={"error": _brief(exc), "reportStatus": record["status"]},
         )
+        return False
+    return True
 
 
 def _result(transport: str, status: str, error: str | None = None) -> dict[str, Any]:
@@ -162,8 +171,10 @@ def send_smart_resume_report(
     report: ReportInput,
     *,
     claimed: bool = False,
+    recorded: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Claim, build, deliver and record the run's one report; never raises.
+    """Claim, build, deliver and record the run's one report; never raises. `recorded` is
+    called once how it went is recorded on the run (its claim settled).
 
     Returns the recorded `report` map (or the existing one when another caller already owns it).
     When Firestore is unreachable the report is still sent: an email about a store outage is
@@ -188,7 +199,8 @@ def send_smart_resume_report(
                 )
                 return dict(existing or {"status": "sending", "transport": transport})
         record = _deliver(settings, client, report)
-        _record(settings, client, report.run_id, record)
+        if _record(settings, client, report.run_id, record) and recorded is not None:
+            recorded()
         return {**record, "at": dt.datetime.now(dt.UTC)}
     except Exception as exc:  # the last line of defence: a report never fails the run
         logger.exception("report step failed", fields={"runId": report.run_id})

@@ -35,6 +35,7 @@ from shared.resume.plan import RunOptions
 from shared.resume.shards import lock_name as shard_lock_name
 from shared.runs import Runs, new_run_id
 from shared.unsent import sending_grace, settle_reports
+from shared.warm import Known
 
 __all__ = ["Outcome", "load_entry_point", "plan_run", "sending_grace", "start_run"]
 
@@ -233,7 +234,8 @@ def _run_locked(
     error: str | None = None
     where: str | None = None
     pings = RunPings(settings)
-    settling: Future[None] | None = None
+    settling: Future[tuple[str, ...] | None] | None = None
+    known = lease.memo if isinstance(lease.memo, Known) else None
     with (
         Heartbeat(lock, lease, settings.heartbeat_seconds, settings.lease_seconds) as hb,
         _watching(watch, hb),
@@ -248,10 +250,12 @@ def _run_locked(
             status, error, where = "failed", one_line(exc), "fencing off the previous run"
             log.error("run failed: %s", error)
         else:
-            # Beside the run's own work: its query overlaps the run's first reads.
+            # Beside the run's own work: its reads overlap the run's first reads. After a
+            # warm take the unsettled claims are known (`warm.py`): none is searched for.
             grace = sending_grace(settings)
+            claims = known.claims() if known is not None else None
             settling = store.background(
-                partial(settle_reports, settings, client, runs, run_id, grace)
+                partial(settle_reports, settings, client, runs, run_id, grace, claims)
             )
         try:
             if error is not None:
@@ -277,9 +281,11 @@ def _run_locked(
         except Exception as exc:
             status, error, where = "failed", one_line(exc), "resume module"
             log.exception("run failed: %s", error)
-        if settling is not None:
-            settling.result()  # never raises; the lock is still held while reports settle
-    end = Ended(settings, client, lock, lease, runs, options, deadline, started, pings)
+        # Never raises; the lock is still held while reports settle.
+        pending = settling.result() if settling is not None else None
+    end = Ended(
+        settings, client, lock, lease, runs, options, deadline, started, pings, known, pending
+    )
     return finish_run(end, result, status, error, where)
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
+from google.api_core import exceptions as gexc
 from google.cloud import firestore
 from google.cloud.firestore_v1.batch import WriteBatch
 
@@ -150,26 +152,44 @@ class Runs:
         batch.update(self.ref(run_id), fields)
 
     def record_failed(
-        self, run_id: str, *, trigger: dict[str, Any], schedule_time: str | None, error: str
+        self,
+        run_id: str,
+        *,
+        trigger: dict[str, Any],
+        schedule_time: str | None,
+        error: str,
+        report: dict[str, Any] | None = None,
+        also: Callable[[WriteBatch], None] | None = None,
     ) -> None:
-        """A run that failed before taking the lock (its module would not load)."""
+        """A run that failed before taking the lock (its module would not load), with its
+        report's claim; `also` adds writes to the same commit (the lock's mark, which is left
+        out when there is no lock document to mark)."""
+        record = {
+            "runId": run_id,
+            "status": "failed",
+            "lockName": self.settings.lock_name,
+            "startedAt": firestore.SERVER_TIMESTAMP,
+            "finishedAt": firestore.SERVER_TIMESTAMP,
+            "trigger": trigger,
+            "scheduleTime": schedule_time,
+            "stream": self.settings.stream,
+            "summary": {},
+            "results": [],
+            "error": error,
+            **({"report": report} if report is not None else {}),
+        }
         with store.translate_errors("recording the failed run"):
-            self.ref(run_id).create(
-                {
-                    "runId": run_id,
-                    "status": "failed",
-                    "lockName": self.settings.lock_name,
-                    "startedAt": firestore.SERVER_TIMESTAMP,
-                    "finishedAt": firestore.SERVER_TIMESTAMP,
-                    "trigger": trigger,
-                    "scheduleTime": schedule_time,
-                    "stream": self.settings.stream,
-                    "summary": {},
-                    "results": [],
-                    "error": error,
-                },
-                **store.commit_call(self.settings),
-            )
+            for extra in [also, None] if also is not None else [None]:
+                batch = self.client.batch()
+                batch.create(self.ref(run_id), record)
+                if extra is not None:
+                    extra(batch)
+                try:
+                    batch.commit(**store.commit_call(self.settings))
+                    return
+                except gexc.NotFound:
+                    if extra is None:
+                        raise
 
     def store_results(
         self, run_id: str, results: list[dict[str, Any]], until: float | None = None
@@ -205,6 +225,15 @@ class Runs:
         with store.translate_errors("reading a run"):
             snap = self.ref(run_id).get(field_paths=fields, **store.call(self.settings))
         return snap.to_dict() if snap.exists else None
+
+    def get_many(
+        self, run_ids: tuple[str, ...], fields: list[str]
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        """The runs `run_ids` that exist, as (snapshot, record), in one round trip."""
+        refs = [self.ref(run_id) for run_id in run_ids]
+        with store.translate_errors("reading runs"):
+            found = self.client.get_all(refs, field_paths=fields, **store.call(self.settings))
+            return [(snap, snap.to_dict() or {}) for snap in found if snap.exists]
 
     def for_schedule(self, schedule_time: str, job: str | None = None) -> dict[str, Any] | None:
         """The earlier run of this Scheduler tick (and job) on this lock that did not fail."""

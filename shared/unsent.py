@@ -15,7 +15,7 @@ from shared import store
 from shared.config import Settings
 from shared.log import get_logger
 from shared.resume.engine import one_line
-from shared.runs import FINISHED, Runs
+from shared.runs import FINISHED, SUMMARY_FIELDS, Runs
 
 log = get_logger("runner")
 #: Reports left `sending` by earlier runs that one run settles (the query's limit).
@@ -26,27 +26,53 @@ LOST_AFTER_SECONDS = 24 * 3600
 
 
 def settle_reports(
-    settings: Settings, client: firestore.Client, runs: Runs, run_id: str, grace: float
-) -> None:
+    settings: Settings,
+    client: firestore.Client,
+    runs: Runs,
+    run_id: str,
+    grace: float,
+    known: tuple[str, ...] | None = None,
+) -> tuple[str, ...] | None:
     """Send, or mark `lost` with a reason, the reports that earlier runs of this lock left
     `sending`: their instance died between claiming the report and recording how it went.
 
     A claim younger than `grace` (the longest a send can take: `sending_grace`) may still be in
-    flight from its own run (it sends after releasing the lock) and is left alone. Never
-    raises: the run goes on whatever happens here.
+    flight from its own run (it sends after releasing the lock) and is left alone. `known`:
+    the claims this process knows are unsettled (`warm.Known`), when nothing else can have
+    claimed one since; else they are searched for. Returns the claims left unsettled, or None
+    when that is not known (the search failed or came back full). Never raises: the run goes
+    on whatever happens here.
     """
     try:
-        left = runs.reports_sending(SETTLE_LIMIT)
+        left = runs.reports_sending(SETTLE_LIMIT) if known is None else _read(runs, known)
     except Exception as exc:
         log.warning("could not look for unsent reports: %s", one_line(exc))
-        return
+        return known
+    pending = []
     for snap, record in left:
         if snap.id == run_id:
             continue
         try:
-            _settle_report(settings, client, run_id, snap, record, grace)
+            if _settle_report(settings, client, run_id, snap, record, grace):
+                pending.append(snap.id)
         except Exception as exc:
             log.warning("could not settle the report of run %s: %s", snap.id, one_line(exc))
+            pending.append(snap.id)
+    if known is None and len(left) >= SETTLE_LIMIT:
+        return None  # more may be waiting: the next run searches again
+    return tuple(pending)
+
+
+def _read(runs: Runs, ids: tuple[str, ...]) -> list[tuple[Any, dict[str, Any]]]:
+    """The runs `ids` whose report is still `sending`, as `Runs.reports_sending` gives them."""
+    if not ids:
+        return []
+    found = runs.get_many(ids, [*SUMMARY_FIELDS, "results"])
+    return [
+        (snap, data)
+        for snap, data in found
+        if (data.get("report") or {}).get("status") == "sending"
+    ]
 
 
 def sending_grace(settings: Settings) -> float:
@@ -62,14 +88,15 @@ def _settle_report(  # type: ignore[no-untyped-def]
     snap,
     record: dict[str, Any],
     grace: float,
-) -> None:
+) -> bool:
+    """Settle one report left `sending`; returns whether it is still unsettled (too young)."""
     from shared.report import ReportInput, send_smart_resume_report
 
     claim = record.get("report") or {}
     at = claim.get("at")
     age = (snap.read_time - at).total_seconds() if isinstance(at, dt.datetime) else None
     if age is not None and age < grace:
-        return
+        return True  # its own run may still be sending it
     lost = None
     if record.get("status") not in FINISHED:
         lost = "its run never finished"
@@ -95,10 +122,10 @@ def _settle_report(  # type: ignore[no-untyped-def]
                 **store.commit_call(settings),
             )
     except (gexc.FailedPrecondition, gexc.NotFound):
-        return  # it changed since we looked: whoever changed it owns it
+        return False  # it changed since we looked: whoever changed it owns it
     if lost:
         log.warning("report of run %s marked lost: %s", snap.id, lost)
-        return
+        return False
     log.warning("report of run %s was left sending by a stopped instance; sending it", snap.id)
     took_over = record.get("tookOver")
     started, finished = record.get("startedAt"), record.get("finishedAt")
@@ -119,3 +146,4 @@ def _settle_report(  # type: ignore[no-untyped-def]
         ),
         claimed=True,
     )
+    return False

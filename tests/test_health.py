@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from conftest import ROOT, seed_clients
 from faults_helpers import wait_for
 from functions_framework import create_app
 
-from shared import health, runner
+from shared import health, lock, runner
 from shared.heartbeat import PROGRESS_AT, Heartbeat
 from shared.lock import Lock, LockState
 from shared.resume.plan import RunOptions
@@ -488,6 +489,8 @@ class TestUnsentReports:
         db.document(f"runs/{ids[2]}").update(
             {"report": {"status": "sending", "transport": "outbox", "at": dt.datetime.now(dt.UTC)}}
         )
+        # Claims written by hand, not by releases of the lock: as a fresh instance finds them.
+        lock._released.clear()
         latest = run_once(settings, db)
         reports = {i: db.document(f"runs/{i}").get().to_dict()["report"] for i in ids}
         assert reports[ids[0]]["status"] == "sent"
@@ -498,6 +501,35 @@ class TestUnsentReports:
         assert not (outbox / f"{ids[1]}.eml").exists()
         assert reports[ids[2]]["status"] == "sending"  # within the grace: its run still sends
         assert latest.report["status"] == "sent"
+
+    def test_a_warm_instance_sends_what_a_run_that_failed_before_starting_left(
+        self, db, configure, pipeline_file, monkeypatch, tmp_path
+    ) -> None:
+        """This process released the lock last (its next take reads nothing it knows). Then a
+        run whose module would not load claims its report and dies sending it: its claim
+        marked the lock, so the next take reads the lock and the report goes out."""
+        from shared import runner, transports
+
+        pipeline_file(OK)
+        seed_clients(db, 1)
+        outbox = tmp_path / "outbox"
+        settings = configure(SMART_RESUME_EMAIL_TRANSPORT="outbox", SMART_RESUME_OUTBOX=str(outbox))
+        run_once(settings, db)
+        assert lock._released  # the next take would be warm
+
+        def dies(*_: object) -> None:
+            raise SystemExit("the instance stops mid-send")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(transports, "send", dies)
+            with pytest.raises(SystemExit):
+                run_once(replace(settings, module="no_such_module_x"), db)
+        broken = [d for d in db.collection("runs").get() if d.get("status") == "failed"]
+        assert [d.get("report.status") for d in broken] == ["sending"]
+        monkeypatch.setattr(runner, "sending_grace", lambda _: 0.0)
+        run_once(settings, db)
+        assert db.document(f"runs/{broken[0].id}").get().get("report.status") == "sent"
+        assert (outbox / f"{broken[0].id}.eml").is_file()
 
     @pytest.mark.slow
     def test_instance_killed_between_claim_and_send(

@@ -60,6 +60,7 @@ FLOORS: dict[str, list[str]] = {
         "shared.report_message",
         "shared.report",
         "shared.unsent",
+        "shared.warm",
         "shared.health",
         "shared.status",
     ],

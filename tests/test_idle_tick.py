@@ -70,9 +70,11 @@ def slowed(db, monkeypatch) -> Iterator[Slowed]:
     yield Slowed(db, monkeypatch)
 
 
-def test_idle_tick_makes_eleven_round_trips_in_four_waits(db, configure, pipeline_file, slowed):
-    """Take the lock; read together (the due record, two counts, the first due page, reports
-    left unsent); release the lock while the report's listings are read; record the report."""
+def test_idle_tick_makes_nine_round_trips_in_four_waits(db, configure, pipeline_file, slowed):
+    """Take the lock; read together (the due record, two counts, the first due page); release
+    the lock while the report's listings are read; record the report. The last runs and the
+    reports left unsent are known from this process's own release: nothing wrote the lock
+    since (the take's precondition proves it)."""
     pipeline_file(PIPE)
     settings = configure(SMART_RESUME_EMAIL_ON="always")
     seed_clients(db, 20)
@@ -85,9 +87,28 @@ def test_idle_tick_makes_eleven_round_trips_in_four_waits(db, configure, pipelin
         "commit": 3,  # take, release, record the report
         "batch_get_documents": 1,  # the due-work record
         "run_aggregation_query": 2,  # active clients, and those with a due time
-        "run_query": 5,  # due page, unsent reports, failing work, problems, last runs
+        "run_query": 3,  # due page, failing work, problems
     }
     assert slowed.waits() == 4
+
+
+def test_a_take_that_reads_the_lock_searches_for_what_it_does_not_know(
+    db, configure, pipeline_file, slowed
+):
+    """Another process (or any writer of the lock since this one released it): the take
+    reads the lock, the unsent reports are searched for and the last runs read."""
+    from shared import lock
+
+    pipeline_file(PIPE)
+    settings = configure(SMART_RESUME_EMAIL_ON="always")
+    seed_clients(db, 20)
+    run_once(settings, db)
+    lock._released.clear()  # as in a fresh instance
+    slowed.on = True
+    run_once(settings, db)
+    assert slowed.calls["batch_get_documents"] == 2  # the lock, the due-work record
+    assert slowed.calls["run_query"] == 5  # ... unsent reports, last runs
+    assert slowed.waits() == 5
 
 
 def test_idle_tick_without_a_report_waits_three_times(db, configure, pipeline_file, slowed):
@@ -99,5 +120,45 @@ def test_idle_tick_without_a_report_waits_three_times(db, configure, pipeline_fi
     slowed.on = True
     out = run_once(settings, db)
     assert out.report["status"] == "skipped"
-    assert sum(slowed.calls.values()) == 7
+    assert sum(slowed.calls.values()) == 6  # take, the due reads (4), release
     assert slowed.waits() == 3
+
+
+def test_the_last_runs_a_warm_take_knows_are_those_a_read_finds(db, configure, pipeline_file):
+    """The report's strip after warm takes (known), after a run that failed before starting
+    (it marked the lock: read) and after a fresh instance (read) is, each time, what reading
+    the runs gives: ids, outcomes and durations."""
+    from dataclasses import replace
+
+    from shared import lock, report
+
+    pipeline_file(PIPE)
+    settings = configure(SMART_RESUME_EMAIL_ON="always")
+    seed_clients(db, 3)
+    shown: list[tuple] = []
+    real = report.build_message
+
+    def spy(report_input):  # type: ignore[no-untyped-def]
+        shown.append(report_input.history)
+        return real(report_input)
+
+    report.build_message = spy
+    try:
+        steps = ["run", "run", "run", "broken", "run", "run", "fresh", "run"]
+        for step in steps:
+            if step == "broken":
+                run_once(replace(settings, module="no_such_module_x"), db)
+                continue
+            if step == "fresh":
+                lock._released.clear()
+            out = run_once(settings, db)
+            assert out.status == "completed"
+            read = report.last_runs(settings, db)
+            assert [_seen(r) for r in shown[-1]] == [_seen(r) for r in read]
+    finally:
+        report.build_message = real
+    assert len(shown[-1]) == len(steps)  # every run, the one that failed to start included
+
+
+def _seen(record: dict) -> tuple:
+    return (record["runId"], record["status"], (record.get("summary") or {}).get("durationSeconds"))

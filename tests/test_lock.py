@@ -326,3 +326,48 @@ class TestWarmAcquire:
         with pytest.raises(LockHeld) as err:
             lock.acquire("run-3", OWNER)
         assert err.value.run_id == "elsewhere"
+
+    def test_what_the_release_remembered_comes_back_on_a_warm_take(self, lock: Lock) -> None:
+        """`release(memo=...)` is handed to this process's next take, only if nothing wrote the
+        lock since (the memo is what `warm.py` keeps: the last runs, unsettled claims)."""
+        memo = object()
+        lock.release(lock.acquire("run-1", OWNER), memo=memo)
+        assert lock.acquire("run-2", OWNER).memo is memo
+        lock.release(_lease(lock), memo=memo)
+        lock.ref.update({"outsideRun": {"runId": "run-x"}})  # a run that failed to start
+        lease = lock.acquire("run-3", OWNER)
+        assert lease.memo is None and lease.token == 3
+
+    def test_a_write_while_held_is_not_remembered(self, lock: Lock, db, settings) -> None:
+        """A cancel request (any write but the holder's) while the lease held the lock: the
+        release lands, but the next take reads the lock and what it was told to remember is
+        dropped (what was written meanwhile may matter)."""
+        lease = lock.acquire("run-1", OWNER)
+        Lock(db, settings).request_cancel()
+        assert lock.renew(lease, {}) is True  # the renewal reads the lock again
+        assert lock.release(lease, memo=object())
+        assert lock.acquire("run-2", OWNER).memo is None
+
+    def test_a_mark_between_read_and_take_is_not_a_rival(self, lock: Lock, monkeypatch) -> None:
+        """A run that failed to start marks the free lock between a contender's read and its
+        take: the take's precondition fails, the lock is still free, and it is taken (no 409)."""
+        lock.release(lock.acquire("run-1", OWNER))
+        lock.ref.update({"token": 5})  # not this process's release: the next take reads
+        real = Lock.read
+        marked: list[int] = []
+
+        def read_then_mark(self: Lock):  # type: ignore[no-untyped-def]
+            state = real(self)
+            if not marked:
+                marked.append(1)
+                self.ref.update({"outsideRun": {"runId": "run-x"}})
+            return state
+
+        monkeypatch.setattr(Lock, "read", read_then_mark)
+        lease = lock.acquire("run-2", OWNER)
+        assert lease.run_id == "run-2" and lease.token == 6
+
+
+def _lease(lock: Lock):  # type: ignore[no-untyped-def]
+    """The lease of the lock's current holder, rebuilt from the document."""
+    return lock._lease_from(lock.read())
