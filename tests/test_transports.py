@@ -7,6 +7,7 @@ import email.policy
 import http.client
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 from fake_sendgrid import FakeSendGrid
@@ -399,6 +400,22 @@ class TestOutbox:
         assert parsed.get_body(("plain",)).get_content() == MESSAGE.text
         assert parsed.get_body(("html",)).get_content() == MESSAGE.html
         assert (settings.outbox / "r1.html").read_text() == MESSAGE.html
+
+    def test_names_and_subject_beyond_ascii_survive(self, configure) -> None:
+        """A sender's display name and a subject that are not ASCII are encoded, and parse
+        back as written."""
+        settings = configure(
+            SMART_RESUME_EMAIL_TRANSPORT="outbox",
+            SMART_RESUME_EMAIL_FROM="Jürgen Über <ops@example.com>",
+            SMART_RESUME_EMAIL_TO="Équipe <team@example.com>",
+        )
+        transports.send(settings, replace(MESSAGE, subject="smart-resume: Zürich ✓"))
+        raw = (settings.outbox / "r1.eml").read_bytes()
+        assert raw.isascii()
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        assert parsed["From"] == "Jürgen Über <ops@example.com>"
+        assert parsed["To"] == "Équipe <team@example.com>"
+        assert parsed["Subject"] == "smart-resume: Zürich ✓"
 
     def test_run_id_cannot_escape_the_folder(self, configure) -> None:
         """A run id with path separators is flattened into a file name inside the outbox."""
