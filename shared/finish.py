@@ -65,6 +65,8 @@ class Ended:
     known: Known | None = None
     #: The report claims of earlier runs left unsettled (`unsent.settle_reports`), or None.
     pending: tuple[str, ...] | None = None
+    #: The failing work, read as the run began when a report is sure to go out.
+    early: FailingWork | None = None
 
 
 def finish_run(
@@ -122,13 +124,17 @@ def finish_run(
     margin_end = deadline + FINISH_MARGIN_SECONDS
     # What the report shows beyond the run (the failing work, the last runs) is read while the
     # run is released: queries only when a report goes out.
-    listing: Future[dict[str, Any]] | None = None
+    listing: FailingWork | None = None
     history: Future[tuple[dict[str, Any], ...] | None] | None = None
     if send and margin_end - time.monotonic() < FINISH_MARGIN_SECONDS / 2:
         log.warning("little time left to finish: the report goes without the failing work")
     elif send:
-        listing, history = _report_reads(settings, client, options, before is None)
+        # Read as the run began (EMAIL_ON=always), it stands if the run wrote nothing.
+        listing = end.early if end.early is not None and _wrote_nothing(result) else None
+        listing = listing or FailingWork(settings, client, options)
+        history = _last_runs(settings, client) if before is None else None
     # Remembered with the release, for this process's next take of the lock (`warm.py`).
+    vouch = getattr(result, "unchanged", ()) if result else ()
     memo = None
     if end.pending is not None:
         memo = Known(unsent={*end.pending, *([run_id] if send else [])})
@@ -183,24 +189,21 @@ def finish_run(
             "Firestore unavailable: could not read back whether the run's end was recorded"
         )
 
+    release = partial(lock.release, lease, landed=landed, memo=memo, vouch=vouch)
     try:
         try:
-            released = lock.release(lease, extra=finish, landed=landed, memo=memo)
+            released = release(extra=finish)
         except StoreRejected as exc:
             # The record itself was refused (a value Firestore cannot store): never strand
             # the lock over it. Release again with the summary only, then with a bare record.
             log.error("the run record was refused (%s); releasing with the summary only", exc)
             omitted = len(results) + lost
             try:
-                released = lock.release(
-                    lease, extra=lambda b, x: finish(b, x, []), landed=landed, memo=memo
-                )
+                released = release(extra=lambda b, x: finish(b, x, []))
             except StoreRejected as again:
                 log.error("the summary was refused too (%s); releasing with a bare record", again)
                 summary = minimal_summary(summary)
-                released = lock.release(
-                    lease, extra=lambda b, x: finish(b, x, []), landed=landed, memo=memo
-                )
+                released = release(extra=lambda b, x: finish(b, x, []))
     except StoreUnavailable as exc:
         log.error("could not record the end of the run: %s", one_line(exc))
         error = error if status == "failed" and error else one_line(exc)
@@ -248,17 +251,11 @@ def finish_run(
     return Outcome(status, 200, body, run_id, report, stats)
 
 
-def _report_reads(
-    settings: Settings, client: firestore.Client, options: RunOptions, last_runs: bool
-) -> tuple[Future[dict[str, Any]], Future[tuple[dict[str, Any], ...] | None] | None]:
-    """The failing work and (unless known) the last runs, for the report, read in the
-    background."""
-    from shared.report import last_runs as read_last_runs
+def _last_runs(settings: Settings, client: firestore.Client) -> Future[Any]:
+    """The last runs, for the report's strip, read in the background."""
+    from shared.report import last_runs
 
-    return (
-        store.background(lambda: _failing_work(settings, client, options)),
-        store.background(lambda: read_last_runs(settings, client)) if last_runs else None,
-    )
+    return store.background(lambda: last_runs(settings, client))
 
 
 def _strip_record(lease: Lease, report: Any, status: str, summary: dict[str, Any]) -> Any:
@@ -276,33 +273,42 @@ def _resolved(
     return history.result() if history is not None else None
 
 
-def _shown(report: Any, listing: Future[Any] | None, history: tuple[Any, ...] | None) -> Any:
-    """The report with what was read for it while the run was released."""
+def _shown(report: Any, listing: FailingWork | None, history: tuple[Any, ...] | None) -> Any:
+    """The report with what was read for it."""
     extra = listing.result() if listing is not None else {}
     return replace(report, **extra, history=history or ())
 
 
-def _failing_work(
-    settings: Settings, client: firestore.Client, options: RunOptions
-) -> dict[str, Any]:
+class FailingWork:
     """The quarantined and backed-off work, and the problems in documents, that the report
-    names (small queries, issued together)."""
-    from shared.quarantine import failing, problems
+    names: two small queries, in flight together from the moment this is made."""
 
-    shard = (options.shard, settings.shards) if options.shard is not None else None
-    try:
-        found, listed = store.parallel(
-            lambda: failing(settings, client, options.stream, shard),
-            lambda: problems(settings, client),
-        )
-    except Exception as exc:  # the report goes without it
-        log.warning("could not list failing work for the report: %s", one_line(exc))
-        return {}
-    return {
-        "quarantined": tuple(found["quarantined"]),
-        "backed_off": tuple(found["backedOff"]),
-        "problems": tuple(listed),
-    }
+    def __init__(self, settings: Settings, client: firestore.Client, options: RunOptions) -> None:
+        from shared.quarantine import failing, problems
+
+        shard = (options.shard, settings.shards) if options.shard is not None else None
+        self._found = store.background(lambda: failing(settings, client, options.stream, shard))
+        self._listed = store.background(lambda: problems(settings, client))
+
+    def result(self) -> dict[str, Any]:
+        """What was read, or nothing (the report goes without it) if it could not be."""
+        try:
+            found, listed = self._found.result(), self._listed.result()
+        except Exception as exc:
+            log.warning("could not list failing work for the report: %s", one_line(exc))
+            return {}
+        return {
+            "quarantined": tuple(found["quarantined"]),
+            "backed_off": tuple(found["backedOff"]),
+            "problems": tuple(listed),
+        }
+
+
+def _wrote_nothing(result: RunResult | None) -> bool:
+    """Whether the run wrote no client or state (an idle tick): what it read at its start
+    about failing work and problems is still what there is."""
+    stats = getattr(result, "stats", None) or {}
+    return stats.get("commits") == 0 and not getattr(result, "problems", None)
 
 
 def _may_have_landed(exc: BaseException | None) -> bool:

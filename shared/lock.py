@@ -47,22 +47,42 @@ from shared.log import get_logger
 log = get_logger("lock")
 
 
-# What this process knows about locks it released last, per lock: the update time and token
-# it left, and what its caller asked to remember with them (`memo`, opaque here).
-_released: dict[tuple[str, str], tuple[dt.datetime, int, Any]] = {}
+@dataclass(frozen=True)
+class _Released:
+    """What this process knows about a lock it released last: the update time and token it
+    left, what its caller asked to remember (`memo`, opaque here) and the snapshots it
+    vouched for (documents read and not written since, checked again by the next take)."""
+
+    update_time: dt.datetime
+    token: int
+    memo: Any = None
+    vouch: tuple[Any, ...] = ()
+
+
+_released: dict[tuple[str, str], _Released] = {}
 _released_mutex = threading.Lock()
 
 
-def _remember_released(
-    key: tuple[str, str], update_time: dt.datetime, token: int, memo: Any = None
-) -> None:
+def _remember_released(key: tuple[str, str], released: _Released) -> None:
     with _released_mutex:
-        _released[key] = (update_time, token, memo)
+        _released[key] = released
 
 
-def _pop_released(key: tuple[str, str]) -> tuple[dt.datetime, int, Any] | None:
+def _pop_released(key: tuple[str, str]) -> _Released | None:
     with _released_mutex:
         return _released.pop(key, None)
+
+
+def _unchanged(snap: Any) -> Any:
+    """A write that changes nothing and lands only if `snap`'s document is as it was read:
+    riding the take's commit, it proves the document unchanged without reading it."""
+    from google.cloud.firestore_v1.types import common, write
+
+    return write.Write(
+        update={"name": snap.reference._document_path, "fields": {}},
+        update_mask=common.DocumentMask(field_paths=[]),
+        current_document=common.Precondition(update_time=snap.update_time),
+    )
 
 
 @dataclass
@@ -82,6 +102,8 @@ class Lease:
     #: Taken without a read because this process released the lock last and nothing wrote
     #: it since: what the release asked to remember (`release(memo=...)`), else None.
     memo: Any = None
+    #: The documents vouched for at that release, by path: unchanged since they were read.
+    vouched: dict[str, Any] = field(default_factory=dict)
     #: Someone else wrote the lock document while this lease held it (a cancel request, a
     #: run that failed before starting): its release is not remembered.
     outside_write: bool = False
@@ -126,10 +148,20 @@ class Lock(OperatorActions):
             # This process released the lock last. If nothing has written it since (the
             # precondition checks exactly that), it is still free with the token we left:
             # take it without reading first, one round trip saved on every warm run.
-            update_time, token, memo = cached
             try:
-                lease = self._take(run_id, owner, extra, token + 1, update_time, None, None, ())
-                lease.memo = memo
+                lease = self._take(
+                    run_id,
+                    owner,
+                    extra,
+                    cached.token + 1,
+                    cached.update_time,
+                    None,
+                    None,
+                    (),
+                    cached.vouch,
+                )
+                lease.memo = cached.memo
+                lease.vouched = {snap.reference.path: snap for snap in cached.vouch}
                 return lease
             except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
                 pass  # someone wrote it since, or the answer was lost: decide on a fresh read
@@ -190,9 +222,11 @@ class Lock(OperatorActions):
         previous: str | None,
         previous_age: float | None,
         pending: tuple[str, ...],
+        vouch: tuple[Any, ...] = (),
     ) -> Lease:
         """One commit: the lock (created, or updated only if unchanged since `update_time`),
-        the fence, and the caller's writes."""
+        the fence, the caller's writes, and a check that each `vouch` snapshot's document is
+        unchanged (a precondition failure of any fails the take: the caller reads)."""
         revoke = list(dict.fromkeys([*pending, *([previous] if previous else [])]))
         data = {
             "runId": run_id,
@@ -218,6 +252,7 @@ class Lock(OperatorActions):
         batch.set(self.fence_ref, {"token": token, "runId": run_id})
         if extra is not None:
             extra(batch, previous)
+        batch._add_write_pbs([_unchanged(snap) for snap in vouch])
         with store.translate_errors("taking the lock"):
             results = batch.commit(**store.commit_call(self.settings))
         return Lease(
@@ -301,10 +336,13 @@ class Lock(OperatorActions):
         extra: ExtraWrites | None = None,
         landed: Callable[[], bool] | None = None,
         memo: Any = None,
+        vouch: tuple[Any, ...] = (),
     ) -> bool:
         """Give the lock back if it is still ours; `extra` writes land in the same commit.
         `memo` comes back as `Lease.memo` on this process's next take, if that take proves
-        nothing wrote the lock since (and nothing else wrote it while this lease held it).
+        nothing wrote the lock since (and nothing else wrote it while this lease held it);
+        `vouch`, snapshots of documents this run read and did not write, come back as
+        `Lease.vouched` if the same take proves them unchanged.
 
         `landed` tells, by reading back, whether a commit whose answer was lost in fact
         landed (the run record says so), so a lost answer is never reported as a failure.
@@ -334,7 +372,9 @@ class Lock(OperatorActions):
                     # lock_update_time stays at the pre-release value, so a second release
                     # fails its precondition and finds the lock no longer ours.
                     if not lease.revoke and not lease.outside_write:
-                        _remember_released(self._key, results[0].update_time, lease.token, memo)
+                        kept = tuple(snap for snap in vouch if snap.exists)
+                        released = _Released(results[0].update_time, lease.token, memo, kept)
+                        _remember_released(self._key, released)
                     return True
                 except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable) as exc:
                     if isinstance(exc, gexc.FailedPrecondition):

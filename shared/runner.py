@@ -24,7 +24,14 @@ from google.cloud import firestore
 from shared import store
 from shared.config import Settings
 from shared.errors import LeaseLost, LockHeld, ModuleLoadError, PipelineError, StoreUnavailable
-from shared.finish import NOT_SELECTED, Ended, Outcome, failed_before_start, finish_run
+from shared.finish import (
+    NOT_SELECTED,
+    Ended,
+    FailingWork,
+    Outcome,
+    failed_before_start,
+    finish_run,
+)
 from shared.heartbeat import Heartbeat
 from shared.lock import Lease, Lock, owner_info
 from shared.log import bind, get_logger
@@ -236,6 +243,7 @@ def _run_locked(
     pings = RunPings(settings)
     settling: Future[tuple[str, ...] | None] | None = None
     known = lease.memo if isinstance(lease.memo, Known) else None
+    early: FailingWork | None = None
     with (
         Heartbeat(lock, lease, settings.heartbeat_seconds, settings.lease_seconds) as hb,
         _watching(watch, hb),
@@ -257,6 +265,10 @@ def _run_locked(
             settling = store.background(
                 partial(settle_reports, settings, client, runs, run_id, grace, claims)
             )
+            if settings.email_on == "always":
+                # The report is sure to go out: what it lists is read beside the run's first
+                # reads, and read again at the end only if the run wrote anything.
+                early = FailingWork(settings, client, options)
         try:
             if error is not None:
                 raise _NotStarted
@@ -284,7 +296,18 @@ def _run_locked(
         # Never raises; the lock is still held while reports settle.
         pending = settling.result() if settling is not None else None
     end = Ended(
-        settings, client, lock, lease, runs, options, deadline, started, pings, known, pending
+        settings,
+        client,
+        lock,
+        lease,
+        runs,
+        options,
+        deadline,
+        started,
+        pings,
+        known,
+        pending,
+        early,
     )
     return finish_run(end, result, status, error, where)
 

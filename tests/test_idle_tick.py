@@ -70,26 +70,41 @@ def slowed(db, monkeypatch) -> Iterator[Slowed]:
     yield Slowed(db, monkeypatch)
 
 
-def test_idle_tick_makes_nine_round_trips_in_four_waits(db, configure, pipeline_file, slowed):
-    """Take the lock; read together (the due record, two counts, the first due page); release
-    the lock while the report's listings are read; record the report. The last runs and the
-    reports left unsent are known from this process's own release: nothing wrote the lock
-    since (the take's precondition proves it)."""
+def test_idle_tick_makes_eight_round_trips_in_four_waits(db, configure, pipeline_file, slowed):
+    """Take the lock; read together two counts and the first due page; release the lock while
+    the report's listings are read; record the report. What this process knows from its own
+    last run is not read again: the last runs and the reports left unsent (nothing wrote the
+    lock since: the take's precondition proves it), and the due-work record (the take's commit
+    checks it unchanged, with a write that changes nothing)."""
     pipeline_file(PIPE)
     settings = configure(SMART_RESUME_EMAIL_ON="always")
     seed_clients(db, 20)
     run_once(settings, db)  # the first tick: its full pass and the clients' first run
+    run_once(settings, db)  # reads the due-work record the pass wrote
     slowed.on = True
     out = run_once(settings, db)
     assert out.body["summary"]["clients"] == 0
     assert out.report["status"] == "sent"
     assert slowed.calls == {
-        "commit": 3,  # take, release, record the report
-        "batch_get_documents": 1,  # the due-work record
+        "commit": 3,  # take (checking the due-work record unchanged), release, the report
         "run_aggregation_query": 2,  # active clients, and those with a due time
         "run_query": 3,  # due page, failing work, problems
     }
     assert slowed.waits() == 4
+
+
+def test_a_due_record_changed_since_is_read(db, configure, pipeline_file):
+    """The due-work record deleted by hand (to force a full pass) after this process read it:
+    the take's check fails, the take reads the lock, the record is read and the pass runs."""
+    pipeline_file(PIPE)
+    settings = configure(SMART_RESUME_EMAIL_ON="always")
+    seed_clients(db, 3)
+    run_once(settings, db)
+    run_once(settings, db)
+    db.document(f"locks/{settings.lock_name}/meta/due").delete()
+    run_once(settings, db)
+    meta = db.document(f"locks/{settings.lock_name}/meta/due").get()
+    assert meta.exists and meta.get("lastPass.reason") == "first tick of due-work selection"
 
 
 def test_a_take_that_reads_the_lock_searches_for_what_it_does_not_know(
@@ -102,6 +117,7 @@ def test_a_take_that_reads_the_lock_searches_for_what_it_does_not_know(
     pipeline_file(PIPE)
     settings = configure(SMART_RESUME_EMAIL_ON="always")
     seed_clients(db, 20)
+    run_once(settings, db)
     run_once(settings, db)
     lock._released.clear()  # as in a fresh instance
     slowed.on = True
@@ -117,10 +133,11 @@ def test_idle_tick_without_a_report_waits_three_times(db, configure, pipeline_fi
     settings = configure(SMART_RESUME_EMAIL_ON="activity")
     seed_clients(db, 20)
     run_once(settings, db)
+    run_once(settings, db)
     slowed.on = True
     out = run_once(settings, db)
     assert out.report["status"] == "skipped"
-    assert sum(slowed.calls.values()) == 6  # take, the due reads (4), release
+    assert sum(slowed.calls.values()) == 5  # take, the due reads (3), release
     assert slowed.waits() == 3
 
 

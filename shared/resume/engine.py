@@ -73,6 +73,8 @@ class RunResult:
     paged: int = 0  # results already written to runs/{runId}/results/{page}, not in `results`
     omitted: int = 0  # results that could not be stored at all
     problems: list[dict[str, Any]] = field(default_factory=list)  # met by this run
+    #: Documents this run read and did not write: the next take may vouch for them.
+    unchanged: tuple[Any, ...] = ()
 
 
 def summarize(results: list[dict[str, Any]], clients: int, duration: float) -> dict[str, Any]:
@@ -250,25 +252,32 @@ def run_smart_resume(run: RunContext) -> RunResult:
     selection = Selection(run.client, run.settings, run.pipeline, run.options)
     fence = Fence(run.client, run.settings, run.lease)
     cutoff = run.now()
+    unchanged: tuple[Any, ...] = ()
     if run.options.client_id:
         pages = selection.one()
     else:
         # The tick's reads, issued together: whether a full pass is due (its record, and the
         # count of clients without a due time) and the first page of due clients, read ahead
         # for the usual tick without a pass (a pass may move due times: then it is read again).
+        # After a warm take the pass's record may be known unchanged: not read again.
         reconcile = Reconcile(selection, fence)
-        found, unstamped, first = store.parallel(
-            reconcile.read,
-            selection.count_unstamped,
-            lambda: selection.first_due_page(cutoff),
+        known = reconcile.known(getattr(run.lease, "vouched", None) or {})
+        reads = [selection.count_unstamped, lambda: selection.first_due_page(cutoff)]
+        found, unstamped, first = (
+            [known, *store.parallel(*reads)]
+            if known is not None
+            else store.parallel(reconcile.read, *reads)
         )
         if _full_pass(run, reconcile, cutoff, found, unstamped):
             first = None
+        else:
+            unchanged = reconcile.unchanged(found)
         pages = selection.due_pages(cutoff, first)
     plans = selection.plans(pages, cutoff)
     if run.options.client_id:
         selection.due_total = 1
     result_ = execute(run, plans, fence, lambda: selection.due_total)
+    result_.unchanged = unchanged
     result_.stats = {
         "documentsRead": selection.reads.documents,
         "readRoundTrips": selection.reads.round_trips,

@@ -75,6 +75,19 @@ class Reconcile:
         sel.reads.add(len(refs))
         return found
 
+    def known(self, vouched: dict[str, Any]) -> dict[str, Any] | None:
+        """The pass's record as `read` gives it, when this run's take vouched for it (read by
+        this process before, unchanged since: `Lease.vouched`); else None."""
+        if self.shards_ref is not None or self.ref.path not in vouched:
+            return None  # the shards' record is every shard's to write: it is read
+        return {self.ref.path: vouched[self.ref.path]}
+
+    def unchanged(self, found: dict[str, Any]) -> tuple[Any, ...]:
+        """What this run read and did not write (no pass ran), for the next take to vouch
+        for: the pass's record of a lock without shards."""
+        snap = found.get(self.ref.path)
+        return (snap,) if self.shards_ref is None and snap is not None and snap.exists else ()
+
     def reason(
         self, now: dt.datetime, found: dict[str, Any] | None = None, unstamped: int | None = None
     ) -> str | None:
