@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
 from google.cloud import firestore
 
+from shared import store
 from shared.errors import LeaseLost, StoreUnavailable
 from shared.lock import Lease, Lock
 from shared.log import get_logger
@@ -48,6 +50,7 @@ class Heartbeat:
         self._progress_mutex = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._starting: Future[None] | None = None
         self._started = time.monotonic()
         self._last_renewed = time.monotonic()
         self._moves = 0  # how often progress moved; a beat stamps progressAt when it changed
@@ -83,7 +86,10 @@ class Heartbeat:
         self._thread = threading.Thread(
             target=context.run, args=(self._loop,), name="smart-resume-heartbeat", daemon=True
         )
-        self._thread.start()
+        # Started from the pool: `start()` waits until the new thread runs, which on a busy
+        # interpreter can take milliseconds the run need not wait (the first beat is due in
+        # `interval` seconds).
+        self._starting = store.background(self._thread.start)
         return self
 
     def __exit__(
@@ -97,8 +103,11 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop promptly; the thread never outlives the run (and never renews after release)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.lock.settings.rpc_timeout_seconds + 1)
+        if self._thread is None or self._thread is threading.current_thread():
+            return
+        if self._starting is not None:
+            self._starting.result()  # a thread not yet started cannot be joined
+        self._thread.join(timeout=self.lock.settings.rpc_timeout_seconds + 1)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
