@@ -29,6 +29,7 @@ import datetime as dt
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -351,8 +352,11 @@ class Lock(OperatorActions):
         over, force-unlocked, deleted): never an error that hides the run's result, and never a
         write over a newer holder.
         """
+        unavailable: StoreUnavailable | None = None
         with lease._mutex:
-            for _ in range(ATTEMPTS):
+            for attempt in range(ATTEMPTS):
+                if unavailable is not None:
+                    time.sleep(0.05 * 2**attempt)  # the store refused: give it a moment
                 batch = self.client.batch()
                 batch.update(
                     self.ref,
@@ -379,6 +383,7 @@ class Lock(OperatorActions):
                 except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable) as exc:
                     if isinstance(exc, gexc.FailedPrecondition):
                         lease.outside_write = True
+                    unavailable = exc if isinstance(exc, StoreUnavailable) else None
                     # Refused, or an unknown outcome: what is stored now decides.
                     if landed is not None and landed():
                         return True  # the commit landed; only its answer was lost
@@ -387,4 +392,6 @@ class Lock(OperatorActions):
                     except LeaseLost:
                         return False
                     lease.lock_update_time = state.update_time
+            if unavailable is not None:
+                raise unavailable  # still ours, but the store would not take the release
             return False

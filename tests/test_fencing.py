@@ -238,6 +238,31 @@ class TestCoalescedCheckpoints:
         assert state["status"] == "success"
 
 
+class TestReleaseUnderAnOutage:
+    def test_a_brief_outage_is_waited_out(self, db, settings):
+        """The store refuses commits for 0.3 s as the run releases: the release waits and
+        lands, rather than spend its attempts in milliseconds and call the lease lost."""
+        armed: list[float] = []
+
+        def decide(paths: list[str]) -> str | None:
+            return "unavailable" if armed and time.monotonic() < armed[0] + 0.3 else None
+
+        lock = Lock(faulty(decide), settings)
+        lease = lock.acquire("run-1", OWNER)
+        armed.append(time.monotonic())
+        assert lock.release(lease) is True
+        assert db.document("locks/smart-resume").get().to_dict()["held"] is False
+
+    def test_a_store_that_stays_down_is_an_error_not_a_lost_lease(self, db, settings):
+        """Refused to the end: `StoreUnavailable` (the run reports it), never False (which
+        says another run has the lock); the lock is still held, to go stale."""
+        lock = Lock(faulty(lambda paths: "unavailable" if len(paths) > 0 else None), settings)
+        lease = Lock(db, settings).acquire("run-1", OWNER)
+        with pytest.raises(StoreUnavailable):
+            lock.release(lease)
+        assert db.document("locks/smart-resume").get().to_dict()["held"] is True
+
+
 class TestOneReportEver:
     def test_release_landed_but_read_back_failed(self, db, configure, pipeline_file):
         """Case 9: the release commit lands, its answer is lost and reading back fails: no
