@@ -7,7 +7,7 @@ Invariants (each a plain function of what the store holds and what the harness s
 - fencing: on every client document and operation state, the writes that landed come from runs
   in the order they took the lock: once a newer run wrote there, no older run's write lands;
 - every run's record ends (or its lock is still held, and goes stale for the next tick);
-- no run sends two reports;
+- no run sends two reports, and none is left `sending` once the healing runs are over;
 - the lock is free, or held by a live run, or stale (never stranded);
 - no saved checkpoint goes backwards.
 
@@ -69,6 +69,14 @@ class Reports(logging.Handler):
                 self.sent[str(run_id)] += 1
 
 
+class Died(BaseException):
+    """The process running this run stops, as if killed: nothing after it runs."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
 class Harness:
     def __init__(self, seed: int, db: Any, settings: Any) -> None:
         self.rng = random.Random(seed)
@@ -85,6 +93,19 @@ class Harness:
         self.runs: set[str] = set()
         self.events: Counter[str] = Counter()
         self.violations: list[str] = []
+        self.dying: set[int] = set()  # threads whose run dies as it sends its report
+
+    def send(self, real: Any) -> Any:
+        """The transport, for a run whose process dies mid-send: its claim stays `sending`
+        (and what that process remembered of the lock is not lost here: a later take may
+        know the claim, and must settle it)."""
+
+        def send(settings: Any, message: Any) -> None:
+            if threading.get_ident() in self.dying:
+                raise Died(message.run_id)
+            real(settings, message)
+
+        return send
 
     # -- one tick --------------------------------------------------------------------------
 
@@ -105,14 +126,22 @@ class Harness:
         for faults in self.processes:
             faults.partitioned.clear()
 
-    def _run(self, index: int) -> None:
+    def _run(self, index: int, may_die: bool = True) -> None:
+        if may_die and self.rng.random() < 0.15:
+            self.dying.add(threading.get_ident())  # dies after claiming its report
         try:
             out = start_run(
                 self.settings, self.clients[index], RunOptions(), trigger={"source": "harness"}
             )
+        except Died as died:
+            self.events["died sending its report"] += 1
+            self.runs.add(died.run_id)
+            return
         except Exception as exc:  # the store was unreachable before the run started
             self.events[f"refused: {type(exc).__name__}"] += 1
             return
+        finally:
+            self.dying.discard(threading.get_ident())
         self.events[f"run {out.status}"] += 1
         if out.run_id:
             self.runs.add(out.run_id)
@@ -218,7 +247,13 @@ def figure(name: str, **values: object) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
-def test_invariants_hold_under_seeded_faults(seed, db, configure, pipeline_file, emulator):
+def test_invariants_hold_under_seeded_faults(
+    seed, db, configure, pipeline_file, emulator, monkeypatch
+):
+    from shared import runner
+
+    # A claim older than 2 s is settled by the next run: the end's healing runs outlast it.
+    monkeypatch.setattr(runner, "sending_grace", lambda _: 2.0)
     pipeline_file(PIPE)
     settings = configure(**SETTINGS)
     seed_clients(db, CLIENTS)
@@ -227,6 +262,9 @@ def test_invariants_hold_under_seeded_faults(seed, db, configure, pipeline_file,
     logger = logging.getLogger("smart_resume")
     logger.addHandler(reports)
     harness = Harness(seed, db, settings)
+    from shared import transports
+
+    monkeypatch.setattr(transports, "send", harness.send(transports.send))
     try:
         for number in range(TICKS):
             harness.tick(number)
@@ -235,12 +273,15 @@ def test_invariants_hold_under_seeded_faults(seed, db, configure, pipeline_file,
         # The end: everything healed, runs until the work is done; every record ends.
         for _ in range(12):
             time.sleep(float(settings.lease_seconds) + 0.1)
-            harness._run(0)
+            harness._run(0, may_die=False)
         harness.check(reports)
         for run_id in harness.runs:
             record = db.document(f"runs/{run_id}").get().to_dict() or {}
             if record.get("status") not in FINISHED:
                 harness.violations.append(f"run {run_id} never ended: {record.get('status')}")
+            if (record.get("report") or {}).get("status") == "sending":
+                # Settled by a later run, whether it searched or knew (a warm take).
+                harness.violations.append(f"run {run_id} left its report sending")
         assert not harness.violations, harness.violations
     finally:
         logger.removeHandler(reports)

@@ -531,6 +531,34 @@ class TestUnsentReports:
         assert db.document(f"runs/{broken[0].id}").get().get("report.status") == "sent"
         assert (outbox / f"{broken[0].id}.eml").is_file()
 
+    def test_a_warm_take_settles_the_claim_its_own_process_left(
+        self, db, configure, pipeline_file, monkeypatch, tmp_path
+    ) -> None:
+        """A run stops while sending its report (the claim stays `sending`); the next take in
+        the same process is warm (nothing wrote the lock since) and makes no search for unsent
+        reports, yet it knows the claim it left and sends it once the grace is over."""
+        from shared import runner, transports
+
+        pipeline_file(OK)
+        seed_clients(db, 1)
+        outbox = tmp_path / "outbox"
+        settings = configure(SMART_RESUME_EMAIL_TRANSPORT="outbox", SMART_RESUME_OUTBOX=str(outbox))
+        run_once(settings, db)
+
+        def dies(*_: object) -> None:
+            raise SystemExit("the run stops mid-send")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(transports, "send", dies)
+            with pytest.raises(SystemExit):
+                run_once(settings, db)
+        stuck = [d for d in db.collection("runs").get() if d.get("report.status") == "sending"]
+        assert len(stuck) == 1 and lock._released  # the next take is warm
+        monkeypatch.setattr(runner, "sending_grace", lambda _: 0.0)
+        run_once(settings, db)
+        assert db.document(f"runs/{stuck[0].id}").get().get("report.status") == "sent"
+        assert (outbox / f"{stuck[0].id}.eml").is_file()
+
     @pytest.mark.slow
     def test_instance_killed_between_claim_and_send(
         self, function_process, db, pipeline_file, configure, monkeypatch, tmp_path
