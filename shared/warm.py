@@ -60,4 +60,4 @@ def next_history(
 ) -> tuple[dict[str, Any], ...]:
     """The strip after this run: its own record first, then the runs before it."""
     rest = tuple(r for r in before if r.get("runId") != own["runId"])
-    return ((own, *rest))[:HISTORY]
+    return (own, *rest)[:HISTORY]
