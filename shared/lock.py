@@ -74,18 +74,6 @@ def _pop_released(key: tuple[str, str]) -> _Released | None:
         return _released.pop(key, None)
 
 
-def _unchanged(snap: Any) -> Any:
-    """A write that changes nothing and lands only if `snap`'s document is as it was read:
-    riding the take's commit, it proves the document unchanged without reading it."""
-    from google.cloud.firestore_v1.types import common, write
-
-    return write.Write(
-        update={"name": snap.reference._document_path, "fields": {}},
-        update_mask=common.DocumentMask(field_paths=[]),
-        current_document=common.Precondition(update_time=snap.update_time),
-    )
-
-
 @dataclass
 class Lease:
     """What a holder knows about the lock it took; passed to every fenced write."""
@@ -137,10 +125,16 @@ class Lock(OperatorActions):
     # -- taking and giving back ----------------------------------------------------------------
 
     def acquire(
-        self, run_id: str, owner: dict[str, Any], extra: ExtraWrites | None = None
+        self,
+        run_id: str,
+        owner: dict[str, Any],
+        extra: ExtraWrites | None = None,
+        read_with: tuple[Any, ...] = (),
     ) -> Lease:
         """Take the lock if absent, released or stale; `extra` adds writes to the same commit
         (the run record, the abandoned mark of a taken-over run), so they land together or not.
+        A take that reads the lock reads the documents `read_with` in the same round trip, and
+        its commit checks them unchanged: they come back as `Lease.vouched`.
 
         Raises `LockHeld` when a live run holds it or another acquirer won the race.
         """
@@ -167,14 +161,14 @@ class Lock(OperatorActions):
             except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable):
                 pass  # someone wrote it since, or the answer was lost: decide on a fresh read
         for _ in range(ATTEMPTS):
-            state = self.read()
+            state, beside = self._read_with(read_with)
             if state.held and state.run_id == run_id:
                 return self._lease_from(state)  # an earlier attempt of ours landed after all
             if state.live:
                 raise self.held(state)
             previous = state.run_id if state.held else None
             try:
-                return self._take(
+                lease = self._take(
                     run_id,
                     owner,
                     extra,
@@ -183,7 +177,10 @@ class Lock(OperatorActions):
                     previous,
                     state.age_seconds if previous else None,
                     state.revoke,
+                    beside,
                 )
+                lease.vouched = {snap.reference.path: snap for snap in beside}
+                return lease
             except (gexc.AlreadyExists, gexc.FailedPrecondition) as exc:
                 # Someone committed between our read and our write: they won, unless "someone"
                 # is an earlier attempt of ours whose answer was lost.
@@ -198,6 +195,17 @@ class Lock(OperatorActions):
                 # The commit may or may not have landed: read back and decide on what is there.
                 continue
         raise StoreUnavailable("could not settle whether the lock was taken")
+
+    def _read_with(self, refs: tuple[Any, ...]) -> tuple[LockState, tuple[Any, ...]]:
+        """The lock and, in the same round trip, the documents `refs` (those that exist)."""
+        if not refs:
+            return self.read(), ()
+        with store.translate_errors("reading the lock"):
+            found = list(self.client.get_all([self.ref, *refs], **store.call(self.settings)))
+        mine = next(s for s in found if s.reference.path == self.ref.path)
+        return lock_state(mine, self.settings), tuple(
+            s for s in found if s is not mine and s.exists
+        )
 
     def _lease_from(self, state: LockState) -> Lease:
         """The lease of a take whose answer was lost, rebuilt from the lock document: the run
@@ -253,7 +261,7 @@ class Lock(OperatorActions):
         batch.set(self.fence_ref, {"token": token, "runId": run_id})
         if extra is not None:
             extra(batch, previous)
-        batch._add_write_pbs([_unchanged(snap) for snap in vouch])
+        batch._add_write_pbs([store.unchanged(snap) for snap in vouch])
         with store.translate_errors("taking the lock"):
             results = batch.commit(**store.commit_call(self.settings))
         return Lease(
@@ -283,13 +291,6 @@ class Lock(OperatorActions):
                 lease.revoke = left
             except (gexc.FailedPrecondition, gexc.NotFound, StoreUnavailable) as exc:
                 log.warning("could not record the closed claims: %s", exc)
-
-    def mark_outside(self, batch: Any, run_id: str) -> None:
-        """Mark the lock with a run that failed before taking it (its record and report claim
-        are in `batch`): every write to the lock document ends what a process remembers of
-        it since its release (`release(memo=...)`), so the next take reads what this run left.
-        A holder's next conditional write reads the lock again, as after a cancel request."""
-        batch.update(self.ref, {"outsideRun": {"runId": run_id, "at": firestore.SERVER_TIMESTAMP}})
 
     def held(self, state: LockState) -> LockHeld:
         """The error for a live lock: its age, its heartbeat's age, and when it goes stale."""

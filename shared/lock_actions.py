@@ -1,5 +1,6 @@
 """What an operator does to a lock that a run holds: ask it to cancel, release it (stale, or
-with force), and close the client claims of the runs an unlock or a takeover displaced.
+with force), and close the client claims of the runs an unlock or a takeover displaced; and
+the mark a run that failed before taking the lock leaves on it.
 
 Each action is a conditional commit on what was just read, retried on a fresh read when a
 heartbeat lands in between; a lost answer is settled by reading back.
@@ -43,6 +44,13 @@ class OperatorActions:
 
     def held(self, state: LockState) -> LockHeld:
         raise NotImplementedError
+
+    def mark_outside(self, batch: Any, run_id: str) -> None:
+        """Mark the lock with a run that failed before taking it (its record and report claim
+        are in `batch`): every write to the lock document ends what a process remembers of
+        it since its release (`release(memo=...)`), so the next take reads what this run left.
+        A holder's next conditional write reads the lock again, as after a cancel request."""
+        batch.update(self.ref, {"outsideRun": {"runId": run_id, "at": firestore.SERVER_TIMESTAMP}})
 
     def force_release(self, force: bool, extra: ExtraWrites | None = None) -> LockState:
         """Release on behalf of an operator: if stale, or always with `force`.

@@ -37,6 +37,7 @@ from shared.lock import Lease, Lock, owner_info
 from shared.log import bind, get_logger
 from shared.pings import RunPings
 from shared.resume.engine import RunContext, RunResult, one_line
+from shared.resume.full_pass import record_ref
 from shared.resume.pipeline import Pipeline, load_pipeline
 from shared.resume.plan import RunOptions
 from shared.resume.shards import lock_name as shard_lock_name
@@ -174,6 +175,13 @@ def start_run(
             pipeline = pipeline or load_pipeline(settings.pipeline_path)
         except (ModuleLoadError, PipelineError) as exc:
             return failed_before_start(settings, client, runs, run_id, exc, trigger, schedule_time)
+        # A take that reads the lock reads the due-work record with it (not with shards:
+        # their shared record is read by the engine), and its commit checks it unchanged.
+        due_record = (
+            ()
+            if options.client_id or settings.shards > 1
+            else (record_ref(client, settings.lock_name, stream),)
+        )
         try:
             lease = lock.acquire(
                 run_id,
@@ -186,6 +194,7 @@ def start_run(
                     stream=stream,
                     previous_run_id=previous,
                 ),
+                read_with=due_record,
             )
         except LockHeld as held:
             body = {

@@ -90,6 +90,18 @@ def retrying(settings: Settings, what: str, attempt: Callable[[], T]) -> T:
         delay = min(delay * 2, 1.0)
 
 
+def unchanged(snap: Any) -> Any:
+    """A write that changes nothing and lands only if `snap`'s document is as it was read:
+    riding another commit, it proves the document unchanged without reading it again."""
+    from google.cloud.firestore_v1.types import common, write
+
+    return write.Write(
+        update={"name": snap.reference._document_path, "fields": {}},
+        update_mask=common.DocumentMask(field_paths=[]),
+        current_document=common.Precondition(update_time=snap.update_time),
+    )
+
+
 _pool: Any = None
 
 

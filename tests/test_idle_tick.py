@@ -90,7 +90,7 @@ def test_idle_tick_makes_eight_round_trips_in_four_waits(db, configure, pipeline
         "run_aggregation_query": 2,  # active clients, and those with a due time
         "run_query": 3,  # due page, failing work, problems
     }
-    assert slowed.waits() == 4
+    assert slowed.waits() <= 4  # 3 when the listings read at the start overlap the release
 
 
 def test_a_due_record_changed_since_is_read(db, configure, pipeline_file):
@@ -111,7 +111,8 @@ def test_a_take_that_reads_the_lock_searches_for_what_it_does_not_know(
     db, configure, pipeline_file, slowed
 ):
     """Another process (or any writer of the lock since this one released it): the take
-    reads the lock, the unsent reports are searched for and the last runs read."""
+    reads the lock (and the due-work record with it, checked unchanged by the take's commit),
+    the unsent reports are searched for and the last runs read."""
     from shared import lock
 
     pipeline_file(PIPE)
@@ -122,8 +123,9 @@ def test_a_take_that_reads_the_lock_searches_for_what_it_does_not_know(
     lock._released.clear()  # as in a fresh instance
     slowed.on = True
     run_once(settings, db)
-    assert slowed.calls["batch_get_documents"] == 2  # the lock, the due-work record
+    assert slowed.calls["batch_get_documents"] == 1  # the lock and the due-work record
     assert slowed.calls["run_query"] == 5  # ... unsent reports, last runs
+    assert sum(slowed.calls.values()) == 11
     assert slowed.waits() == 5
 
 

@@ -368,6 +368,30 @@ class TestWarmAcquire:
         assert lease.run_id == "run-2" and lease.token == 6
 
 
+class TestReadWith:
+    def test_documents_read_with_the_lock_are_checked_by_the_take(
+        self, lock: Lock, db, monkeypatch
+    ) -> None:
+        """A document read in the lock's round trip that changes before the take commits
+        fails the take's check: it is read again, and the lease vouches for what is there."""
+        other = db.document("locks/smart-resume/meta/due")
+        other.set({"v": 1})
+        real = Lock._read_with
+        changed: list[int] = []
+
+        def read_then_change(self: Lock, refs):  # type: ignore[no-untyped-def]
+            found = real(self, refs)
+            if not changed:
+                changed.append(1)
+                other.set({"v": 2})
+            return found
+
+        monkeypatch.setattr(Lock, "_read_with", read_then_change)
+        lease = lock.acquire("run-1", OWNER, read_with=(other,))
+        assert lease.vouched[other.path].to_dict() == {"v": 2}
+        assert lock.read().run_id == "run-1"
+
+
 def _lease(lock: Lock):  # type: ignore[no-untyped-def]
     """The lease of the lock's current holder, rebuilt from the document."""
     return lock._lease_from(lock.read())

@@ -31,6 +31,14 @@ def _same(stored: dict[str, Any], fields: dict[str, Any]) -> bool:
     return all(stored.get(k, _EMPTY.get(k)) == v for k, v in fields.items())
 
 
+def record_ref(
+    client: firestore.Client, lock_name: str, stream: int | None
+) -> firestore.DocumentReference:
+    """The full pass's record of a lock (and stream): `locks/{name}/meta/due`."""
+    name = "due" if stream is None else f"due-stream-{stream}"
+    return client.collection(store.LOCKS).document(lock_name).collection(store.META).document(name)
+
+
 class Reconcile:
     """When a full pass is due, and the pass itself: every active client's due fields repaired,
     in transactions that read the lock's fence (so a run that lost its lock writes nothing)."""
@@ -39,15 +47,9 @@ class Reconcile:
         self.selection = selection
         self.fence = fence
         sel = selection
-        name = "due" if sel.options.stream is None else f"due-stream-{sel.options.stream}"
         # The number of shards is part of what due times depend on: a change reassigns.
         self.fingerprint = f"{sel.pipeline.fingerprint}/{sel.shards}"
-        self.ref = (
-            sel.client.collection(store.LOCKS)
-            .document(sel.settings.lock_name)
-            .collection(store.META)
-            .document(name)
-        )
+        self.ref = record_ref(sel.client, sel.settings.lock_name, sel.options.stream)
         self.meta: dict[str, Any] = {}
         self.cursor: str | None = None  # the last client id the running pass went through
         self.finished = False
